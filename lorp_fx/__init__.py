@@ -1,0 +1,40 @@
+"""lorp-fx: training-free depth pruning of residual networks on torch.fx graphs.
+
+The pipeline, one module a step: `trace` -> `find_blocks` -> statistics
+(`LoRPCallback`) -> selection (`select`) -> `prune` (graph rewrite).
+"""
+
+from .blocks import ResidualBlock, find_blocks
+from .errors import (
+    BudgetError,
+    CalibrationError,
+    InputMismatchError,
+    LoRPError,
+    NoResidualBlocksError,
+    NotRemovableError,
+    TraceError,
+    UnknownBlockError,
+)
+from .plan import PruningPlan
+from .rewrite import PruneBlocks, prune
+from .stats import LayerStatistics, SimilarityAccumulator
+from .trace import trace
+
+__all__ = [
+    "BudgetError",
+    "CalibrationError",
+    "InputMismatchError",
+    "LayerStatistics",
+    "LoRPError",
+    "NoResidualBlocksError",
+    "NotRemovableError",
+    "PruneBlocks",
+    "PruningPlan",
+    "ResidualBlock",
+    "SimilarityAccumulator",
+    "TraceError",
+    "UnknownBlockError",
+    "find_blocks",
+    "prune",
+    "trace",
+]

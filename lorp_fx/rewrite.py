@@ -1,0 +1,128 @@
+"""Step 5 of the pipeline: the graph rewrite that removes residual blocks.
+
+Removing block `exit = x + f(x)` means: every user of `exit` reads `x` instead,
+and the nodes of `f` are erased, with the parameters only they used. The input
+GraphModule is never modified: the pass works on a copy of the graph that shares
+the (unchanged) parameter tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .blocks import GRANULARITIES, ResidualBlock, find_blocks
+from .errors import BudgetError, NotRemovableError, UnknownBlockError
+from .plan import PruningPlan
+
+
+def prune(gm: GraphModule, remove: Iterable[str] | PruningPlan = ()) -> GraphModule:
+    """A new GraphModule without the named residual blocks.
+
+    `remove` is a list of block names (layers such as `model.layers.3`, or
+    sublayers such as `model.layers.3.self_attn`, as `find_blocks` names them) or a
+    `PruningPlan`. Raises `UnknownBlockError` for a name the graph does not have and
+    `NotRemovableError` for a block whose nodes are used outside it.
+    """
+    names = list(remove.remove if isinstance(remove, PruningPlan) else remove)
+    if isinstance(remove, str):
+        raise TypeError("remove must be a list of block names, not a single string: use remove=[name]")
+    pruned = _copy(gm)
+    if not names:
+        return pruned
+    chosen = _resolve(pruned, names)
+    for block in sorted(chosen, key=lambda b: b.index, reverse=True):
+        _remove_block(pruned, block)
+    _clean(pruned)
+    return pruned
+
+
+class PruneBlocks(PassBase):
+    """`prune` as a `torch.fx.passes.infra` pass, for pass managers and compiler pipelines.
+
+    The pass returns a new GraphModule in its `PassResult`; the one it is given is
+    left as it was.
+    """
+
+    def __init__(self, remove: Iterable[str] | PruningPlan):
+        super().__init__()
+        self.remove = list(remove.remove if isinstance(remove, PruningPlan) else remove)
+
+    def call(self, graph_module: GraphModule) -> PassResult:
+        pruned = prune(graph_module, self.remove)
+        return PassResult(pruned, bool(self.remove))
+
+    def ensures(self, graph_module: GraphModule) -> None:
+        graph_module.graph.lint()
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    graph = torch.fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    copied = GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied.meta.update(gm.meta)
+    copied.train(gm.training)
+    return copied
+
+
+def _resolve(gm: GraphModule, names: list[str]) -> list[ResidualBlock]:
+    by_name: dict[str, ResidualBlock] = {}
+    for granularity in GRANULARITIES:
+        for block in find_blocks(gm, granularity):
+            by_name.setdefault(block.name, block)
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"blocks named more than once: {duplicates}")
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise UnknownBlockError(
+            f"no residual block named {unknown[0]!r}; the graph has: {', '.join(by_name)}"
+        )
+    chosen = [by_name[n] for n in names]
+    _check_overlap(chosen)
+    for block in chosen:
+        if not block.removable:
+            raise NotRemovableError(f"{block.name} cannot be removed: {block.reason}")
+    layers = [b for b in find_blocks(gm, "layer")]
+    if all(b.kind == "layer" for b in chosen) and len(chosen) >= len(layers):
+        raise BudgetError(
+            f"removing all {len(layers)} layers leaves no network; keep at least one layer"
+        )
+    return chosen
+
+
+def _check_overlap(chosen: list[ResidualBlock]) -> None:
+    for block in chosen:
+        inner = [other for other in chosen if other is not block and other.name in block.sublayers]
+        if inner:
+            raise ValueError(
+                f"{inner[0].name} is part of {block.name}, which is removed too; name one or the other"
+            )
+
+
+def _remove_block(gm: GraphModule, block: ResidualBlock) -> None:
+    block.exit.replace_all_uses_with(block.entry)
+    for node in reversed(block.nodes):
+        _erase_dead_users(gm, node)
+        gm.graph.erase_node(node)
+
+
+def _erase_dead_users(gm: GraphModule, node) -> None:
+    """Erase the shape arithmetic that only the block's nodes needed (sym_size of its tensors)."""
+    for user in list(node.users):
+        _erase_dead_users(gm, user)
+        if not user.users:
+            gm.graph.erase_node(user)
+
+
+def _clean(gm: GraphModule) -> None:
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
