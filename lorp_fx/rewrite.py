@@ -8,7 +8,6 @@ the (unchanged) parameter tensors.
 
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import torch
@@ -62,7 +61,7 @@ class PruneBlocks(PassBase):
 
 def _copy(gm: GraphModule) -> GraphModule:
     graph = torch.fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph._codegen = gm.graph._codegen  # the pytree in/out specs; never mutated
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
     copied = GraphModule(gm, graph, class_name=type(gm).__name__)

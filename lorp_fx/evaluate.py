@@ -1,0 +1,90 @@
+"""Perplexity of a causal language model on token windows."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import InputMismatchError
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
+    """exp(mean token NLL) over all predicted tokens of `windows` (n, seq_len).
+
+    Each window is scored on its own (no context carried between windows) and its
+    first token is not predicted, so n * (seq_len - 1) tokens count. `model` is a
+    `transformers` causal LM, or any callable taking `input_ids=` (such as a
+    GraphModule from `lorp_fx.trace`) that returns logits, an object with
+    `.logits`, a dict with "logits", or a tuple whose first item is the logits.
+    """
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise InputMismatchError(f"windows must be a (n, seq_len >= 2) tensor of token ids, got shape {tuple(windows.shape)}")
+    device = _device(model)
+    total_nll, count = 0.0, 0
+    with _eval_mode(model):
+        for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+            batch = batch.to(device)
+            logits = _logits(model, batch)
+            _check_vocabulary(batch, logits)
+            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            total_nll += nll.item()
+            count += batch[:, 1:].numel()
+    return math.exp(total_nll / count)
+
+
+def _logits(model, batch: torch.Tensor) -> torch.Tensor:
+    from transformers import PreTrainedModel
+
+    # The KV cache is useless when scoring whole windows, and costs memory.
+    out = model(input_ids=batch, use_cache=False) if isinstance(model, PreTrainedModel) else model(input_ids=batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InputMismatchError(f"the model returned {type(out).__name__}, which holds no logits")
+
+
+def _check_vocabulary(batch: torch.Tensor, logits: torch.Tensor) -> None:
+    if logits.shape[:2] != batch.shape:
+        raise InputMismatchError(f"logits of shape {tuple(logits.shape)} do not match windows of shape {tuple(batch.shape)}")
+    largest = int(batch.max())
+    if largest >= logits.shape[-1]:
+        raise InputMismatchError(
+            f"token id {largest} is outside the model's vocabulary of {logits.shape[-1]}: "
+            "the windows were made with another model's tokenizer"
+        )
+
+
+def _device(model) -> torch.device:
+    if isinstance(model, nn.Module):
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model):
+    """Eval mode for the duration (dropout off), the previous mode restored afterwards."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if was_training:
+        try:
+            model.eval()
+        except NotImplementedError:  # graphs from torch.export: their mode was fixed at export
+            was_training = False
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()

@@ -1,0 +1,212 @@
+"""The baselines users compare LoRP with: ShortGPT, UIDL, LLM-Streamline, SLEB, last-n, uniform, random."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import BudgetError
+from ..plan import PruningPlan
+from ..stats import LayerStatistics
+from ._common import LossFn, SelectorError, block_names, check_budget, eligible_blocks, lowest, make_plan
+
+
+def shortgpt(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """ShortGPT (arXiv 2403.03853): remove the blocks with the lowest Block Influence.
+
+    BI_b = 1 - mean token cos(input of b, output of b); blocks need not be contiguous.
+    Scores are BI.
+    """
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    bi = stats.block_influence()
+    chosen = lowest(bi, eligible, n_remove)
+    details = {"removal_order": block_names(stats, chosen)}
+    return make_plan(stats, chosen, "shortgpt", dict(enumerate(bi)), details=details)
+
+
+def _best_run(
+    stats: LayerStatistics, n_remove: int, eligible: Sequence[int], distance: np.ndarray
+) -> tuple[int, dict[int, float]]:
+    """Start of the contiguous run of n eligible blocks on one stream with the smallest
+    `distance[entry of first, exit of last]` (ties: shallowest), and every start's distance."""
+    allowed = set(eligible)
+    runs = {}
+    for start in range(stats.n_blocks - n_remove + 1):
+        end = start + n_remove - 1
+        if all(b in allowed for b in range(start, end + 1)) and stats.is_contiguous(start, end):
+            runs[start] = float(distance[stats.block_points[start][0], stats.block_points[end][1]])
+    if not runs:
+        raise BudgetError(
+            f"no run of {n_remove} contiguous removable, unprotected blocks on one stream; "
+            "lower n_remove or use a method that removes non-contiguous blocks (e.g. shortgpt)"
+        )
+    return min(runs, key=lambda s: (runs[s], s)), runs
+
+
+def uidl(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """UIDL (arXiv 2403.17887): the contiguous run whose ends are closest in last-token angle.
+
+    d = mean over sequences of arccos(cos(h_entry, h_exit)) / pi on each sequence's last
+    token; the run [b, b + n) with the smallest d is removed. The model's last block is
+    always kept, as in the paper. Scores: d of the run starting at each admissible block.
+    """
+    eligible = [b for b in eligible_blocks(stats, protected) if b != stats.n_blocks - 1]
+    check_budget(stats, n_remove, eligible)
+    start, runs = _best_run(stats, n_remove, eligible, stats.last_token_angular)
+    chosen = range(start, start + n_remove)
+    details = {"run_start": stats.blocks[start], "distance": runs[start]}
+    return make_plan(stats, chosen, "uidl", runs, details=details)
+
+
+def streamline(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """LLM-Streamline, training-free part (arXiv 2403.19135): the contiguous run whose
+    ends have the highest mean token cosine. Scores: that cosine for the run starting at
+    each admissible block."""
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    start, runs = _best_run(stats, n_remove, eligible, -stats.similarity)
+    cosines = {b: -d for b, d in runs.items()}
+    chosen = range(start, start + n_remove)
+    details = {"run_start": stats.blocks[start], "cosine": cosines[start]}
+    return make_plan(stats, chosen, "streamline", cosines, details=details)
+
+
+def sleb(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """SLEB (arXiv 2402.09025): greedy, one block per step, by calibration loss.
+
+    Each step calls `loss_fn(removed + [candidate])` (names in depth order) for every
+    remaining candidate and removes the one with the lowest loss, so the losses are
+    recomputed after every removal. A NaN loss counts as +inf. Scores: the loss with
+    each block removed alone (the first step); `details["steps"]` has every step.
+    """
+    if loss_fn is None:
+        raise SelectorError(
+            "method 'sleb' needs loss_fn: a callable that takes the list of removed block names "
+            "and returns the calibration loss of the model without them"
+        )
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    removed: list[int] = []
+    steps = []
+    first_losses: dict[int, float] = {}
+    for _ in range(n_remove):
+        losses = {}
+        for b in eligible:
+            if b not in removed:
+                loss = float(loss_fn(block_names(stats, sorted(removed + [b]))))
+                losses[b] = math.inf if math.isnan(loss) else loss
+        best = min(losses, key=lambda b: (losses[b], b))
+        if not steps:
+            first_losses = losses
+        removed.append(best)
+        candidates = {stats.blocks[b]: v for b, v in losses.items()}
+        steps.append({"removed": stats.blocks[best], "loss": losses[best], "candidates": candidates})
+    details = {"removal_order": block_names(stats, removed), "steps": steps}
+    return make_plan(stats, removed, "sleb", first_losses, details=details)
+
+
+def last_n(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """The naive reference: the deepest n removable, unprotected blocks. Scores: depth."""
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    return make_plan(stats, eligible[-n_remove:], "last-n", {b: b for b in eligible})
+
+
+def uniform_positions(m: int, n: int) -> list[int]:
+    """n of the positions 0..m-1, evenly spaced from the first to the last, rounding half down.
+
+    Position i is round_half_down(i * (m-1) / (n-1)), computed in integers; one
+    position is the middle one. Spacing is at least 1, so positions never repeat.
+    On SmolLM2 (eligible layers 1..28) this gives the reference table's
+    [1, 4, 8, 11, 14, 18, 21, 25, 28] for n = 9.
+    """
+    if not 1 <= n <= m:
+        raise BudgetError(f"cannot pick {n} of {m} positions")
+    if n == 1:
+        return [(m - 1) // 2]
+    q = n - 1
+    # round_half_down(p / q) = ceil((2p - q) / 2q); integers keep exact halves exact
+    return [-((q - 2 * i * (m - 1)) // (2 * q)) for i in range(n)]
+
+
+def uniform(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """Every k-th block: n blocks evenly spaced over the removable, unprotected blocks.
+
+    Counting only eligible blocks, position i of n is round_half_down(i * (m-1) / (n-1))
+    among the m eligible ones, so the first and last eligible blocks are both removed
+    (one block: the middle one); see `uniform_positions`. Scores: depth.
+    """
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    chosen = [eligible[p] for p in uniform_positions(len(eligible), n_remove)]
+    return make_plan(stats, chosen, "uniform", {b: b for b in eligible})
+
+
+def random_blocks(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """Random blocks, reproducible: each block gets a key from `numpy.random.default_rng(seed)`
+    and the eligible blocks with the lowest keys are removed (so a larger budget extends a
+    smaller one). Scores: the keys."""
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    keys = np.random.default_rng(seed).random(stats.n_blocks)
+    chosen = lowest(keys, eligible, n_remove)
+    return make_plan(stats, chosen, "random", dict(enumerate(keys)), details={"seed": seed})

@@ -1,0 +1,180 @@
+"""LoRP, as published (arXiv 2605.27786): RLS, the K policy, spectral clustering, two stages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import BudgetError
+from ..plan import PruningPlan
+from ..stats import LayerStatistics
+from ._common import (
+    LossFn,
+    SelectorError,
+    block_names,
+    check_budget,
+    cluster_members,
+    cluster_names,
+    default_eligible,
+    eligible_blocks,
+    make_plan,
+)
+from .spectral import spectral_clustering
+
+RLS_THRESHOLDS = (1.0, 0.7)  # RLS >= 1.0 -> K = 2; 0.7 <= RLS < 1.0 -> K = 3; below -> K = 4
+
+
+def relative_layer_similarity(S: np.ndarray) -> float:
+    """RLS = -log2(mean of S_ij over i < j).
+
+    Higher RLS means similarity decays faster with depth. A non-positive mean
+    (anti-correlated layers, never seen in real models) gives +inf: as local as it gets.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    if S.shape[0] < 2:
+        raise BudgetError("RLS needs at least two layers; the statistics hold fewer")
+    off = float(S[np.triu_indices(S.shape[0], 1)].mean())
+    return math.inf if off <= 0.0 else -math.log2(off)
+
+
+def clusters_for_rls(rls: float) -> int:
+    """The published K policy: 2 when RLS >= 1.0, 3 when 0.7 <= RLS < 1.0, 4 below 0.7."""
+    high, low = RLS_THRESHOLDS
+    if rls >= high:
+        return 2
+    if rls >= low:
+        return 3
+    return 4
+
+
+def cluster_redundancy(S: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """r(l) = mean of S[l, m] over the other members m of l's cluster (0 for a singleton)."""
+    r = np.zeros(len(labels))
+    for members in cluster_members(labels):
+        for layer in members:
+            others = [m for m in members if m != layer]
+            r[layer] = S[layer, others].mean() if others else 0.0
+    return r
+
+
+def _mean_pairwise(S: np.ndarray, members: Sequence[int]) -> float:
+    if len(members) < 2:
+        return -math.inf  # nothing left to be redundant with
+    block = S[np.ix_(members, members)]
+    return float(block[np.triu_indices(len(members), 1)].mean())
+
+
+def lorp_paper_stages(
+    S: np.ndarray, n_remove: int, labels: Sequence[int], eligible: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """The published two-stage selection, given cluster labels (renumbered by depth).
+
+    Stage 1 (coverage): in cluster order, remove the most redundant eligible layer
+    of each cluster. Stage 2 (residual allocation): until the budget is met, take the
+    cluster whose remaining members (removed ones excluded, protected ones included)
+    have the largest mean pairwise S and remove its most redundant eligible layer.
+    Redundancy r is computed once (`cluster_redundancy`) and never updated. A cluster
+    with one member left has no pairwise mean and comes last. Ties go to the shallower
+    layer and the lower cluster. Returns (layers in removal order, stage of each).
+
+    Counting protected members among the "remaining" ones, or only eligible ones,
+    gives the same choices on the authors' SmolLM2 matrix; we count all members, as
+    the paper's wording says.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    allowed = set(default_eligible(S.shape[0]) if eligible is None else eligible)
+    r = cluster_redundancy(S, labels)
+    clusters = cluster_members(labels)
+    removed: list[int] = []
+    stages: list[int] = []
+
+    def most_redundant(candidates: list[int]) -> int:
+        return max(candidates, key=lambda layer: (r[layer], -layer))
+
+    for members in clusters:
+        if len(removed) == n_remove:
+            break
+        candidates = [m for m in members if m in allowed]
+        if candidates:
+            removed.append(most_redundant(candidates))
+            stages.append(1)
+    while len(removed) < n_remove:
+        best = None
+        for members in clusters:
+            remaining = [m for m in members if m not in removed]
+            candidates = [m for m in remaining if m in allowed]
+            if candidates:
+                density = _mean_pairwise(S, remaining)
+                if best is None or density > best[0]:
+                    best = (density, candidates)
+        if best is None:
+            raise BudgetError(f"only {len(removed)} layers are eligible, {n_remove} were asked for")
+        removed.append(most_redundant(best[1]))
+        stages.append(2)
+    return removed, stages
+
+
+def lorp_paper_order(
+    S: np.ndarray, n_remove: int, n_clusters: int | None = None, eligible: Sequence[int] | None = None
+) -> list[int]:
+    """Layers the published LoRP removes from the N x N input similarity S, in removal order.
+
+    K comes from the RLS policy unless `n_clusters` forces it; `eligible` defaults to
+    every layer but the first and the last.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    k = n_clusters or clusters_for_rls(relative_layer_similarity(S))
+    labels = spectral_clustering(S, min(k, S.shape[0]))
+    return lorp_paper_stages(S, n_remove, labels, eligible)[0]
+
+
+def resolve_k(stats: LayerStatistics, n_clusters: int | None, rls: float) -> int:
+    """K from the RLS policy (at most one cluster per block), or the forced `n_clusters`, checked."""
+    if n_clusters is None:
+        return min(clusters_for_rls(rls), stats.n_blocks)
+    whole = isinstance(n_clusters, (int, np.integer)) and not isinstance(n_clusters, bool)
+    if not whole or not 1 <= n_clusters <= stats.n_blocks:
+        raise SelectorError(
+            f"n_clusters={n_clusters!r} must be a whole number between 1 and the number of blocks "
+            f"({stats.n_blocks}); leave it unset to choose K from RLS"
+        )
+    return int(n_clusters)
+
+
+def lorp_paper(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
+    """LoRP as published (arXiv 2605.27786), step for step.
+
+    S = similarity of the blocks' inputs; RLS = -log2(mean_{i<j} S_ij); K = 2 / 3 / 4
+    for RLS >= 1.0 / in [0.7, 1.0) / below 0.7 unless `n_clusters` forces it;
+    spectral clustering of (S + 1) / 2 (random state 0, whatever `seed` says: the
+    paper fixes it); then Stage 1 coverage and Stage 2 residual allocation
+    (`lorp_paper_stages`). Scores are the redundancies r(l).
+    """
+    eligible = eligible_blocks(stats, protected)
+    check_budget(stats, n_remove, eligible)
+    S = stats.input_similarity()
+    rls = relative_layer_similarity(S)
+    k = resolve_k(stats, n_clusters, rls)
+    labels = spectral_clustering(S, k)
+    order, stages = lorp_paper_stages(S, n_remove, labels, eligible)
+    r = cluster_redundancy(S, labels)
+    details = {
+        "K": k,
+        "K_forced": n_clusters is not None,
+        "labels": labels,
+        "removal_order": block_names(stats, order),
+        "stage": {stats.blocks[b]: s for b, s in zip(order, stages)},
+    }
+    clusters = cluster_names(stats, labels)
+    scores = dict(enumerate(r))
+    return make_plan(stats, order, "lorp-paper", scores, rls=rls, clusters=clusters, details=details)
