@@ -12,11 +12,13 @@ from .errors import (
     LoRPError,
     NoResidualBlocksError,
     NotRemovableError,
+    SelectorError,
     TraceError,
     UnknownBlockError,
 )
 from .plan import PruningPlan
 from .rewrite import PruneBlocks, prune
+from .selectors import SELECTORS, select
 from .stats import LayerStatistics, SimilarityAccumulator
 from .trace import trace
 
@@ -31,10 +33,13 @@ __all__ = [
     "PruneBlocks",
     "PruningPlan",
     "ResidualBlock",
+    "SELECTORS",
+    "SelectorError",
     "SimilarityAccumulator",
     "TraceError",
     "UnknownBlockError",
     "find_blocks",
     "prune",
+    "select",
     "trace",
 ]

@@ -38,3 +38,7 @@ class BudgetError(LoRPError, ValueError):
 
 class CalibrationError(LoRPError):
     """Calibration data or the statistics collected from it are unusable."""
+
+
+class SelectorError(LoRPError, ValueError):
+    """A selection method that does not exist or lacks what it needs."""

@@ -262,7 +262,7 @@ def _update_configs(model: nn.Module, owner: nn.Module, keep: list[int], old_cou
         own = top
     if own is not None:
         overrides = _take_per_layer_overrides(own, keep)
-        pass
+        _apply_moe_layer_kinds(own, keep)
         _slice_per_layer_lists(own, keep, old_count)
         own.num_hidden_layers = len(keep)  # attribute_map turns this into n_layer (GPT-2), num_layers (T5)
         if overrides is not None:

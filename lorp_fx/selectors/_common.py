@@ -6,15 +6,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..errors import BudgetError, LoRPError, UnknownBlockError
+from ..errors import BudgetError, SelectorError, UnknownBlockError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
 
 LossFn = Callable[[list[str]], float]
 
-
-class SelectorError(LoRPError, ValueError):
-    """A selector was called with options it cannot work with (unknown method, missing loss)."""
 
 
 def protected_indices(stats: LayerStatistics, protected: Sequence[str | int] | str | None) -> set[int]:
