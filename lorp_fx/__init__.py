@@ -5,6 +5,7 @@ The pipeline, one module a step: `trace` -> `find_blocks` -> statistics
 """
 
 from .blocks import ResidualBlock, find_blocks
+from .callback import LoRPCallback
 from .errors import (
     BudgetError,
     CalibrationError,
@@ -19,6 +20,7 @@ from .errors import (
 from .plan import PruningPlan
 from .rewrite import PruneBlocks, prune
 from .selectors import SELECTORS, select
+from .observe import ResidualObserver
 from .stats import LayerStatistics, SimilarityAccumulator
 from .trace import trace
 
@@ -27,12 +29,14 @@ __all__ = [
     "CalibrationError",
     "InputMismatchError",
     "LayerStatistics",
+    "LoRPCallback",
     "LoRPError",
     "NoResidualBlocksError",
     "NotRemovableError",
     "PruneBlocks",
     "PruningPlan",
     "ResidualBlock",
+    "ResidualObserver",
     "SELECTORS",
     "SelectorError",
     "SimilarityAccumulator",

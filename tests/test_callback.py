@@ -1,0 +1,223 @@
+"""LoRPCallback through Trainer.validate: statistics, plans, failures and several processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import lorp_fx
+from calibration_run import CausalLM, calibration_data
+from lorp_fx import LoRPCallback, PruningPlan
+from tiny_models import example_inputs, tiny_model
+
+HERE = Path(__file__).parent
+
+
+def trainer(*callbacks):
+    return L.Trainer(
+        accelerator="cpu", callbacks=list(callbacks), logger=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def loader(data=None, batch_size=2):
+    return torch.utils.data.DataLoader(data if data is not None else calibration_data(), batch_size=batch_size)
+
+
+def eager_statistics(model, data):
+    """S from forward hooks on the eager layers: the reference the graph observation must match."""
+    states = []
+    layers = model.model.layers
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: states.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True) for layer in layers]
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, o: states.append(o[0] if isinstance(o, tuple) else o)))
+    accumulator = lorp_fx.SimilarityAccumulator(len(layers) + 1)
+    with torch.no_grad():
+        for batch in loader(data):
+            states.clear()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            accumulator.update(torch.stack(states), batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    return accumulator.statistics([str(i) for i in range(len(layers) + 1)], [], [])
+
+
+def test_validate_collects_the_eager_statistics_and_plans():
+    model = tiny_model("llama", layers=6)
+    cb = LoRPCallback(n_remove=2, method="shortgpt")
+    module = CausalLM(model)
+    trainer(cb).validate(module, dataloaders=loader())
+    assert module.model is model  # the network is back
+    plan = cb.plan
+    reference = eager_statistics(model, calibration_data())
+    np.testing.assert_allclose(plan.similarity, reference.similarity, atol=1e-6)
+    np.testing.assert_allclose(plan.statistics.last_token_angular, reference.last_token_angular, atol=1e-6)
+    assert plan.statistics.token_count == sum(int(b["attention_mask"].sum()) for b in calibration_data())
+    assert plan.points[0] == "model.layers.0:in" and plan.points[-1] == "model.layers.5:out"
+    bi = 1 - np.array([reference.similarity[i, i + 1] for i in range(6)])
+    np.testing.assert_allclose(plan.statistics.block_influence(), bi, atol=1e-6)
+    expected = sorted(np.argsort(bi[1:5])[:2] + 1)
+    assert plan.remove == [f"model.layers.{i}" for i in expected]
+    assert plan.method == "shortgpt" and len(plan.scores) == 6
+
+
+def test_the_plan_round_trips_through_json_and_prunes(tmp_path):
+    model = tiny_model("llama", layers=6)
+    cb = LoRPCallback(n_remove=2, method="shortgpt")
+    trainer(cb).validate(CausalLM(model), dataloaders=loader())
+    cb.plan.save(tmp_path / "plan.json")
+    loaded = PruningPlan.load(tmp_path / "plan.json")
+    assert loaded.remove == cb.plan.remove
+    np.testing.assert_array_equal(loaded.similarity, cb.plan.similarity)
+    pruned = lorp_fx.prune(cb.graph_module, loaded)
+    assert len(lorp_fx.find_blocks(pruned)) == 4
+
+
+def test_apply_replaces_the_network_so_a_second_validate_measures_the_pruned_model():
+    model = tiny_model("llama", layers=6)
+    cb = LoRPCallback(n_remove=2, method="shortgpt", apply=True)
+    module = CausalLM(model)
+    t = trainer(cb)
+    t.validate(module, dataloaders=loader())
+    assert isinstance(module.model, torch.fx.GraphModule)
+    assert len(lorp_fx.find_blocks(module.model)) == 4
+    t.validate(module, dataloaders=loader())  # measures; no second calibration
+    assert len(lorp_fx.find_blocks(module.model)) == 4
+
+
+def test_same_data_same_plan_and_sleb_uses_the_calibration_loss():
+    plans = []
+    for _ in range(2):
+        cb = LoRPCallback(n_remove=2, method="sleb")
+        trainer(cb).validate(CausalLM(tiny_model("llama", layers=6)), dataloaders=loader())
+        plans.append(cb.plan)
+    assert plans[0].remove == plans[1].remove
+    np.testing.assert_array_equal(plans[0].similarity, plans[1].similarity)
+
+
+def test_sublayer_granularity():
+    cb = LoRPCallback(n_remove=3, method="shortgpt", granularity="sublayer")
+    trainer(cb).validate(CausalLM(tiny_model("llama", layers=4)), dataloaders=loader())
+    assert cb.plan.similarity.shape == (9, 9)
+    assert all(name.endswith((".self_attn", ".mlp")) for name in cb.plan.remove)
+
+
+class Seq2Seq(L.LightningModule):
+    def __init__(self, network):
+        super().__init__()
+        self.model = network
+
+    def validation_step(self, batch, batch_idx):
+        return self.model(**batch).logits.mean()
+
+
+@pytest.mark.parametrize("family", ["t5", "mixtral", "qwen2_moe", "gpt2"])
+def test_other_families_calibrate(family):
+    model = tiny_model(family, layers=4)
+    data = []
+    for seed in range(4):
+        inputs = example_inputs(family, batch=1, seq=8, seed=seed)
+        data.append({k: v[0] for k, v in inputs.items()})
+    cb = LoRPCallback(n_remove=1, method="shortgpt")
+    trainer(cb).validate(Seq2Seq(model), dataloaders=loader(data))
+    stats = cb.plan.statistics
+    assert stats.blocks == [b.name for b in lorp_fx.find_blocks(cb.graph_module)]
+    assert np.allclose(np.diag(stats.similarity), 1.0)
+    assert cb.plan.remove[0] in stats.blocks
+    if family == "t5":
+        # Two streams: the decoder's first point does not continue the encoder's last.
+        assert stats.block_points[4][0] != stats.block_points[3][1]
+        pruned = lorp_fx.prune(cb.graph_module, cb.plan)
+        assert pruned(**example_inputs("t5")).logits.shape[-1] == 97
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_an_empty_loader_is_refused():
+    cb = LoRPCallback(n_remove=1, method="shortgpt")
+    module = CausalLM(tiny_model("llama", layers=4))
+    model = module.model
+    with pytest.raises(lorp_fx.CalibrationError, match="loader is empty"):
+        trainer(cb).validate(module, dataloaders=loader([]))
+    assert cb.plan is None and module.model is model
+
+
+def test_a_batch_without_valid_tokens_fails_and_restores_the_network():
+    data = calibration_data()
+    for item in data[:2]:
+        item["attention_mask"] = torch.zeros_like(item["attention_mask"])
+    model = tiny_model("llama", layers=4)
+    module = CausalLM(model)
+    with pytest.raises(lorp_fx.CalibrationError, match="no valid tokens"):
+        trainer(LoRPCallback(n_remove=1, method="shortgpt")).validate(module, dataloaders=loader(data))
+    assert module.model is model
+
+
+def test_nan_names_the_block_where_it_first_appears():
+    model = tiny_model("llama", layers=4)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
+    module = CausalLM(model)
+    with pytest.raises(lorp_fx.CalibrationError, match="output of model.layers.2"):
+        trainer(LoRPCallback(n_remove=1, method="shortgpt")).validate(module, dataloaders=loader())
+    assert module.model is model
+
+
+def test_budgets_that_cannot_be_met():
+    with pytest.raises(lorp_fx.BudgetError, match="at least 1"):
+        LoRPCallback(n_remove=0)
+    with pytest.raises(lorp_fx.BudgetError, match="exactly one budget"):
+        LoRPCallback(n_remove=2, ratio=0.5)
+    model = tiny_model("llama", layers=4)
+    module = CausalLM(model)
+    with pytest.raises(lorp_fx.BudgetError, match="cannot remove 9 blocks"):
+        trainer(LoRPCallback(n_remove=9, method="shortgpt")).validate(module, dataloaders=loader())
+    assert module.model is model
+
+
+def test_a_missing_network_attribute_is_named():
+    cb = LoRPCallback(n_remove=1, method="shortgpt", attribute="net")
+    with pytest.raises(lorp_fx.LoRPError, match="no network attribute 'net'.*attribute="):
+        trainer(cb).validate(CausalLM(tiny_model("llama", layers=4)), dataloaders=loader())
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def run_calibration(tmp_path: Path, strategy: str, devices: int) -> Path:
+    out = tmp_path / f"{strategy}-{devices}"
+    out.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "calibration_run.py"), str(out), strategy, str(devices)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.distributed
+def test_two_ddp_processes_give_the_single_process_statistics(tmp_path):
+    single = json.loads((run_calibration(tmp_path, "auto", 1) / "rank0.json").read_text())
+    ddp = run_calibration(tmp_path, "ddp", 2)
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)]
+    for plan in ranks:
+        np.testing.assert_allclose(plan["statistics"]["similarity"], single["statistics"]["similarity"], atol=1e-5)
+        assert plan["statistics"]["token_count"] == single["statistics"]["token_count"]
+        assert plan["remove"] == single["remove"]
+    assert json.loads((ddp / "plan.json").read_text())["remove"] == single["remove"]
+
+
+@pytest.mark.distributed
+def test_ddp_spawn_hands_the_plan_to_the_parent_through_plan_path(tmp_path):
+    single = json.loads((run_calibration(tmp_path, "auto", 1) / "rank0.json").read_text())
+    spawn = run_calibration(tmp_path, "ddp_spawn", 2)
+    parent = json.loads((spawn / "parent.json").read_text())
+    assert parent is not None and parent["remove"] == single["remove"]
+    np.testing.assert_allclose(parent["statistics"]["similarity"], single["statistics"]["similarity"], atol=1e-5)

@@ -1,0 +1,96 @@
+"""The streaming accumulator against a direct float64 computation."""
+
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+from lorp_fx import SimilarityAccumulator
+from lorp_fx.errors import CalibrationError
+import pytest
+
+
+def direct(states: np.ndarray, mask: np.ndarray):
+    """S, angular and last-token angular straight from the definitions. states: (P, B, T, d)."""
+    p = states.shape[0]
+    unit = states / np.linalg.norm(states, axis=-1, keepdims=True)
+    tokens = unit.transpose(1, 2, 0, 3)[mask.astype(bool)]  # (n, P, d)
+    cos = np.clip(np.einsum("npd,nqd->npq", tokens, tokens), -1, 1)
+    last_rows = []
+    for b in range(mask.shape[0]):
+        valid = np.nonzero(mask[b])[0]
+        if len(valid):
+            last_rows.append(unit[:, b, valid[-1], :])
+    last = np.stack(last_rows)  # (B', P, d)
+    last_cos = np.clip(np.einsum("bpd,bqd->bpq", last, last), -1, 1)
+    assert cos.shape[1] == p
+    return cos.mean(0), (np.arccos(cos) / np.pi).mean(0), (np.arccos(last_cos) / np.pi).mean(0)
+
+
+@st.composite
+def calibration(draw):
+    p, b, t, d = draw(st.integers(2, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(2, 7))
+    seed = draw(st.integers(0, 10_000))
+    rng = np.random.default_rng(seed)
+    states = rng.normal(size=(p, b, t, d))
+    mask = rng.random((b, t)) < 0.7
+    mask[:, 0] = True  # every sequence keeps a token
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, b - 1)), max_size=b - 1))) if b > 1 else []
+    return states, mask.astype(np.int64), cuts
+
+
+@settings(max_examples=60)
+@given(calibration())
+def test_any_batch_split_gives_the_direct_statistics(case):
+    states, mask, cuts = case
+    accumulator = SimilarityAccumulator(states.shape[0])
+    bounds = [0, *cuts, states.shape[1]]
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        accumulator.update(torch.from_numpy(states[:, start:stop]).float(), torch.from_numpy(mask[start:stop]))
+    stats = accumulator.statistics([f"p{i}" for i in range(states.shape[0])], [], [])
+    s, angle, last = direct(states.astype(np.float32).astype(np.float64), mask)
+    np.testing.assert_allclose(stats.similarity, s, atol=1e-6)
+    np.testing.assert_allclose(stats.angular, angle, atol=1e-5)
+    np.testing.assert_allclose(stats.last_token_angular, last, atol=1e-5)
+    assert stats.token_count == mask.sum() and stats.sequence_count == states.shape[1]
+    np.testing.assert_allclose(np.diag(stats.similarity), 1.0, atol=1e-9)
+
+
+@settings(max_examples=20)
+@given(calibration())
+def test_merging_accumulators_equals_one_pass(case):
+    states, mask, _ = case
+    whole, left, right = (SimilarityAccumulator(states.shape[0]) for _ in range(3))
+    tensor, tmask = torch.from_numpy(states), torch.from_numpy(mask)
+    whole.update(tensor, tmask)
+    half = max(1, states.shape[1] // 2)
+    left.update(tensor[:, :half], tmask[:half])
+    if half < states.shape[1]:
+        right.update(tensor[:, half:], tmask[half:])
+    left.merge(right)
+    for name in SimilarityAccumulator.SUM_NAMES:
+        torch.testing.assert_close(getattr(left, name), getattr(whole, name))
+
+
+def test_bfloat16_states_match_a_float64_reference():
+    rng = np.random.default_rng(0)
+    # Residual streams have a few large outlier dimensions; keep them in the test.
+    states = rng.normal(size=(6, 4, 64, 96)) + rng.normal(size=(6, 1, 1, 96)) * 3
+    states[..., 7] *= 40
+    low = torch.from_numpy(states).to(torch.bfloat16)
+    accumulator = SimilarityAccumulator(6)
+    for batch in range(4):
+        accumulator.update(low[:, batch : batch + 1])
+    reference, _, _ = direct(low.double().numpy(), np.ones((4, 64)))
+    stats = accumulator.statistics([str(i) for i in range(6)], [], [])
+    assert np.abs(stats.similarity - reference).max() < 1e-3
+
+
+def test_a_batch_without_valid_tokens_is_refused():
+    accumulator = SimilarityAccumulator(3)
+    with pytest.raises(CalibrationError, match="no valid tokens"):
+        accumulator.update(torch.randn(3, 2, 4, 5), torch.zeros(2, 4))
+
+
+def test_no_batches_is_refused():
+    with pytest.raises(CalibrationError, match="empty"):
+        SimilarityAccumulator(3).statistics(["a", "b", "c"], [], [])
