@@ -86,10 +86,11 @@ def self_calibration(
     past an EOS, as in concatenated pretraining text, so that every window is full.
 
     Window i draws from its own random generator, seeded from (seed, i): the
-    result depends on the seed only, not on `batch_size` or `n_samples` (the
-    first 8 windows of 32 are the 8 windows asked alone), nor on the global
-    torch random state. Up to float differences between batch sizes, which can
-    flip a sample at a near-tie.
+    result depends on the seed, not on `batch_size` or `n_samples` (the first 8
+    windows of 32 are the 8 windows asked alone), and the global torch random
+    state is left alone. (Different batch sizes can change logits in the last
+    float bits, which could flip a draw that lands on a boundary: rare, not
+    impossible.)
     """
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
@@ -98,17 +99,20 @@ def self_calibration(
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise CalibrationError("the tokenizer has neither a BOS nor an EOS token to start self-calibration from")
-    was_training = model.training
-    model.eval()
     seeds = np.random.SeedSequence(seed).spawn(n_samples)
     windows = []
-    with tqdm(total=n_samples * (seq_len - 1), unit="tok", desc="self-calibration", disable=not progress) as bar:
-        for first in range(0, n_samples, batch_size):
-            generators = [
-                torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0])) for s in seeds[first : first + batch_size]
-            ]
-            windows.append(_sample_batch(model, start, generators, seq_len, temperature, top_p, bar))
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=n_samples * (seq_len - 1), unit="tok", desc="self-calibration", disable=not progress) as bar:
+            for first in range(0, n_samples, batch_size):
+                generators = [
+                    torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0]))
+                    for s in seeds[first : first + batch_size]
+                ]
+                windows.append(_sample_batch(model, start, generators, seq_len, temperature, top_p, bar))
+    finally:
+        model.train(was_training)
     return torch.cat(windows)
 
 

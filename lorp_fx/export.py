@@ -170,16 +170,18 @@ def remove_layers(model: nn.Module, remove: list[str] | PruningPlan) -> nn.Modul
 
     pruned = copy.deepcopy(model)
     for name in sublayer_removals:
-        layer_name, _, sub = _split_sublayer_name(name, containers)
+        layer_name, sub = _split_sublayer_name(name, containers)
         if layer_name not in layer_removals:  # a removed layer's sublayers go with it
             _zero_sublayer_output(pruned.get_submodule(layer_name), sub, name)
-    for path, _ in containers:
-        old = pruned.get_submodule(path)
-        drop = {int(n.rpartition(".")[2]) for n in layer_removals if n.rpartition(".")[0] == path}
+    for path, layers in containers:
+        drop = _removed_indices(path, layer_removals)
         if drop:
-            keep = [i for i in range(len(old)) if i not in drop]
-            _rebuild_container(pruned, path, keep)
+            _rebuild_container(pruned, path, [i for i in range(len(layers)) if i not in drop])
     return pruned
+
+
+def _removed_indices(path: str, layer_removals: list[str]) -> set[int]:
+    return {int(name.rpartition(".")[2]) for name in layer_removals if name.rpartition(".")[0] == path}
 
 
 def _resolve_names(model, containers, names: list[str]) -> tuple[list[str], list[str]]:
@@ -207,14 +209,14 @@ def _enclosing_layer(name: str, layer_names: set[str]) -> str | None:
     return next((layer for layer in layer_names if name.startswith(layer + ".")), None)
 
 
-def _split_sublayer_name(name: str, containers) -> tuple[str, nn.Module, str] | None:
-    """(layer name, layer, sublayer name) for a valid sublayer name, else None."""
+def _split_sublayer_name(name: str, containers) -> tuple[str, str] | None:
+    """(layer name, sublayer name relative to the layer) for a valid sublayer name, else None."""
     for path, layers in containers:
         if not name.startswith(path + "."):
             continue
         index, _, sub = name[len(path) + 1 :].partition(".")
         if index.isdigit() and int(index) < len(layers) and sub in sublayers(layers[int(index)]):
-            return f"{path}.{index}", layers[int(index)], sub
+            return f"{path}.{index}", sub
     return None
 
 
@@ -229,8 +231,7 @@ def _describe_valid_names(containers) -> str:
 
 def _check_layer_removals(model, containers, layer_removals: list[str]) -> None:
     for path, layers in containers:
-        removed = [n for n in layer_removals if n.rpartition(".")[0] == path]
-        if removed and len(removed) >= len(layers):
+        if len(_removed_indices(path, layer_removals)) >= len(layers):
             raise BudgetError(
                 f"cannot remove all {len(layers)} layers of {path}: a pruned model needs at least one layer in each stack"
             )
@@ -239,8 +240,8 @@ def _check_layer_removals(model, containers, layer_removals: list[str]) -> None:
         if any(getattr(m, "has_relative_attention_bias", False) for m in layer.modules()):
             raise NotRemovableError(
                 f"cannot remove {name}: it holds the relative position bias (has_relative_attention_bias=True) that "
-                "every later block of its stack reuses, and a T5 checkpoint can only keep that bias in the first block. "
-                "Remove other blocks of this stack, or only its sublayers (e.g. " + f"{name}.layer.0)"
+                "every later block of its stack reuses, and a T5 checkpoint can only keep that bias in the first block; "
+                f"remove other blocks of this stack, or only this block's sublayers (such as {name}.layer.0)"
             )
 
 

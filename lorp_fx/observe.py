@@ -148,10 +148,9 @@ class ResidualObserver(nn.Module):
     def _accumulate(self, kwargs: dict) -> None:
         states = self._recorder.states
         for stream_index, stream in enumerate(self._streams):
-            stacked = [states[i] for i in stream.points]
-            _check_finite(stacked, [self._point_names[i] for i in stream.points])
-            stacked = torch.stack(stacked)
-            stream.accumulator.update(stacked, _mask_for(kwargs, stacked, stream_index))
+            points = [states[i] for i in stream.points]
+            _check_finite(points, [self._point_names[i] for i in stream.points])
+            stream.accumulator.update(points, _mask_for(kwargs, points[0], stream_index))
 
     # ------------------------------------------------------------------ results
 
@@ -199,9 +198,9 @@ def _point_names(blocks: list[ResidualBlock], block_points: list[tuple[int, int]
     return names
 
 
-def _mask_for(kwargs: dict, states: torch.Tensor, stream_index: int) -> torch.Tensor | None:
+def _mask_for(kwargs: dict, state: torch.Tensor, stream_index: int) -> torch.Tensor | None:
     """The attention mask that matches a stream's (batch, seq) shape, preferring its own name."""
-    shape = tuple(states.shape[1:3])
+    shape = tuple(state.shape[:2])
     preferred = _MASK_NAMES[min(stream_index, len(_MASK_NAMES) - 1)]
     candidates = [preferred] + [n for n in _MASK_NAMES if n != preferred]
     for name in candidates:

@@ -13,6 +13,7 @@ order, split in any way, or summed across processes, and the result is the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,17 +137,21 @@ class SimilarityAccumulator:
             setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
-    def update(self, states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        if states.dim() == 3:  # (P, tokens, d): one unbatched sequence
-            states = states.unsqueeze(1)
-        p, batch, seq, _ = states.shape
-        if p != self.n_points:
-            raise CalibrationError(f"expected states of {self.n_points} residual points, got {p}")
-        self._to(states.device)
+    def update(self, states: torch.Tensor | Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> None:
+        """Add one batch: `states` is (P, batch, seq, d), or a list of P (batch, seq, d) tensors."""
+        if isinstance(states, torch.Tensor):
+            if states.dim() == 3:  # (P, tokens, d): one unbatched sequence
+                states = states.unsqueeze(1)
+            states = list(states)
+        if len(states) != self.n_points:
+            raise CalibrationError(f"expected states of {self.n_points} residual points, got {len(states)}")
+        batch, seq = states[0].shape[:2]
+        device = states[0].device
+        self._to(device)
         if attention_mask is None:
-            mask = torch.ones(batch, seq, dtype=torch.bool, device=states.device)
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
         else:
-            mask = attention_mask.to(states.device).bool().reshape(batch, seq)
+            mask = attention_mask.to(device).bool().reshape(batch, seq)
         lengths = mask.sum(dim=1)
         valid = lengths > 0
         if not bool(valid.any()):
@@ -154,20 +159,24 @@ class SimilarityAccumulator:
                 "a calibration batch has no valid tokens (its attention_mask is all zeros); "
                 "drop empty sequences from the calibration data"
             )
-        tokens = states.permute(1, 2, 0, 3)[mask]  # (n_tokens, P, d), still in the model's dtype
+        flat = mask.flatten().nonzero().squeeze(1)  # one index for all points: cheaper than P boolean gathers
+        tokens = torch.stack([state.reshape(batch * seq, -1).index_select(0, flat) for state in states], dim=1)
         for chunk in tokens.split(self.CHUNK_TOKENS):
-            unit = torch.nn.functional.normalize(chunk.double(), dim=-1)
-            cos = torch.bmm(unit, unit.transpose(1, 2)).clamp_(-1.0, 1.0)  # (chunk, P, P)
+            # Unit vectors and their dot products in float32 (error ~1e-7, far below what
+            # selection needs), sums and arccos in float64 so that error does not grow.
+            unit = torch.nn.functional.normalize(chunk.float(), dim=-1)
+            cos = torch.bmm(unit, unit.transpose(1, 2)).double().clamp_(-1.0, 1.0)  # (chunk, P, P)
+            cos.diagonal(dim1=1, dim2=2).fill_(1.0)  # exact: arccos magnifies rounding near 1
             self.cos_sum += cos.sum(0)
             self.angle_sum += torch.arccos(cos).sum(0) / torch.pi
         self.token_count += tokens.shape[0]
 
         # Last valid token of each sequence: the highest masked-in position.
-        positions = torch.arange(seq, device=states.device).expand(batch, seq)
+        positions = torch.arange(seq, device=device).expand(batch, seq)
         last = torch.where(mask, positions, -1).amax(dim=1)[valid]
         rows = torch.nonzero(valid).squeeze(1)
-        last_states = torch.nn.functional.normalize(states[:, rows, last, :].double(), dim=-1)  # (P, B', d)
-        last_states = last_states.transpose(0, 1)
+        last_states = torch.stack([state[rows, last] for state in states], dim=1)  # (B', P, d)
+        last_states = torch.nn.functional.normalize(last_states.double(), dim=-1)
         last_cos = torch.bmm(last_states, last_states.transpose(1, 2)).clamp_(-1.0, 1.0)
         self.last_angle_sum += torch.arccos(last_cos).sum(0) / torch.pi
         self.sequence_count += last_states.shape[0]

@@ -141,7 +141,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule
     if args:
         names = _positional_names(model, len(args))
         kwargs = {**dict(zip(names, args)), **kwargs}
-    tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    # Fresh contiguous copies: export guards a view through its base tensor, and a
+    # later call without that base then fails inside the guard.
+    tensors = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
     tensors = _widen_batch(tensors)
     dynamic = {k: {d: Dim.AUTO for d in range(v.dim())} for k, v in tensors.items()}
