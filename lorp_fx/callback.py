@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .errors import BudgetError, CalibrationError, LoRPError
-from .observe import ResidualObserver
+from .observe import ResidualObserver, calibration_loss
 from .plan import PruningPlan
 from .rewrite import prune
 from .selectors import SELECTORS, budget_from_ratio, select
@@ -204,29 +204,8 @@ class LoRPCallback(Callback):
                 setattr(accumulator, name, trainer.strategy.reduce(value, reduce_op="sum").to(torch.float64))
 
     def _loss_function(self, observer: ResidualObserver) -> Callable[[list[str]], float] | None:
-        """Mean calibration loss of the graph without some blocks, on the kept batches (rank-local)."""
-        graph = observer.graph
-        if not self._loss_inputs or graph is None:
+        """Calibration loss on the kept batches (rank-local: every rank has its own, and
+        selection only compares candidates, which the ranks agree on when their data do)."""
+        if observer.graph is None:
             return None
-        inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-        if "input_ids" not in inputs or "decoder_input_ids" in inputs:
-            return None  # next-token loss is defined here for causal LMs only
-        batches = [{k: v for k, v in batch.items() if k in inputs} for batch in self._loss_inputs]
-
-        @torch.no_grad()
-        def loss(removed: list[str]) -> float:
-            candidate = prune(graph, removed) if removed else graph
-            return sum(_lm_loss(candidate, batch) for batch in batches) / len(batches)
-
-        return loss
-
-
-def _lm_loss(graph: torch.fx.GraphModule, batch: dict) -> float:
-    """Next-token cross-entropy of a causal LM graph on `batch` (padding excluded)."""
-    output = graph(**batch)
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    targets = batch["input_ids"][:, 1:]
-    mask = batch.get("attention_mask")
-    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return float(losses[keep.flatten()].mean())
+        return calibration_loss(observer.graph, self._loss_inputs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -218,3 +218,57 @@ def _check_finite(states: list[torch.Tensor], names: list[str]) -> None:
                 f"NaN or Inf in the residual stream, first at {where}; check the model's dtype "
                 "(fp16 overflows are common: try float32 or bfloat16) and the calibration inputs"
             )
+
+
+def collect_statistics(
+    network: nn.Module,
+    batches,
+    *,
+    granularity: str = "layer",
+    progress: bool = True,
+    description: str = "calibrating",
+) -> tuple[LayerStatistics, GraphModule]:
+    """Run `network` on `batches` (dicts of keyword arguments) under a `ResidualObserver`.
+
+    The plain-Python path to what `LoRPCallback` collects inside `Trainer.validate`;
+    returns the statistics and the traced graph (for `prune`).
+    """
+    from tqdm.auto import tqdm
+
+    observer = ResidualObserver(network, granularity)
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):
+            observer(**batch)
+    return observer.statistics(), observer.graph
+
+
+def calibration_loss(graph: GraphModule, batches: list[dict]) -> Callable[[list[str]], float] | None:
+    """`loss_fn(removed)`: mean next-token loss of `graph` without those blocks on `batches`.
+
+    What loss-judged selectors (sleb, lorp) compare candidates by. Defined for causal
+    LMs (an `input_ids` input and `.logits` output); None for other networks.
+    """
+    inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+    if not batches or "input_ids" not in inputs or "decoder_input_ids" in inputs:
+        return None
+    batches = [{k: v for k, v in batch.items() if k in inputs} for batch in batches]
+
+    @torch.no_grad()
+    def loss(removed: list[str]) -> float:
+        candidate = prune(graph, removed) if removed else graph
+        return sum(next_token_loss(candidate, batch) for batch in batches) / len(batches)
+
+    return loss
+
+
+def next_token_loss(network: Callable, batch: dict) -> float:
+    """Mean next-token cross-entropy of a causal LM on `batch`, padding excluded."""
+    output = network(**batch)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    targets = batch["input_ids"][:, 1:]
+    mask = batch.get("attention_mask")
+    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    )
+    return float(losses[keep.flatten()].mean())

@@ -1,0 +1,536 @@
+"""Layer and sublayer removal on tiny random models of every family, saving, reloading, generating."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from lorp_fx.errors import BudgetError, NoResidualBlocksError, NotRemovableError, UnknownBlockError
+from lorp_fx.export import (
+    OutputDirError,
+    count_parameters,
+    layer_containers,
+    remove_layers,
+    save_pretrained_atomic,
+    sublayers,
+)
+from lorp_fx.plan import PruningPlan
+
+VOCAB = 100
+SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over w0..w95 plus 4 specials, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _decoder_config(cls, **extra):
+    # initializer_range 0.2 (not 0.02) so that every layer visibly changes the logits.
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, initializer_range=0.2, **SPECIAL_IDS,
+    )
+    return cls(**{**base, **extra})
+
+
+# name -> (config factory, Auto class, layers to remove)
+FAMILIES = {
+    "llama": (
+        lambda: _decoder_config(transformers.LlamaConfig, num_hidden_layers=4),
+        transformers.AutoModelForCausalLM, ["model.layers.1", "model.layers.2"],
+    ),
+    "qwen3": (
+        lambda: _decoder_config(
+            transformers.Qwen3Config, num_hidden_layers=5, head_dim=8, use_sliding_window=True, sliding_window=3,
+            layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        ),
+        transformers.AutoModelForCausalLM, ["model.layers.0", "model.layers.3"],
+    ),
+    "gemma3": (
+        lambda: _decoder_config(
+            transformers.Gemma3TextConfig, num_hidden_layers=5, head_dim=8, sliding_window=3, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        ),
+        transformers.AutoModelForCausalLM, ["model.layers.1", "model.layers.2"],
+    ),
+    "gpt2": (
+        lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, **SPECIAL_IDS),
+        transformers.AutoModelForCausalLM, ["transformer.h.2"],
+    ),
+    # Attention scores scaled by 1/(layer_idx+1): renumbering must not change them.
+    "gpt2-scaled": (
+        lambda: transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64, scale_attn_by_inverse_layer_idx=True,
+            **SPECIAL_IDS,
+        ),
+        transformers.AutoModelForCausalLM, ["transformer.h.0", "transformer.h.2"],
+    ),
+    "mixtral": (
+        lambda: _decoder_config(transformers.MixtralConfig, num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2),
+        transformers.AutoModelForCausalLM, ["model.layers.2"],
+    ),
+    # Layers 1 and 5 are sparse MoE (step 2, layer 3 forced dense); removing layer 0
+    # moves every later layer to an index where the old rule picks the other kind.
+    "qwen2-moe": (
+        lambda: _decoder_config(
+            transformers.Qwen2MoeConfig, num_hidden_layers=6, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+            num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3],
+        ),
+        transformers.AutoModelForCausalLM, ["model.layers.0", "model.layers.4"],
+    ),
+    "t5": (
+        lambda: transformers.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=3, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=2,
+        ),
+        transformers.AutoModelForSeq2SeqLM, ["encoder.block.2", "decoder.block.1"],
+    ),
+    "bert": (
+        lambda: transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, pad_token_id=0,
+        ),
+        transformers.AutoModelForMaskedLM, ["bert.encoder.layer.1", "bert.encoder.layer.3"],
+    ),
+}
+GENERATIVE = [name for name in FAMILIES if name != "bert"]
+
+
+def build(name: str, seed: int = 0):
+    make_config, auto, removals = FAMILIES[name]
+    torch.manual_seed(seed)
+    return auto.from_config(make_config()).eval(), auto, removals
+
+
+def inputs(name: str, batch: int = 2, length: int = 7) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, VOCAB, (batch, length), generator=generator)
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(4, VOCAB, (batch, 5), generator=generator)}
+    return {"input_ids": ids}
+
+
+@torch.no_grad()
+def logits(model, name: str) -> torch.Tensor:
+    # No KV cache: the hand-made reference keeps stale layer indices.
+    extra = {} if name == "bert" else {"use_cache": False}
+    return model(**inputs(name), **extra).logits
+
+
+def reference_without(model, removals: list[str]):
+    """The expected pruned model, by hand: delete from a copy's ModuleList, fix what forward() reads.
+
+    Nothing is renumbered: without a KV cache, forward() does not use layer_idx,
+    and each kept module keeps exactly the computation it had.
+    """
+    reference = copy.deepcopy(model)
+    for path, layers in layer_containers(reference):
+        dropped = {int(n.rpartition(".")[2]) for n in removals if n.rpartition(".")[0] == path}
+        keep = [i for i in range(len(layers)) if i not in dropped]
+        parent, _, attribute = path.rpartition(".")
+        owner = reference.get_submodule(parent) if parent else reference
+        setattr(owner, attribute, nn.ModuleList([layers[i] for i in keep]))
+        config = getattr(owner, "config", reference.config)
+        if getattr(config, "layer_types", None) is not None:  # masks are picked by position
+            config.layer_types = [config.layer_types[i] for i in keep]
+        config.num_hidden_layers = len(keep)
+    return reference
+
+
+def layer_count(model, name: str) -> list[int]:
+    return [len(layers) for _, layers in layer_containers(model)]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("llama", [("model.layers", 4)]),
+        ("gemma3", [("model.layers", 5)]),
+        ("gpt2", [("transformer.h", 4)]),
+        ("qwen2-moe", [("model.layers", 6)]),
+        ("t5", [("encoder.block", 4), ("decoder.block", 3)]),
+        ("bert", [("bert.encoder.layer", 4)]),
+    ],
+)
+def test_layer_containers(name, expected):
+    model, _, _ = build(name)
+    assert [(path, len(layers)) for path, layers in layer_containers(model)] == expected
+
+
+def test_layer_containers_of_bare_bert_model():
+    config = FAMILIES["bert"][0]()
+    assert [(p, len(m)) for p, m in layer_containers(transformers.BertModel(config))] == [("encoder.layer", 4)]
+
+
+def test_layer_containers_falls_back_to_family_paths_without_a_count():
+    model, _, _ = build("llama")
+    del model.config.num_hidden_layers  # the generic discovery has no count to match
+    assert [p for p, _ in layer_containers(model)] == ["model.layers"]
+
+
+def test_layer_containers_error_on_a_model_without_layers():
+    with pytest.raises(NoResidualBlocksError, match="no residual-layer list"):
+        layer_containers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_sublayer_names_per_family():
+    assert set(sublayers(build("llama")[0].model.layers[0])) == {"self_attn", "mlp"}
+    assert set(sublayers(build("gpt2")[0].transformer.h[0])) == {"attn", "mlp"}
+    t5 = build("t5")[0]
+    assert set(sublayers(t5.encoder.block[0])) == {"layer.0", "layer.1"}
+    assert set(sublayers(t5.decoder.block[0])) == {"layer.0", "layer.1", "layer.2"}
+    assert sublayers(build("bert")[0].bert.encoder.layer[0]) == {}
+
+
+# --------------------------------------------------------------------------- layer removal, per family
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_remove_layers_matches_hand_made_reference(name):
+    model, _, removals = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config_before = model.config.to_dict()
+
+    pruned = remove_layers(model, removals)
+
+    expected = logits(reference_without(model, removals), name)
+    assert (logits(pruned, name) - expected).abs().max() < 1e-5
+    assert (logits(model, name) - expected).abs().max() > 1e-3, "the removed layers should matter"
+    # The input model is untouched.
+    assert model.config.to_dict() == config_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert sum(layer_count(model, name)) - sum(layer_count(pruned, name)) == len(removals)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_layer_indices_and_config_follow_the_removal(name):
+    model, _, removals = build(name)
+    pruned = remove_layers(model, removals)
+    for path, layers in layer_containers(pruned):
+        for position, layer in enumerate(layers):
+            indices = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
+            assert indices <= {position}, f"{path}.{position} still has layer_idx {indices}"
+        owner = pruned.get_submodule(path.rpartition(".")[0]) if "." in path else pruned
+        config = getattr(owner, "config", pruned.config)
+        assert config.num_hidden_layers == len(layers)
+        if getattr(config, "layer_types", None) is not None:
+            assert len(config.layer_types) == len(layers)
+
+
+def test_t5_top_config_counts_both_stacks():
+    model, _, removals = build("t5")
+    pruned = remove_layers(model, removals)
+    assert (pruned.config.num_layers, pruned.config.num_decoder_layers) == (3, 2)
+    assert (pruned.encoder.config.num_layers, pruned.decoder.config.num_layers) == (3, 2)
+
+
+def test_gemma3_and_qwen3_keep_each_layers_attention_kind():
+    for name in ("gemma3", "qwen3"):
+        model, _, removals = build(name)
+        pruned = remove_layers(model, removals)
+        kept = [i for i in range(model.config.num_hidden_layers) if f"model.layers.{i}" not in removals]
+        assert pruned.config.layer_types == [model.config.layer_types[i] for i in kept]
+        sliding = [layer.self_attn.sliding_window for layer in pruned.model.layers]
+        assert sliding == [model.model.layers[i].self_attn.sliding_window for i in kept]
+
+
+def _is_sparse(layer) -> bool:
+    return hasattr(layer.mlp, "experts")
+
+
+def test_qwen2_moe_layers_keep_their_kind_after_reload(tmp_path):
+    model, auto, removals = build("qwen2-moe")
+    assert [_is_sparse(layer) for layer in model.model.layers] == [False, True, False, False, False, True]
+    pruned = remove_layers(model, removals)
+    save_pretrained_atomic(pruned, None, tmp_path / "out")
+    reloaded = auto.from_pretrained(tmp_path / "out")
+    # Kept: old layers 1, 2, 3, 5 -> sparse, dense, dense, sparse.
+    assert [_is_sparse(layer) for layer in reloaded.model.layers] == [True, False, False, True]
+    assert reloaded.config.decoder_sparse_step == 1 and reloaded.config.mlp_only_layers == [1, 2]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_saved_checkpoint_reloads_with_same_logits(tmp_path, name):
+    model, auto, removals = build(name)
+    pruned = remove_layers(model, removals)
+    tokenizer = tiny_tokenizer()
+    out = save_pretrained_atomic(pruned, tokenizer, tmp_path / "pruned")
+
+    reloaded = auto.from_pretrained(out).eval()
+    assert layer_count(reloaded, name) == layer_count(pruned, name)
+    assert (logits(reloaded, name) - logits(pruned, name)).abs().max() < 1e-5
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert reloaded_tokenizer("w1 w2 w3")["input_ids"] == tokenizer("w1 w2 w3")["input_ids"]
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_reloaded_checkpoint_generates_with_and_without_cache(tmp_path, name):
+    model, auto, removals = build(name)
+    pruned = remove_layers(model, removals)
+    save_pretrained_atomic(pruned, tiny_tokenizer(), tmp_path / "pruned")
+    reloaded = auto.from_pretrained(tmp_path / "pruned").eval()
+
+    prompt = inputs(name, batch=1, length=6)["input_ids"]
+    settings = dict(max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    with_cache = reloaded.generate(prompt, use_cache=True, **settings)
+    without_cache = reloaded.generate(prompt, use_cache=False, **settings)
+    in_memory = pruned.generate(prompt, use_cache=True, **settings)
+    assert torch.equal(with_cache, without_cache)
+    assert torch.equal(with_cache, in_memory)
+
+
+def test_generation_without_renumbering_would_fail():
+    """Why layer_idx is renumbered: a cache indexed by stale indices breaks generate."""
+    model, _, removals = build("llama")
+    broken = reference_without(model, removals)  # layer_idx left at 0, 3
+    with pytest.raises((IndexError, RuntimeError, ValueError)):
+        broken.generate(inputs("llama", 1)["input_ids"], max_new_tokens=3, do_sample=False, use_cache=True)
+
+
+def test_heterogeneous_per_layer_overrides_follow_their_layers():
+    model, _, _ = build("llama")
+    # Set after construction: Llama's modules read the (then ambiguous) global value.
+    model.config.per_layer_config = {2: {"rms_norm_eps": 1e-3}}
+    pruned = remove_layers(model, ["model.layers.1"])
+    assert pruned.config.is_heterogeneous
+    assert [c.rms_norm_eps for c in pruned.config.per_layer_config] == [1e-6, 1e-3, 1e-6]
+
+
+def test_accepts_a_pruning_plan():
+    model, _, removals = build("llama")
+    pruned = remove_layers(model, PruningPlan(remove=removals, method="manual"))
+    assert len(pruned.model.layers) == 2
+
+
+# --------------------------------------------------------------------------- sublayers
+
+
+def _zero_output_hook(module, args, output):
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+@pytest.mark.parametrize(
+    "name, removals",
+    [
+        ("llama", ["model.layers.1.self_attn", "model.layers.2.mlp"]),
+        ("gemma3", ["model.layers.0.self_attn", "model.layers.3.mlp"]),
+        ("gpt2", ["transformer.h.1.attn", "transformer.h.3.mlp"]),
+        ("mixtral", ["model.layers.1.mlp"]),
+        ("qwen2-moe", ["model.layers.1.mlp", "model.layers.2.mlp", "model.layers.4.self_attn"]),
+    ],
+)
+def test_sublayer_removal_equals_a_sublayer_that_outputs_zero(tmp_path, name, removals):
+    model, auto, _ = build(name)
+    pruned = remove_layers(model, removals)
+
+    reference = copy.deepcopy(model)
+    for sub in removals:
+        reference.get_submodule(sub).register_forward_hook(_zero_output_hook)
+    assert (logits(pruned, name) - logits(reference, name)).abs().max() < 1e-6
+    assert (logits(pruned, name) - logits(model, name)).abs().max() > 1e-3
+    assert layer_count(pruned, name) == layer_count(model, name)  # parameters are kept
+    assert count_parameters(pruned) == count_parameters(model)
+
+    save_pretrained_atomic(pruned, None, tmp_path / "out")
+    reloaded = auto.from_pretrained(tmp_path / "out").eval()
+    assert (logits(reloaded, name) - logits(pruned, name)).abs().max() < 1e-5
+
+
+def test_t5_sublayers_pass_the_residual_stream_through():
+    model, _, _ = build("t5")
+    removals = ["encoder.block.0.layer.0", "encoder.block.1.layer.1", "decoder.block.0.layer.1", "decoder.block.2.layer.2"]
+    pruned = remove_layers(model, removals)
+    seen = {}
+    for sub in removals:
+        def hook(module, args, kwargs, output, sub=sub):
+            seen[sub] = (args[0] if args else kwargs["hidden_states"], output[0] if isinstance(output, tuple) else output)
+        pruned.get_submodule(sub).register_forward_hook(hook, with_kwargs=True)
+    logits(pruned, "t5")
+    for sub, (stream_in, stream_out) in seen.items():
+        assert torch.equal(stream_in, stream_out), sub
+    # The first block still computes the relative position bias the others reuse.
+    assert pruned.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.abs().sum() > 0
+
+
+def test_sublayers_of_a_removed_layer_are_ignored():
+    model, _, _ = build("llama")
+    pruned = remove_layers(model, ["model.layers.1", "model.layers.1.mlp"])
+    expected = logits(reference_without(model, ["model.layers.1"]), "llama")
+    assert (logits(pruned, "llama") - expected).abs().max() < 1e-5
+
+
+def test_bert_sublayers_are_refused_as_post_norm():
+    model, _, _ = build("bert")
+    with pytest.raises(NotRemovableError, match="post-norm"):
+        remove_layers(model, ["bert.encoder.layer.1.attention"])
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_names_list_the_valid_ones():
+    model, _, _ = build("llama")
+    with pytest.raises(UnknownBlockError) as info:
+        remove_layers(model, ["model.layers.9", "layers.1"])
+    message = str(info.value)
+    assert "model.layers.9" in message and "'layers.1'" in message
+    assert "model.layers.0 .. model.layers.3" in message and "self_attn" in message
+
+
+def test_removing_every_layer_is_refused():
+    model, _, _ = build("llama")
+    with pytest.raises(BudgetError, match="all 4 layers"):
+        remove_layers(model, [f"model.layers.{i}" for i in range(4)])
+
+
+@pytest.mark.parametrize("block", ["encoder.block.0", "decoder.block.0"])
+def test_t5_first_block_is_not_removable(block):
+    model, _, _ = build("t5")
+    with pytest.raises(NotRemovableError, match="relative position bias"):
+        remove_layers(model, [block])
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_writes_everything_and_leaves_no_temporary(tmp_path):
+    model, _, removals = build("llama")
+    out = save_pretrained_atomic(
+        remove_layers(model, removals), tiny_tokenizer(), tmp_path / "run",
+        extra_files={"report.json": json.dumps({"ok": True}), "plots/similarity.png": b"\x89PNG"},
+    )
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "report.json", "plots/similarity.png"} <= names
+    assert (out / "plots" / "similarity.png").read_bytes() == b"\x89PNG"
+    assert json.loads((out / "report.json").read_text()) == {"ok": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_save_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
+    model, _, _ = build("llama")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    with pytest.raises(OutputDirError, match="not empty"):
+        save_pretrained_atomic(model, None, out)
+    assert (out / "old.txt").read_text() == "keep me"
+
+    save_pretrained_atomic(model, None, out, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_save_into_an_existing_empty_directory(tmp_path):
+    model, _, _ = build("gpt2")
+    (tmp_path / "run").mkdir()
+    save_pretrained_atomic(model, None, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").exists()
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model, _, _ = build("llama")
+
+    def broken_save(directory, **kwargs):
+        (directory / "config.json").write_text("{half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained_atomic(model, None, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_parent_is_a_clear_error(tmp_path):
+    model, _, _ = build("llama")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OutputDirError, match="cannot write"):
+        save_pretrained_atomic(model, None, blocker / "run")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only directory")
+def test_read_only_parent_is_a_clear_error(tmp_path):
+    model, _, _ = build("llama")
+    parent = tmp_path / "ro"
+    parent.mkdir(mode=0o500)
+    with pytest.raises(OutputDirError, match="cannot write"):
+        save_pretrained_atomic(model, None, parent / "run")
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "run").write_text("")
+    with pytest.raises(OutputDirError, match="not a directory"):
+        save_pretrained_atomic(build("llama")[0], None, tmp_path / "run", overwrite=True)
+
+
+def test_extra_files_must_stay_inside(tmp_path):
+    with pytest.raises(ValueError, match="inside the output directory"):
+        save_pretrained_atomic(build("llama")[0], None, tmp_path / "run", extra_files={"../escape.txt": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_count_parameters_counts_tied_weights_once():
+    model, _, removals = build("gpt2")  # lm_head is tied to the token embedding
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    untied = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    assert count_parameters(model) == untied - model.lm_head.weight.numel()
+
+    pruned = remove_layers(model, removals)
+    layer_size = sum(p.numel() for p in model.transformer.h[2].parameters())
+    assert count_parameters(model) - count_parameters(pruned) == layer_size
+
+
+def test_count_parameters_counts_shared_storage_once():
+    first, second = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    second.weight = nn.Parameter(first.weight.data)  # a different Parameter over the same tensor
+    assert count_parameters(nn.Sequential(first, second)) == 16
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path):
+    from lorp_fx.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m")
+    assert len(model.model.layers) == 30 and not model.training
+    pruned = remove_layers(model, ["model.layers.13", "model.layers.14"])
+    assert len(model.model.layers) == 30 and pruned.config.num_hidden_layers == 28
+    out = save_pretrained_atomic(pruned, tokenizer, tmp_path / "smollm2-pruned")
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 28
+    prompt = reloaded_tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert prompt.tolist() == tokenizer("The capital of France is", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert (reloaded(prompt).logits - pruned(prompt).logits).abs().max() < 1e-5
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    generated = reloaded.generate(prompt, use_cache=True, **settings)
+    assert torch.equal(generated, reloaded.generate(prompt, use_cache=False, **settings))
+    assert generated.shape[1] == prompt.shape[1] + 8
+    assert reloaded_tokenizer.decode(generated[0, prompt.shape[1]:]).strip()
