@@ -391,13 +391,28 @@ def save_pretrained_atomic(
 ) -> Path:
     """`save_pretrained` model and tokenizer into `out_dir`, which appears complete or not at all.
 
-    Everything is written into a hidden temporary sibling directory that is then
-    renamed into place, so a crash or an error leaves no half-written `out_dir`.
     `extra_files` maps relative file names to contents (report.json, ...). An
     existing non-empty `out_dir` is refused unless `overwrite`.
     """
+
+    def write(tmp: Path) -> None:
+        if model is not None:
+            model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            _write_extra_file(tmp, name, content)
+
+    return write_directory_atomic(out_dir, write, overwrite)
+
+
+def write_directory_atomic(out_dir: str | os.PathLike, write, overwrite: bool = False) -> Path:
+    """Call `write(tmp)` on a hidden temporary sibling of `out_dir`, then rename it into place.
+
+    A crash or an error leaves no half-written `out_dir`.
+    """
     out_dir = Path(out_dir).expanduser().absolute()
-    _check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     parent = out_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -407,11 +422,7 @@ def save_pretrained_atomic(
     except OSError as error:
         raise OutputDirError(f"cannot write to {parent}: {error.strerror or error}") from error
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, content in (extra_files or {}).items():
-            _write_extra_file(tmp, name, content)
+        write(tmp)
         _move_into_place(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -419,11 +430,16 @@ def save_pretrained_atomic(
     return out_dir
 
 
-def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a path that is a file, or a non-empty directory unless `overwrite`: before long work, too."""
+    out_dir = Path(out_dir).expanduser().absolute()
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirError(f"output path {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise OutputDirError(f"output directory {out_dir} exists and is not empty; choose another or pass overwrite")
+    parent = next((p for p in out_dir.parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise OutputDirError(f"cannot write to {parent}: permission denied")
 
 
 def _write_extra_file(root: Path, name: str, content: bytes | str) -> None:
@@ -439,7 +455,7 @@ def _write_extra_file(root: Path, name: str, content: bytes | str) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     # Checked again: another process may have created out_dir while we were writing.
-    _check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite)
     if out_dir.is_dir() and any(out_dir.iterdir()):
         # rename(2) only replaces an empty directory: move the old one aside first.
         trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -21,22 +21,10 @@ from lorp_fx.export import (
     sublayers,
 )
 from lorp_fx.plan import PruningPlan
+from tiny_models import tiny_tokenizer
 
 VOCAB = 100
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over w0..w95 plus 4 specials, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def _decoder_config(cls, **extra):
@@ -271,7 +259,7 @@ def test_qwen2_moe_layers_keep_their_kind_after_reload(tmp_path):
 def test_saved_checkpoint_reloads_with_same_logits(tmp_path, name):
     model, auto, removals = build(name)
     pruned = remove_layers(model, removals)
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(VOCAB)
     out = save_pretrained_atomic(pruned, tokenizer, tmp_path / "pruned")
 
     reloaded = auto.from_pretrained(out).eval()
@@ -285,7 +273,7 @@ def test_saved_checkpoint_reloads_with_same_logits(tmp_path, name):
 def test_reloaded_checkpoint_generates_with_and_without_cache(tmp_path, name):
     model, auto, removals = build(name)
     pruned = remove_layers(model, removals)
-    save_pretrained_atomic(pruned, tiny_tokenizer(), tmp_path / "pruned")
+    save_pretrained_atomic(pruned, tiny_tokenizer(VOCAB), tmp_path / "pruned")
     reloaded = auto.from_pretrained(tmp_path / "pruned").eval()
 
     prompt = inputs(name, batch=1, length=6)["input_ids"]
@@ -416,7 +404,7 @@ def test_t5_first_block_is_not_removable(block):
 def test_save_writes_everything_and_leaves_no_temporary(tmp_path):
     model, _, removals = build("llama")
     out = save_pretrained_atomic(
-        remove_layers(model, removals), tiny_tokenizer(), tmp_path / "run",
+        remove_layers(model, removals), tiny_tokenizer(VOCAB), tmp_path / "run",
         extra_files={"report.json": json.dumps({"ok": True}), "plots/similarity.png": b"\x89PNG"},
     )
     names = {p.relative_to(out).as_posix() for p in out.rglob("*")}

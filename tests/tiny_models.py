@@ -29,7 +29,10 @@ def tiny_model(family: str, layers: int = 4, seed: int = 0):
     elif family == "bert":
         model = T.BertForMaskedLM(T.BertConfig(**common, num_hidden_layers=layers))
     elif family == "t5":
-        config = T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=3, num_heads=4)
+        config = T.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=3, num_heads=4,
+            decoder_start_token_id=0,
+        )
         model = T.T5ForConditionalGeneration(config)
     elif family == "mixtral":
         model = T.MixtralForCausalLM(T.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2))
@@ -93,3 +96,16 @@ def eager_without(model, remove: list[str]):
 
 def logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
+
+
+def tiny_tokenizer(size: int = VOCAB):
+    """A word-level tokenizer over w0, w1, ... plus 4 specials (`size` tokens in all), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

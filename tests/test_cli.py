@@ -1,0 +1,169 @@
+"""The command line: prune, analyze and eval on tiny checkpoints and on the real SmolLM2."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from lorp_fx import cli
+from lorp_fx.export import layer_containers
+from tiny_models import tiny_model, tiny_tokenizer
+from shared_data import require_shared_data
+
+TEXT = " ".join(f"w{i % 90}" for i in range(3000))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calibration.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def save_tiny(tmp_path, family, layers=4):
+    path = tmp_path / family
+    tiny_model(family, layers=layers).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(args, capsys):
+    capsys.readouterr()  # drop what the set-up printed
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+AUTO = {"t5": transformers.AutoModelForSeq2SeqLM}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gpt2", "mixtral", "qwen2_moe", "t5"])
+def test_prune_writes_a_checkpoint_that_reloads_and_generates(tmp_path, capsys, text_file, family):
+    model_dir, out = save_tiny(tmp_path, family), tmp_path / "out"
+    code, stdout, stderr = run(
+        ["prune", "--model", model_dir, "--remove", 1, "--method", "shortgpt", "--calib-file", text_file,
+         "--calib-samples", 4, "--seq-len", 16, "--out", out], capsys,
+    )
+    assert code == 0, stderr
+    assert "removed" in stdout and "parameters" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers_after"] == report["layers_before"] - 1
+    assert report["parameters_after"] < report["parameters_before"]
+    assert (out / "plan.json").exists() and (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["fx_graph_max_abs_logit_difference"] < 1e-4
+    reloaded = AUTO.get(family, transformers.AutoModelForCausalLM).from_pretrained(out).eval()
+    assert sum(len(layers) for _, layers in layer_containers(reloaded)) == report["layers_after"]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    assert generated.shape[1] >= 4
+
+
+def test_analyze_writes_statistics_and_removes_nothing(tmp_path, capsys, text_file):
+    model_dir, out = save_tiny(tmp_path, "llama", layers=6), tmp_path / "analysis"
+    code, stdout, stderr = run(["analyze", "--model", model_dir, "--calib-file", text_file, "--calib-samples", 4,
+                                "--seq-len", 16, "--out", out], capsys)
+    assert code == 0, stderr
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["similarity"]) == 7 and "rls" in report and report["clusters"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "similarity.png", "statistics.json"]
+    assert "RLS" in stdout
+
+
+def test_eval_prints_perplexity(tmp_path, capsys, text_file):
+    model_dir = save_tiny(tmp_path, "llama")
+    code, stdout, _ = run(["eval", "--model", model_dir, "--eval-file", text_file, "--eval-samples", 2,
+                           "--eval-seq-len", 16], capsys)
+    assert code == 0 and "perplexity" in stdout
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def assert_clean_failure(code, stderr, *fragments):
+    assert code == 2
+    # Progress bars may come first; the error itself is one line, and the last.
+    errors = [line for line in stderr.strip().splitlines() if "lorp-fx: error:" in line]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0].strip()), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def test_a_model_path_that_does_not_exist(tmp_path, capsys):
+    code, _, err = run(["prune", "--model", tmp_path / "nope", "--remove", 1, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_budget_that_leaves_fewer_than_two_layers(tmp_path, capsys, text_file):
+    model_dir = save_tiny(tmp_path, "llama", layers=4)
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 3, "--calib-file", text_file, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err, "cannot remove 3 of 4 layers")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_calibration_file_too_short(tmp_path, capsys):
+    model_dir, short = save_tiny(tmp_path, "llama"), tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", short, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err, "has 3 tokens")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_non_empty_output_directory_is_refused_unless_overwrite(tmp_path, capsys, text_file):
+    model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["prune", "--model", model_dir, "--remove", 1, "--method", "shortgpt", "--calib-file", text_file,
+            "--calib-samples", 2, "--seq-len", 16, "--out", out]
+    code, _, err = run(args, capsys)
+    assert_clean_failure(code, err, "not empty")
+    assert (out / "keep.txt").read_text() == "mine"
+    code, _, err = run(args + ["--overwrite"], capsys)
+    assert code == 0, err and not (out / "keep.txt").exists()
+
+
+def test_an_output_path_that_cannot_be_a_directory(tmp_path, capsys, text_file):
+    model_dir, blocker = save_tiny(tmp_path, "llama"), tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", text_file,
+                        "--out", blocker / "sub"], capsys)
+    assert_clean_failure(code, err)
+
+
+def test_a_tokenizer_that_does_not_match_the_model(tmp_path, capsys, text_file):
+    model_dir = save_tiny(tmp_path, "llama")
+    tiny_tokenizer(size=300).save_pretrained(model_dir)  # ids beyond the model's 97 embeddings
+    text_file.write_text(" ".join(f"w{200 + i % 90}" for i in range(2000)))
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", text_file, "--calib-samples", 4,
+                        "--seq-len", 16, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err, "do not match")
+
+
+def test_a_gguf_that_transformers_cannot_load(tmp_path, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF" + b"\0" * 64)
+    code, _, err = run(["prune", "--model", fake, "--remove", 1, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err)
+
+
+# ----------------------------------------------------------------------------- the real model
+
+
+@pytest.mark.slow
+def test_prune_smollm2_end_to_end(tmp_path, capsys):
+    valid = require_shared_data("wikitext-2", "valid.txt")
+    out = tmp_path / "smollm2-pruned"
+    code, stdout, err = run(["prune", "--remove", 3, "--calib-file", valid, "--calib-samples", 4, "--seq-len", 64,
+                             "--out", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers_before"] == 30 and report["layers_after"] == 27
+    assert report["fx_graph_max_abs_logit_difference"] < 1e-3
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 27 and len(model.model.layers) == 27
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert generated.shape[1] == ids.shape[1] + 8
