@@ -17,21 +17,13 @@ from lorp_fx.errors import CalibrationError, InputMismatchError
 from lorp_fx.evaluate import perplexity
 from lorp_fx.models import DEFAULT_MODEL, ModelLoadError, load_model, smollm2_gguf_path
 from shared_data import require_shared_data
+from tiny_models import tiny_tokenizer as tiny_tokenizer_of_size
 
 VOCAB = 100
 
 
 def tiny_tokenizer(pad: bool = True):
-    """A word-level tokenizer over w0..w95 plus 4 specials, built offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>" if pad else None, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return tiny_tokenizer_of_size(VOCAB, pad=pad)
 
 
 def tiny_llama(seed: int = 0):

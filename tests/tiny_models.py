@@ -98,7 +98,7 @@ def logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
-def tiny_tokenizer(size: int = VOCAB):
+def tiny_tokenizer(size: int = VOCAB, pad: bool = True):
     """A word-level tokenizer over w0, w1, ... plus 4 specials (`size` tokens in all), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -107,5 +107,5 @@ def tiny_tokenizer(size: int = VOCAB):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return T.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=backend, pad_token="<pad>" if pad else None, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
