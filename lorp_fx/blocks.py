@@ -79,7 +79,7 @@ def find_blocks(gm: GraphModule, granularity: str = "layer") -> list[ResidualBlo
             "check that the model adds its input back to a parametric branch"
         )
     sublayers = _sublayers(graph, streams)
-    blocks = sublayers if granularity == "sublayer" else _group_into_layers(sublayers)
+    blocks = [sub for sub, _ in sublayers] if granularity == "sublayer" else _group_into_layers(sublayers)
     for index, block in enumerate(blocks):
         block.index = index
         _claim_nodes(graph, block)
@@ -358,7 +358,8 @@ def _sublayer_name(inside: set[Node], residual: _Residual, kind: str, layer: str
     return f"{residual.add.name}:{kind}"
 
 
-def _sublayers(graph: _GraphIndex, streams: list[list[_Residual]]) -> list[ResidualBlock]:
+def _sublayers(graph: _GraphIndex, streams: list[list[_Residual]]) -> list[tuple[ResidualBlock, str]]:
+    """Every residual add as a block, with the path of the layer that owns it."""
     downstream_of_start = [graph.descendants(stream[0].entry) for stream in streams]
     downstream_of_end = [graph.descendants(stream[-1].exit) for stream in streams]
     blocks = []
@@ -368,25 +369,22 @@ def _sublayers(graph: _GraphIndex, streams: list[list[_Residual]]) -> list[Resid
             inside = graph.between(residual.entry, residual.add)
             kind = _sublayer_kind(inside, foreign, downstream_of_start[s])
             layer = _layer_path(residual.add)
-            blocks.append(
-                ResidualBlock(
-                    name=_sublayer_name(inside, residual, kind, layer),
-                    index=len(blocks),
-                    kind=kind,
-                    entry=residual.entry,
-                    exit=residual.exit,
-                    residual_add=residual.add,
-                    stream=s,
-                    sublayers=[layer or residual.add.name],  # the owning layer, used for grouping
-                )
+            block = ResidualBlock(
+                name=_sublayer_name(inside, residual, kind, layer),
+                index=len(blocks),
+                kind=kind,
+                entry=residual.entry,
+                exit=residual.exit,
+                residual_add=residual.add,
+                stream=s,
             )
+            blocks.append((block, layer or residual.add.name))
     return blocks
 
 
-def _group_into_layers(sublayers: list[ResidualBlock]) -> list[ResidualBlock]:
+def _group_into_layers(sublayers: list[tuple[ResidualBlock, str]]) -> list[ResidualBlock]:
     layers: list[ResidualBlock] = []
-    for sub in sublayers:
-        owner = sub.sublayers[0]
+    for sub, owner in sublayers:
         current = layers[-1] if layers else None
         if current is not None and current.name == owner and current.stream == sub.stream and _named_layer(owner):
             current.exit = sub.exit
@@ -405,8 +403,6 @@ def _group_into_layers(sublayers: list[ResidualBlock]) -> list[ResidualBlock]:
                 sublayers=[sub.name],
             )
         )
-    for sub in sublayers:
-        sub.sublayers = []
     return layers
 
 
