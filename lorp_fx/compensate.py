@@ -96,7 +96,6 @@ output exactly, so a family that slipped through these rules is refused too.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Iterable
@@ -110,7 +109,11 @@ from .export import _OUTPUT_PROJECTIONS, layer_containers, remove_layers
 from .plan import PruningPlan
 
 METHODS = ("lstsq", "cosine")
-DEFAULT_RIDGE = 1e-2
+DEFAULT_RIDGE = "auto"
+# Candidate ridges for ridge="auto" (relative to tr(A)/d), chosen per gap by cross-validation.
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FALLBACK_RIDGE = 1e-1  # what "auto" uses when there are too few sequences to cross-validate
+CV_FOLDS = 4
 
 _MASK_NAMES = ("attention_mask", "decoder_attention_mask")
 _SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
@@ -404,7 +407,20 @@ class GapStatistics:
         for name in ("weight_sum", "target_sum", "residual_sum", "before_sum", "tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def solve(self, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    def minus(self, other: "GapStatistics") -> "GapStatistics":
+        """The statistics of the tokens in `self` but not in `other` (a sub-collection of them)."""
+        out = GapStatistics(self.d, self.method, self.A.device)
+        out.A, out.B = self.A - other.A, self.B - other.B
+        for name in ("weight_sum", "target_sum", "residual_sum", "before_sum", "tokens"):
+            setattr(out, name, getattr(self, name) - getattr(other, name))
+        return out
+
+    def error_sum(self, transform: torch.Tensor) -> float:
+        """sum w |x + T m - y|^2 over these tokens (T fitted elsewhere: a held-out error)."""
+        t = transform.to(self.A)
+        return self.residual_sum - 2.0 * float(torch.trace(t @ self.B)) + float(((t @ self.A) * t).sum())
+
+    def solve(self, ridge: float = 1e-1) -> torch.Tensor:
         """T minimising sum w |T m - r|^2 + ridge * tr(A)/d * |T - I|^2 (float64, on the statistics' device)."""
         if self.tokens == 0:
             raise CalibrationError("no calibration tokens reached this gap: the calibration batches are empty or all padding")
@@ -424,12 +440,49 @@ class GapStatistics:
 
     def relative_error(self, transform: torch.Tensor | None = None) -> float:
         """sum w |x + T m - y|^2 / sum w |y|^2 on the calibration tokens (T = I: uncompensated)."""
-        if transform is None:
-            err = self.before_sum
-        else:
-            t = transform.to(self.A)
-            err = self.residual_sum - 2.0 * float(torch.trace(t @ self.B)) + float(torch.trace(t @ self.A @ t.T))
+        err = self.before_sum if transform is None else self.error_sum(transform)
         return max(err, 0.0) / max(self.target_sum, 1e-300)
+
+
+class _GapAccumulator:
+    """The statistics of one gap, split into folds by sequence for ridge="auto" (one fold otherwise).
+
+    Sequence r of the calibration data (counting rows across batches) goes to fold
+    r % folds: tokens of one sequence are correlated, so they stay together.
+    """
+
+    def __init__(self, d: int, method: str, folds: int, device):
+        self.folds = [GapStatistics(d, method, device) for _ in range(folds)]
+
+    def update(self, x, x_out, y, keep, first_row: int) -> None:
+        n = len(self.folds)
+        if n == 1 or x.dim() < 3:
+            self.folds[0].update(x, x_out, y, keep)
+            return
+        rows = torch.arange(x.shape[0], device=x.device) + first_row
+        for k in range(n):
+            pick = (rows % n) == k
+            if bool(pick.any()):
+                self.folds[k].update(x[pick], x_out[pick], y[pick], None if keep is None else keep[pick])
+
+    def total(self) -> GapStatistics:
+        total = GapStatistics(self.folds[0].d, self.folds[0].method, self.folds[0].A.device)
+        for fold in self.folds:
+            total.merge(fold)
+        return total
+
+    def choose_ridge(self, total: GapStatistics) -> tuple[float, dict[float, float]]:
+        """The grid ridge with the lowest cross-validated error (relative), and every candidate's error."""
+        usable = [f for f in self.folds if f.tokens > 0]
+        if len(usable) < 2:
+            return FALLBACK_RIDGE, {}
+        errors = {}
+        for ridge in RIDGE_GRID:
+            held_out = 0.0
+            for fold in usable:
+                held_out += fold.error_sum(total.minus(fold).solve(ridge))
+            errors[ridge] = held_out / max(total.target_sum, 1e-300)
+        return min(errors, key=errors.get), errors
 
 
 @dataclass
@@ -442,7 +495,9 @@ class GapFit:
     transform: torch.Tensor = field(repr=False)
     tokens: int
     error_before: float  # relative calibration error of the uncompensated pruned state at the gap
-    error_after: float  # the same with the map folded in
+    error_after: float  # the same with the map folded in (in-sample)
+    ridge: float | None = None  # the ridge used (chosen by cross-validation with ridge="auto")
+    cv_errors: dict = field(default_factory=dict)  # ridge -> cross-validated relative error ("auto")
 
     def to_dict(self) -> dict:
         return {
@@ -452,6 +507,8 @@ class GapFit:
             "tokens": int(self.tokens),
             "error_before": float(self.error_before),
             "error_after": float(self.error_after),
+            "ridge": None if self.ridge is None else float(self.ridge),
+            "cv_errors": {str(k): float(v) for k, v in self.cv_errors.items()},
         }
 
 
@@ -553,6 +610,27 @@ def _keep_mask(batch: dict, state: torch.Tensor, stack_path: str) -> torch.Tenso
     return None
 
 
+class _Setup:
+    """What every fit starts from: checked arguments, units, gaps, batches, projections (and the fold probe)."""
+
+    def __init__(self, model, plan, calibration_batches, method, ridge, verify):
+        _check_method(method)
+        self.folds = _fold_count(ridge)
+        self.method = method
+        self.names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
+        self.stacks = _stacks(model)
+        self.gaps = _gaps(self.stacks, _removed_units(self.stacks, self.names))
+        self.batches = _prepare_batches(model, calibration_batches)
+        self.d = _width(model)
+        self.device = next(model.parameters()).device
+        self.projections = [_projections(model, gap.fold_unit, self.d) for gap in self.gaps]
+        if verify:
+            _verify_folds(model, self.stacks, self.gaps, self.projections, self.batches[0], self.d)
+
+    def accumulator(self) -> "_GapAccumulator":
+        return _GapAccumulator(self.d, self.method, self.folds, self.device)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -562,35 +640,33 @@ def fit_compensation(
     calibration_batches: Iterable,
     method: str = "cosine",
     *,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | str = DEFAULT_RIDGE,
     verify: bool = True,
     progress: bool = False,
 ) -> list[GapFit]:
-    """Fit one map per gap from the dense `model` (one calibration pass for all gaps); nothing is folded."""
-    _check_method(method)
-    names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
-    stacks = _stacks(model)
-    gaps = _gaps(stacks, _removed_units(stacks, names))
-    batches = _prepare_batches(model, calibration_batches)
-    d = _width(model, stacks)
-    projections = [_projections(model, gap.fold_unit, d) for gap in gaps]
-    if verify:
-        _verify_folds(model, stacks, gaps, projections, batches[0], d)
-    if not gaps:
+    """Fit one map per gap from the dense `model` (one calibration pass for all gaps); nothing is folded.
+
+    The arguments are those of `compensate`. Returns one `GapFit` per gap, in
+    depth order; `apply_compensation` folds them into the pruned model.
+    """
+    setup = _Setup(model, plan, calibration_batches, method, ridge, verify)
+    if not setup.gaps:
         return []
     points = {}
-    for gap in gaps:
-        stack = stacks[gap.stack]
+    for gap in setup.gaps:
+        stack = setup.stacks[gap.stack]
         for index in (gap.first - 1, gap.first, gap.last + 1):
             key, module, kind = stack.point(index)
             points[key] = (module, kind)
-    statistics = [GapStatistics(d, method, _stats_device(model)) for _ in gaps]
+    statistics = [setup.accumulator() for _ in setup.gaps]
+    first_row = 0
     with torch.no_grad(), _Capture(points) as capture:
-        for batch in _progress(batches, progress, "compensation statistics"):
+        for batch in _progress(setup.batches, progress, "compensation statistics"):
             states = capture.run(model, batch)
-            for gap, stats in zip(gaps, statistics):
-                _update(stats, stacks[gap.stack], gap, states, states, batch)
-    return [_fit(gap, stats, proj, ridge) for gap, stats, proj in zip(gaps, statistics, projections)]
+            for gap, stats in zip(setup.gaps, statistics):
+                _update(stats, setup.stacks[gap.stack], gap, states, states, batch, first_row)
+            first_row += _rows(batch)
+    return [_fit(gap, stats, proj, ridge) for gap, stats, proj in zip(setup.gaps, statistics, setup.projections)]
 
 
 def compensate(
@@ -599,7 +675,7 @@ def compensate(
     calibration_batches: Iterable,
     method: str = "cosine",
     *,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | str = DEFAULT_RIDGE,
     sequential: bool = False,
     verify: bool = True,
     progress: bool = False,
@@ -607,22 +683,25 @@ def compensate(
 ):
     """A pruned copy of the dense `model` without `plan`'s blocks, each gap closed by a folded linear map.
 
-    `model` is a dense eager `transformers` model (the one the plan was made
-    for; it is not modified); `plan` a `PruningPlan` or a list of layer and
-    sublayer names (as `export.remove_layers` takes them);
-    `calibration_batches` an iterable of LongTensors of token ids (n, seq) or
-    of dicts of model inputs (an `attention_mask` drops padding tokens).
-    `method` is "cosine" (token-normalised least squares, the default) or
-    "lstsq"; `ridge` the shrinkage towards the identity, relative to the
-    mean eigenvalue of the branch outputs' second moment. `sequential` fits
-    the gaps one after the other from the pruned model's view (see the module
-    docstring). `verify` checks every fold numerically on one batch first.
+    * `model`: the dense eager `transformers` model the plan was made for (not modified).
+    * `plan`: a `PruningPlan` or a list of layer and sublayer names, as
+      `export.remove_layers` takes them.
+    * `calibration_batches`: LongTensors of token ids (n, seq), or dicts of model
+      inputs (an `attention_mask` drops padding tokens; T5 needs
+      `decoder_input_ids`). A list is best: `sequential` reads it once per gap.
+    * `method`: "cosine" (token-normalised least squares, the default) or "lstsq"
+      (plain least squares); see the module docstring.
+    * `ridge`: shrinkage towards the identity, relative to tr(A)/d; "auto" (the
+      default) picks it per gap from `RIDGE_GRID` by 4-fold cross-validation
+      over the calibration sequences (4x the O(d^2) statistics memory).
+    * `sequential`: fit the gaps one after the other from the pruned model's
+      view (one extra pass per gap) instead of from one pass over the dense model.
+    * `verify`: first check every fold numerically on a slice of one batch.
 
-    The result has the parameter count of `export.remove_layers(model, plan)`
-    and saves, reloads and generates like it. With `return_fits`, returns
-    `(pruned_model, fits)`, one `GapFit` per gap with its calibration errors.
+    The result has the parameter count and config of `export.remove_layers(model,
+    plan)` and saves, reloads and generates like it. With `return_fits`, returns
+    `(pruned_model, fits)`: one `GapFit` per gap with its calibration errors.
     """
-    _check_method(method)
     names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
     if not sequential:
         fits = fit_compensation(model, names, calibration_batches, method, ridge=ridge, verify=verify, progress=progress)
@@ -648,19 +727,13 @@ def _check_method(method: str) -> None:
         raise LoRPError(f"unknown compensation method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _width(model: nn.Module, stacks: list[_Stack]) -> int:
+def _width(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     for key in ("hidden_size", "d_model", "n_embd"):
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
     raise CompensationError(f"cannot tell the residual width of {type(model).__name__}: its config has no hidden_size")
-
-
-def _stats_device(model: nn.Module) -> torch.device:
-    device = next(model.parameters()).device
-    # float64 matmuls are slow on most accelerators but still far cheaper than the forward pass.
-    return device
 
 
 def _progress(items, enabled: bool, description: str):
@@ -671,7 +744,32 @@ def _progress(items, enabled: bool, description: str):
     return tqdm(items, desc=description, unit="batch")
 
 
-def _update(stats: GapStatistics, stack: _Stack, gap: _Gap, unit_states: dict, target_states: dict, batch: dict, unit_stack: _Stack | None = None, unit_index: int | None = None) -> None:
+def _fold_count(ridge) -> int:
+    if ridge == "auto":
+        return CV_FOLDS
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise LoRPError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+    return 1
+
+
+def _rows(batch: dict) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return 1
+
+
+def _update(
+    stats: _GapAccumulator,
+    stack: _Stack,
+    gap: _Gap,
+    unit_states: dict,
+    target_states: dict,
+    batch: dict,
+    first_row: int,
+    unit_stack: _Stack | None = None,
+    unit_index: int | None = None,
+) -> None:
     unit_stack = unit_stack or stack
     unit_index = gap.first - 1 if unit_index is None else unit_index
     x = unit_states[unit_stack.point(unit_index)[0]]
@@ -679,11 +777,17 @@ def _update(stats: GapStatistics, stack: _Stack, gap: _Gap, unit_states: dict, t
     y = target_states[stack.point(gap.last + 1)[0]]
     if x.shape != y.shape:
         raise CompensationError(f"internal error: states of shapes {tuple(x.shape)} and {tuple(y.shape)} at one gap")
-    stats.update(x, x_out, y, _keep_mask(batch, y, stack.path))
+    stats.update(x, x_out, y, _keep_mask(batch, y, stack.path), first_row)
 
 
-def _fit(gap: _Gap, stats: GapStatistics, projections: list[_Projection], ridge: float) -> GapFit:
-    transform = stats.solve(ridge)
+def _fit(gap: _Gap, accumulator: _GapAccumulator, projections: list[_Projection], ridge) -> GapFit:
+    stats = accumulator.total()
+    if stats.tokens == 0:
+        raise CalibrationError("no calibration tokens reached this gap: the calibration batches are empty or all padding")
+    cv_errors: dict = {}
+    if ridge == "auto":
+        ridge, cv_errors = accumulator.choose_ridge(stats)
+    transform = stats.solve(float(ridge))
     return GapFit(
         removed=list(gap.removed),
         fold_into=gap.fold_unit.full_name,
@@ -692,42 +796,35 @@ def _fit(gap: _Gap, stats: GapStatistics, projections: list[_Projection], ridge:
         tokens=stats.tokens,
         error_before=stats.relative_error(None),
         error_after=stats.relative_error(transform),
+        ridge=float(ridge),
+        cv_errors=cv_errors,
     )
 
 
-def _pruned_layer_name(layer: str, removed_layers: set[str]) -> str:
-    path, _, index = layer.rpartition(".")
-    below = sum(1 for name in removed_layers if name.rpartition(".")[0] == path and int(name.rpartition(".")[2]) < int(index))
-    return f"{path}.{int(index) - below}"
-
-
-def _removed_layer_names(model_stacks: list[_Stack], names: list[str]) -> set[str]:
-    layers = {f"{s.path}.{i}" for s in model_stacks for i in range(len(s.layers))}
-    return {n for n in names if n in layers}
+def _pruned_unit_name(unit: str, names: list[str], containers: list[str]) -> str:
+    """The name that unit `unit` of the dense model has after `remove_layers(model, names)`."""
+    for path in containers:
+        if unit.startswith(path + "."):
+            index, _, sub = unit[len(path) + 1 :].partition(".")
+            removed_below = {
+                n for n in names
+                if n.rpartition(".")[0] == path and n.rpartition(".")[2].isdigit() and int(n.rpartition(".")[2]) < int(index)
+            }
+            return f"{path}.{int(index) - len(removed_below)}.{sub}"
+    raise CompensationError(f"internal error: {unit} is in no layer list")
 
 
 def _apply(pruned: nn.Module, names: list[str], fits: list[GapFit]) -> None:
     if not fits:
         return
-    d = _width(pruned, [])
-    containers = {path for path, _ in layer_containers(pruned)}
-    removed_layers = {n for n in names if n.rpartition(".")[0] in containers and n.rpartition(".")[2].isdigit()}
-    stacks = _stacks(pruned)
-    units = {u.full_name: u for s in stacks for u in s.units}
+    d = _width(pruned)
+    containers = [path for path, _ in layer_containers(pruned)]
+    units = {u.full_name: u for s in _stacks(pruned) for u in s.units}
     for fit in fits:
-        layer, _, sub = _split_unit(fit.fold_into, containers)
-        target = f"{_pruned_layer_name(layer, removed_layers)}.{sub}"
+        target = _pruned_unit_name(fit.fold_into, names, containers)
         if target not in units:
-            raise CompensationError(f"internal error: the pruned model has no unit {target} for {fit.fold_into}")
+            raise CompensationError(f"the pruned model has no unit {target} to fold the map of {fit.fold_into} into")
         _fold(_projections(pruned, units[target], d), fit.transform)
-
-
-def _split_unit(full_name: str, containers: set[str]) -> tuple[str, str, str]:
-    for path in containers:
-        if full_name.startswith(path + "."):
-            index, _, sub = full_name[len(path) + 1 :].partition(".")
-            return f"{path}.{index}", ".", sub
-    raise CompensationError(f"internal error: {full_name} is in no layer list")
 
 
 @torch.no_grad()
@@ -767,39 +864,36 @@ def _verify_folds(model, stacks, gaps, projections, batch, d) -> None:
 
 
 def _compensate_sequential(model, names, calibration_batches, method, ridge, verify, progress):
-    """Fit gaps in depth order; each from the pruned model with the earlier gaps already compensated."""
-    stacks = _stacks(model)
-    gaps = _gaps(stacks, _removed_units(stacks, names))
-    batches = _prepare_batches(model, calibration_batches)
-    d = _width(model, stacks)
-    projections = [_projections(model, gap.fold_unit, d) for gap in gaps]
-    if verify:
-        _verify_folds(model, stacks, gaps, projections, batches[0], d)
-    pruned = remove_layers(model, names)
-    containers = {path for path, _ in layer_containers(model)}
-    removed_layers = {n for n in names if n.rpartition(".")[0] in containers and n.rpartition(".")[2].isdigit()}
-    pruned_stacks = _stacks(pruned)
+    """Fit gaps in depth order, each from the pruned model with the earlier gaps already compensated.
+
+    The skip input and branch output of the fold unit come from the pruned model,
+    the target (the state after the gap) from the dense model, on the same batch.
+    """
+    setup = _Setup(model, names, calibration_batches, method, ridge, verify)
+    pruned = remove_layers(model, setup.names)
+    containers = [s.path for s in setup.stacks]
+    pruned_stacks = {s.path: s for s in _stacks(pruned)}
     fits = []
-    for gap in gaps:
-        stack = stacks[gap.stack]
-        layer, _, sub = _split_unit(gap.fold_unit.full_name, containers)
-        target = f"{_pruned_layer_name(layer, removed_layers)}.{sub}"
-        p_stack = next(s for s in pruned_stacks if s.path == stack.path)
+    for gap, projections in zip(setup.gaps, setup.projections):
+        stack = setup.stacks[gap.stack]
+        p_stack = pruned_stacks[stack.path]
+        target = _pruned_unit_name(gap.fold_unit.full_name, setup.names, containers)
         p_index = next(k for k, u in enumerate(p_stack.units) if u.full_name == target)
-        key_y, *point_y = stack.point(gap.last + 1)
-        dense_points = {key_y: tuple(point_y)}
+        key, module, kind = stack.point(gap.last + 1)
+        dense_points = {key: (module, kind)}
         pruned_points = {}
         for index in (p_index, p_index + 1):
-            key, *where = p_stack.point(index)
-            pruned_points[key] = tuple(where)
-        stats = GapStatistics(d, method, _stats_device(model))
+            key, module, kind = p_stack.point(index)
+            pruned_points[key] = (module, kind)
+        stats = setup.accumulator()
+        first_row = 0
         with torch.no_grad(), _Capture(dense_points) as dense_capture, _Capture(pruned_points) as pruned_capture:
-            for batch in _progress(batches, progress, f"compensation statistics ({gap.fold_unit.full_name})"):
+            for batch in _progress(setup.batches, progress, f"compensation statistics ({gap.fold_unit.full_name})"):
                 target_states = dict(dense_capture.run(model, batch))
                 unit_states = dict(pruned_capture.run(pruned, batch))
-                _update(stats, stack, gap, unit_states, target_states, batch, unit_stack=p_stack, unit_index=p_index)
-        fit = _fit(gap, stats, _projections(pruned, p_stack.units[p_index], d), ridge)
-        fit.projections = [p.name for p in projections[gaps.index(gap)]]
-        _fold(_projections(pruned, p_stack.units[p_index], d), fit.transform)
+                _update(stats, stack, gap, unit_states, target_states, batch, first_row, unit_stack=p_stack, unit_index=p_index)
+                first_row += _rows(batch)
+        fit = _fit(gap, stats, projections, ridge)
+        _fold(_projections(pruned, p_stack.units[p_index], setup.d), fit.transform)
         fits.append(fit)
     return pruned, fits

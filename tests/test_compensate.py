@@ -1,0 +1,489 @@
+"""Compensation (lorp_fx.compensate): exact folds per family, the fit, refusals, save/reload/generate."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from lorp_fx.compensate import (
+    CompensationError,
+    GapStatistics,
+    apply_compensation,
+    compensate,
+    fit_compensation,
+)
+from lorp_fx.errors import LoRPError
+from lorp_fx.export import count_parameters, remove_layers, save_pretrained_atomic
+from lorp_fx.plan import PruningPlan
+
+VOCAB = 100
+SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def _decoder(cls, layers: int = 5, **extra):
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=layers, max_position_embeddings=64, initializer_range=0.2, **SPECIAL_IDS,
+    )
+    return cls(**{**base, **extra})
+
+
+CONFIGS = {
+    "llama": lambda: _decoder(transformers.LlamaConfig),
+    "qwen3": lambda: _decoder(transformers.Qwen3Config, head_dim=8),
+    "mixtral": lambda: _decoder(transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2-moe": lambda: _decoder(
+        transformers.Qwen2MoeConfig, layers=6, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3],
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=5, n_head=4, n_positions=64, initializer_range=0.2, **SPECIAL_IDS
+    ),
+    "t5": lambda: transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=5, num_decoder_layers=4, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=2, initializer_factor=2.0,
+    ),
+    "gemma3": lambda: _decoder(
+        transformers.Gemma3TextConfig, head_dim=8, sliding_window=3, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention"] * 2 + ["full_attention"],
+    ),
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0,
+    ),
+}
+
+# family -> removals: scattered runs, a run at the end of the stack, sublayers, both T5 stacks.
+REMOVALS = {
+    "llama": ["model.layers.1", "model.layers.3", "model.layers.4"],
+    "qwen3": ["model.layers.2", "model.layers.3"],
+    "mixtral": ["model.layers.2", "model.layers.4"],
+    "qwen2-moe": ["model.layers.2", "model.layers.4", "model.layers.5"],  # folds into a sparse and a dense MLP
+    "gpt2": ["transformer.h.1", "transformer.h.2", "transformer.h.4"],
+    "t5": ["encoder.block.2", "encoder.block.3", "decoder.block.1"],
+}
+SUBLAYER_REMOVALS = {
+    "llama": ["model.layers.1.mlp", "model.layers.2.self_attn", "model.layers.3"],
+    "gpt2": ["transformer.h.1.attn", "transformer.h.3.mlp"],
+    "qwen2-moe": ["model.layers.1.self_attn", "model.layers.3.mlp"],
+    "t5": ["encoder.block.1.layer.1", "decoder.block.2.layer.1"],  # a feed-forward and a cross-attention
+}
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[name]()
+    if name == "t5":
+        return transformers.T5ForConditionalGeneration(config).eval()
+    if name == "bert":
+        return transformers.BertForMaskedLM(config).eval()
+    # Eager experts: the default grouped matmul of MoE layers has no float64 kernel.
+    moe = {"experts_implementation": "eager"} if name in ("mixtral", "qwen2-moe") else {}
+    return transformers.AutoModelForCausalLM.from_config(config, **moe).eval()
+
+
+def batches(name: str, n: int = 3, batch: int = 4, length: int = 12, seed: int = 1) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+        if name == "t5":
+            out.append({"input_ids": ids, "decoder_input_ids": torch.randint(3, VOCAB, (batch, 8), generator=generator)})
+        else:
+            out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def logits(model, name: str, batch=None) -> torch.Tensor:
+    batch = batches(name, n=1, seed=7)[0] if batch is None else batch
+    kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}
+    return model(**kwargs, use_cache=False).logits
+
+
+def assert_same(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float64 rounding: the exactness tests run the models in float64."""
+    assert (got - expected).abs().max() <= 1e-9 * max(1.0, float(expected.abs().max()))
+
+
+# ---------------------------------------------------------------- the explicit reference: a map inserted by hooks
+
+
+def _branch_module(model, unit: str):
+    """The module whose output is a unit's branch output m (before the residual add)."""
+    module = model.get_submodule(unit)
+    if unit.rpartition(".")[2].isdigit():  # T5 "...layer.k": the branch inside T5LayerSelfAttention/FF
+        for name in ("SelfAttention", "EncDecAttention", "DenseReluDense"):
+            if hasattr(module, name):
+                return getattr(module, name)
+    return module
+
+
+def _map_output(transform):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] @ transform.to(output[0].dtype).T, *output[1:])
+        return output @ transform.to(output.dtype).T
+
+    return hook
+
+
+def pruned_with_explicit_maps(model, removals, fits):
+    """remove_layers + a forward hook mapping the fold unit's branch output m to T m: no weight changed."""
+    pruned = remove_layers(model, removals)
+    handles = []
+    for fit in fits:
+        unit = _pruned_unit_name(model, pruned, fit.fold_into, removals)
+        handles.append(_branch_module(pruned, unit).register_forward_hook(_map_output(fit.transform)))
+    return pruned, handles
+
+
+def _pruned_unit_name(model, pruned, unit: str, removals) -> str:
+    from lorp_fx.export import layer_containers
+
+    for path, _ in layer_containers(model):
+        if unit.startswith(path + "."):
+            index, _, sub = unit[len(path) + 1 :].partition(".")
+            below = sum(1 for r in removals if r.rpartition(".")[0] == path and int(r.rpartition(".")[2]) < int(index))
+            return f"{path}.{int(index) - below}.{sub}"
+    raise AssertionError(unit)
+
+
+# ---------------------------------------------------------------- exactness of the fold, per family
+
+
+@pytest.mark.parametrize("name", list(REMOVALS))
+@pytest.mark.parametrize("method", ["cosine", "lstsq"])
+def test_fold_equals_an_explicit_map_at_the_gap(name, method):
+    model = build(name).double()
+    removals = REMOVALS[name]
+    compensated, fits = compensate(model, removals, batches(name), method, return_fits=True)
+    assert fits and all(not torch.allclose(f.transform, torch.eye(32, dtype=f.transform.dtype)) for f in fits)
+
+    explicit, handles = pruned_with_explicit_maps(model, removals, fits)
+    try:
+        expected = logits(explicit, name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    uncompensated = logits(remove_layers(model, removals), name)
+    got = logits(compensated, name)
+    assert_same(got, expected)
+    assert (got - uncompensated).abs().max() > 1e-3, "the maps should change the model"
+
+
+@pytest.mark.parametrize("name", list(SUBLAYER_REMOVALS))
+def test_fold_is_exact_for_sublayer_removals(name):
+    model = build(name).double()
+    removals = SUBLAYER_REMOVALS[name]
+    compensated, fits = compensate(model, removals, batches(name), return_fits=True)
+    # A removed MLP is compensated in the attention before it, a removed attention in the previous MLP.
+    explicit, handles = pruned_with_explicit_maps(model, removals, fits)
+    try:
+        expected = logits(explicit, name)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert_same(logits(compensated, name), expected)
+
+
+def test_gaps_and_fold_targets():
+    model = build("llama")
+    fits = fit_compensation(model, SUBLAYER_REMOVALS["llama"], batches("llama"))
+    # layers.1.mlp + layers.2.self_attn is one run; layers.3 another, right after layers.2.mlp.
+    assert [(f.removed, f.fold_into) for f in fits] == [
+        (["model.layers.1.mlp", "model.layers.2.self_attn"], "model.layers.1.self_attn"),
+        (["model.layers.3.self_attn", "model.layers.3.mlp"], "model.layers.2.mlp"),
+    ]
+    assert fits[0].projections == ["model.layers.1.self_attn.o_proj.weight"]
+    assert fits[1].projections == ["model.layers.2.mlp.down_proj.weight"]
+
+
+def test_moe_fold_reaches_every_expert_and_the_shared_expert():
+    model = build("qwen2-moe")
+    assert hasattr(model.model.layers[1].mlp, "experts")
+    fits = fit_compensation(model, ["model.layers.2"], batches("qwen2-moe"))
+    assert set(fits[0].projections) == {
+        "model.layers.1.mlp.experts.down_proj",
+        "model.layers.1.mlp.shared_expert.down_proj.weight",
+    }
+    # The router and the shared-expert gate are untouched.
+    compensated = compensate(model, ["model.layers.2"], batches("qwen2-moe"))
+    for name in ("gate.weight", "shared_expert_gate.weight", "experts.gate_up_proj"):
+        original = model.model.layers[1].mlp.get_parameter(name)
+        assert torch.equal(compensated.model.layers[1].mlp.get_parameter(name), original)
+
+
+def test_gpt2_bias_is_mapped_too():
+    model = build("gpt2")
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.bias.normal_()
+    compensated, fits = compensate(model, ["transformer.h.1"], batches("gpt2"), return_fits=True)
+    expected = fits[0].transform.float() @ model.transformer.h[0].mlp.c_proj.bias
+    assert torch.allclose(compensated.transformer.h[0].mlp.c_proj.bias, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- what does not change
+
+
+@pytest.mark.parametrize("name", list(REMOVALS))
+def test_parameters_and_config_are_those_of_the_uncompensated_model(name):
+    model = build(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    compensated = compensate(model, REMOVALS[name], batches(name))
+    plain = remove_layers(model, REMOVALS[name])
+    assert count_parameters(compensated) == count_parameters(plain)
+    assert {k: v.shape for k, v in compensated.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert compensated.config.to_dict() == plain.config.to_dict()
+    # Only output projections differ, and the dense input model is untouched.
+    changed = {k for k, v in compensated.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert changed and all(any(p in k for p in ("down_proj", "o_proj", "c_proj", ".o.", ".wo.")) for k in changed)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_accepts_a_plan_and_dict_batches_with_padding():
+    model = build("llama")
+    ids = batches("llama")
+    padded = []
+    for batch in ids:
+        mask = torch.ones_like(batch)
+        mask[:, -3:] = 0  # right padding: the last three tokens must not count
+        padded.append({"input_ids": batch, "attention_mask": mask})
+    plan = PruningPlan(remove=["model.layers.2"], method="manual")
+    with_mask = fit_compensation(model, plan, padded)[0]
+    stats_tokens = sum(int(b["attention_mask"].sum()) for b in padded)
+    assert with_mask.tokens == stats_tokens
+    without_mask = fit_compensation(model, plan, ids)[0]
+    assert without_mask.tokens == sum(b.numel() for b in ids)
+
+
+def test_sequential_equals_dense_view_for_one_gap_and_differs_for_later_gaps():
+    model = build("llama")
+    one = ["model.layers.2"]
+    dense_fit = compensate(model, one, batches("llama"), return_fits=True)[1]
+    sequential_fit = compensate(model, one, batches("llama"), sequential=True, return_fits=True)[1]
+    assert torch.allclose(dense_fit[0].transform, sequential_fit[0].transform, atol=1e-8)
+
+    two = ["model.layers.1", "model.layers.3"]
+    dense_model, dense_fits = compensate(model, two, batches("llama"), return_fits=True)
+    seq_model, seq_fits = compensate(model, two, batches("llama"), sequential=True, return_fits=True)
+    assert torch.allclose(dense_fits[0].transform, seq_fits[0].transform, atol=1e-8)
+    assert not torch.allclose(dense_fits[1].transform, seq_fits[1].transform, atol=1e-6)
+    # The sequential model is still a plain pruned model with maps folded in.
+    assert count_parameters(seq_model) == count_parameters(dense_model)
+
+
+def test_apply_compensation_on_a_pruned_model_equals_compensate():
+    model = build("gpt2")
+    removals = REMOVALS["gpt2"]
+    fits = fit_compensation(model, removals, batches("gpt2"))
+    applied = apply_compensation(remove_layers(model, removals), removals, fits)
+    assert torch.equal(logits(applied, "gpt2"), logits(compensate(model, removals, batches("gpt2")), "gpt2"))
+
+
+def test_compensation_lowers_the_calibration_error():
+    model = build("llama")
+    for method in ("cosine", "lstsq"):
+        for fit in fit_compensation(model, REMOVALS["llama"], batches("llama", n=6), method):
+            assert 0 <= fit.error_after < fit.error_before
+
+
+# ---------------------------------------------------------------- the fit itself, on synthetic data
+
+
+def _synthetic(d=16, n=4000, seed=0, outliers=False):
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.eye(d, dtype=torch.float64) + 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    m = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    if outliers:  # a few tokens with massive norms, as LLM residual streams have
+        x[:10] *= 300
+        m[:10] *= 300
+    y = x + m @ truth.T
+    return x, m, y, truth
+
+
+@pytest.mark.parametrize("method", ["lstsq", "cosine"])
+@pytest.mark.parametrize("outliers", [False, True])
+def test_fit_recovers_a_known_linear_map(method, outliers):
+    x, m, y, truth = _synthetic(outliers=outliers)
+    stats = GapStatistics(16, method)
+    for chunk in range(0, len(x), 700):  # streaming, in uneven pieces
+        part = slice(chunk, chunk + 700)
+        stats.update(x[part], x[part] + m[part], y[part])
+    fitted = stats.solve(ridge=1e-10)
+    assert torch.allclose(fitted, truth, atol=1e-6)
+    assert stats.relative_error(fitted) < 1e-12 < stats.relative_error(None)
+
+
+def test_streaming_pieces_and_merge_give_the_same_statistics():
+    x, m, y, _ = _synthetic(n=500)
+    whole, first, second = (GapStatistics(16, "cosine") for _ in range(3))
+    whole.update(x, x + m, y)
+    first.update(x[:123], x[:123] + m[:123], y[:123])
+    second.update(x[123:], x[123:] + m[123:], y[123:])
+    first.merge(second)
+    assert torch.allclose(first.A, whole.A) and torch.allclose(first.B, whole.B)
+    assert first.tokens == whole.tokens == 500
+
+
+def test_ridge_shrinks_towards_the_identity():
+    x, m, y, truth = _synthetic()
+    stats = GapStatistics(16, "lstsq")
+    stats.update(x, x + m, y)
+    eye = torch.eye(16, dtype=torch.float64)
+    strong = stats.solve(ridge=1e9)
+    assert torch.allclose(strong, eye, atol=1e-6)
+    distances = [float((stats.solve(r) - truth).norm()) for r in (1e-6, 1e-2, 1.0, 100.0)]
+    assert distances == sorted(distances)
+
+
+def test_cosine_weights_every_token_alike_and_lstsq_follows_massive_tokens():
+    """Outlier tokens governed by another map: lstsq fits them, cosine fits the bulk."""
+    d = 8
+    g = torch.Generator().manual_seed(3)
+    bulk_map = torch.eye(d, dtype=torch.float64) * 0.5
+    outlier_map = torch.eye(d, dtype=torch.float64) * 2.0
+    m = torch.randn(2000, d, generator=g, dtype=torch.float64)
+    x = torch.randn(2000, d, generator=g, dtype=torch.float64)
+    y = x + m @ bulk_map.T
+    m[:20] *= 1000
+    x[:20] *= 1000
+    y[:20] = x[:20] + m[:20] @ outlier_map.T
+    fits = {}
+    for method in ("lstsq", "cosine"):
+        stats = GapStatistics(d, method)
+        stats.update(x, x + m, y)
+        fits[method] = stats.solve(ridge=1e-8)
+    assert (fits["lstsq"] - outlier_map).abs().max() < 0.05
+    assert (fits["cosine"] - bulk_map).abs().max() < 0.2
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_refuses_post_norm_bert():
+    with pytest.raises(CompensationError, match="not a pre-norm layer"):
+        compensate(build("bert"), ["bert.encoder.layer.1"], batches("bert"))
+
+
+def test_refuses_gemma3_sandwich_norms():
+    with pytest.raises(CompensationError, match="sandwich"):
+        compensate(build("gemma3"), ["model.layers.2"], batches("gemma3"))
+
+
+def test_numerical_check_refuses_a_fold_that_is_not_exact(monkeypatch):
+    """Without the structural rule, Gemma3 looks like a Llama layer: the probe must still refuse it."""
+    import lorp_fx.compensate as module
+
+    monkeypatch.setattr(module, "_SANDWICH_NORMS", ())
+    with pytest.raises(CompensationError, match="does not transform its branch output linearly"):
+        compensate(build("gemma3"), ["model.layers.2"], batches("gemma3"))
+
+
+def test_refuses_a_gap_at_the_start_of_a_stack():
+    with pytest.raises(CompensationError, match="first unit of model.layers"):
+        compensate(build("llama"), ["model.layers.0", "model.layers.1"], batches("llama"))
+    with pytest.raises(CompensationError, match="first unit of decoder.block"):
+        compensate(build("t5"), ["decoder.block.0"], batches("t5"))
+
+
+def test_refuses_unknown_names_and_methods():
+    with pytest.raises(CompensationError, match="not a layer or sublayer"):
+        compensate(build("llama"), ["model.layers.9"], batches("llama"))
+    with pytest.raises(LoRPError, match="unknown compensation method 'ridge'"):
+        compensate(build("llama"), ["model.layers.2"], batches("llama"), method="ridge")
+
+
+def test_refuses_empty_calibration():
+    with pytest.raises(LoRPError, match="no calibration batch"):
+        compensate(build("llama"), ["model.layers.2"], [])
+
+
+def test_refuses_a_shared_output_projection():
+    model = build("llama")
+    model.model.layers[3].mlp.down_proj = model.model.layers[1].mlp.down_proj  # one tensor, two layers
+    with pytest.raises(CompensationError, match="same tensor is also"):
+        compensate(model, ["model.layers.2"], batches("llama"))
+
+
+def test_nothing_removed_gives_the_dense_model():
+    model = build("llama")
+    compensated, fits = compensate(model, [], batches("llama"), return_fits=True)
+    assert fits == []
+    assert torch.equal(logits(compensated, "llama"), logits(model, "llama"))
+
+
+# ---------------------------------------------------------------- save, reload, generate
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2-moe", "gpt2", "t5"])
+def test_compensated_checkpoint_saves_reloads_and_generates(tmp_path, name):
+    model = build(name)
+    compensated = compensate(model, REMOVALS[name], batches(name))
+    out = save_pretrained_atomic(compensated, None, tmp_path / "compensated")
+    auto = transformers.AutoModelForSeq2SeqLM if name == "t5" else transformers.AutoModelForCausalLM
+    reloaded = auto.from_pretrained(out).eval()
+    assert count_parameters(reloaded) == count_parameters(compensated)
+    assert (logits(reloaded, name) - logits(compensated, name)).abs().max() < 1e-5
+
+    prompt = torch.tensor([[5, 17, 23, 42, 8, 9]])
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with_cache = reloaded.generate(prompt, use_cache=True, **settings)
+    assert torch.equal(with_cache, reloaded.generate(prompt, use_cache=False, **settings))
+    assert torch.equal(with_cache, compensated.generate(prompt, use_cache=True, **settings))
+
+
+def test_bfloat16_model_compensates_in_float64_and_keeps_its_dtype():
+    model = build("llama").to(torch.bfloat16)
+    compensated, fits = compensate(model, ["model.layers.2"], batches("llama"), return_fits=True)
+    assert fits[0].transform.dtype == torch.float64
+    assert all(p.dtype == torch.bfloat16 for p in compensated.parameters())
+    assert fits[0].error_after < fits[0].error_before
+
+
+# ---------------------------------------------------------------- ridge="auto": cross-validation over sequences
+
+
+def test_auto_ridge_is_the_cross_validated_minimum():
+    from lorp_fx.compensate import RIDGE_GRID
+
+    model = build("llama")
+    fits = fit_compensation(model, REMOVALS["llama"], batches("llama", n=4))
+    for fit in fits:
+        assert set(fit.cv_errors) == set(RIDGE_GRID)
+        assert fit.ridge == min(fit.cv_errors, key=fit.cv_errors.get)
+    fixed = fit_compensation(model, REMOVALS["llama"], batches("llama", n=4), ridge=fits[0].ridge)[0]
+    assert torch.allclose(fixed.transform, fits[0].transform) and fixed.cv_errors == {}
+
+
+def test_auto_ridge_folds_split_by_sequence():
+    from lorp_fx.compensate import _GapAccumulator
+
+    x, m, y, _ = _synthetic(n=8 * 5)
+    shape = (8, 5, 16)  # 8 sequences of 5 tokens, given as two batches of 4
+    x, m, y = x.view(shape), m.view(shape), y.view(shape)
+    acc = _GapAccumulator(16, "cosine", 4, "cpu")
+    acc.update(x[:4], (x + m)[:4], y[:4], None, first_row=0)
+    acc.update(x[4:], (x + m)[4:], y[4:], None, first_row=4)
+    assert [f.tokens for f in acc.folds] == [10, 10, 10, 10]
+    whole = GapStatistics(16, "cosine")
+    whole.update(x, x + m, y)
+    assert torch.allclose(acc.total().A, whole.A)
+
+
+def test_auto_ridge_falls_back_with_a_single_sequence():
+    from lorp_fx.compensate import FALLBACK_RIDGE
+
+    model = build("llama")
+    fit = fit_compensation(model, ["model.layers.2"], [batches("llama", n=1, batch=1)[0]])[0]
+    assert fit.ridge == FALLBACK_RIDGE and fit.cv_errors == {}
+
+
+@pytest.mark.parametrize("ridge", [-1.0, "big", None, True])
+def test_refuses_a_bad_ridge(ridge):
+    with pytest.raises(LoRPError, match="ridge must be 'auto' or a number"):
+        compensate(build("llama"), ["model.layers.2"], batches("llama"), ridge=ridge)
