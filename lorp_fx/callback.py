@@ -14,7 +14,7 @@ from .errors import BudgetError, CalibrationError, LoRPError
 from .observe import ResidualObserver, calibration_loss
 from .plan import PruningPlan
 from .rewrite import prune
-from .selectors import SELECTORS, budget_from_ratio, select
+from .selectors import DEFAULT_METHOD, SELECTORS, budget_from_ratio, select
 from .stats import SimilarityAccumulator
 
 
@@ -23,7 +23,7 @@ class LoRPCallback(Callback):
 
     Usage::
 
-        cb = LoRPCallback(n_remove=9, method="lorp")
+        cb = LoRPCallback(n_remove=9, method="shortgpt")
         Trainer(callbacks=[cb], accelerator="cpu", logger=False).validate(module, dataloaders=calibration)
         pruned = lorp_fx.prune(cb.graph_module, cb.plan)
 
@@ -54,7 +54,7 @@ class LoRPCallback(Callback):
         n_remove: int | None = None,
         *,
         ratio: float | None = None,
-        method: str = "lorp",
+        method: str = DEFAULT_METHOD,
         granularity: str = "layer",
         apply: bool = False,
         attribute: str = "model",

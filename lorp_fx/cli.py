@@ -25,12 +25,11 @@ from .models import DEFAULT_MODEL, load_model
 from .observe import calibration_loss, collect_statistics
 from .plan import PruningPlan
 from .rewrite import prune as prune_graph
-from .selectors import SELECTORS, budget_from_ratio, select
+from .selectors import DEFAULT_METHOD, SELECTORS, budget_from_ratio, select
 from .selectors.lorp_paper import clusters_for_rls, relative_layer_similarity
 from .selectors.spectral import spectral_clustering
 from .stats import LayerStatistics
 
-DEFAULT_METHOD = "lorp" if "lorp" in SELECTORS else "shortgpt"
 # SLEB's protocol (REFERENCE.md): 8 x 256 calibration tokens judge each candidate.
 LOSS_WINDOWS = 8
 

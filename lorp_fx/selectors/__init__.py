@@ -66,6 +66,10 @@ SELECTORS: dict[str, Callable[..., PruningPlan]] = {
 }
 
 
+# ShortGPT until a better default is measured to beat it (issue 7: `lorp`).
+DEFAULT_METHOD = "shortgpt"
+
+
 def budget_from_ratio(n_blocks: int, ratio: float) -> int:
     """round(ratio * n_blocks), halves up, at least 1."""
     if not 0.0 < ratio < 1.0:
@@ -78,7 +82,7 @@ def select(
     n_remove: int | None = None,
     *,
     ratio: float | None = None,
-    method: str = "shortgpt",
+    method: str = DEFAULT_METHOD,
     **options,
 ) -> PruningPlan:
     """Run the selector `method` with a budget of `n_remove` blocks or a `ratio` of the blocks.
@@ -97,7 +101,7 @@ def select(
 
 
 __all__ = [
-    "LossFn", "RLS_THRESHOLDS", "SELECTORS", "SelectorError", "budget_from_ratio", "cluster_members",
+    "DEFAULT_METHOD", "LossFn", "RLS_THRESHOLDS", "SELECTORS", "SelectorError", "budget_from_ratio", "cluster_members",
     "cluster_redundancy", "clusters_for_rls", "hierarchical_clusters", "kmeans", "last_n", "lorp_hier",
     "lorp_hier_order", "lorp_paper", "lorp_paper_order", "lorp_paper_stages", "proportional_quotas",
     "random_blocks", "relative_layer_similarity", "renumber_by_depth", "select", "shortgpt",
