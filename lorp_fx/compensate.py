@@ -37,20 +37,30 @@ the MLP adds to.
 
 With T = I the model is the uncompensated pruned one. T minimises
 
-    sum_t w_t |T m_t - r_t|^2  +  lam * (tr(A) / d) * |T - I|_F^2,    A = sum_t w_t m_t m_t^T
+    sum_t w_t |T m_t - r_t|^2  +  ridge * (tr(A) / d) * |T - I|_F^2,    A = sum_t w_t m_t m_t^T
 
 a ridge that shrinks towards the identity (towards "no compensation") rather
-than towards zero, with a strength relative to the mean eigenvalue of A. The
-solution needs only A and B = sum_t w_t m_t r_t^T, accumulated in float64
-while calibration batches stream through the model: O(d^2) memory per gap,
-never the activations.
+than towards zero, with a strength relative to the mean eigenvalue of A:
+
+    T^T = (A + lam I)^-1 (B + lam I),    B = sum_t w_t m_t r_t^T,    lam = ridge * tr(A) / d.
+
+A and B are accumulated in float64 while calibration batches stream through
+the model: O(d^2) memory per gap, never the activations. `ridge="auto"` (the
+default) keeps them per fold of the calibration sequences (sequence r in fold
+r % 4) and picks, per gap, the grid value with the lowest 4-fold
+cross-validated error of the method's own objective; a d x d map fitted on a
+few thousand tokens overfits without it (SmolLM2, d = 576: see
+docs/compensation.md).
 
 Methods (`method`):
 
 * `"lstsq"`: w_t = 1, plain least squares (ReplaceMe's LS variant). A few
-  tokens of LLMs carry "massive activations" (the first token of a window,
-  some delimiters) with norms tens of times the others; they dominate this
-  objective, and the map fitted to them hurts every other token.
+  tokens of LLMs carry "massive activations" (on SmolLM2 the first token of
+  every window: a state norm of ~28,000 against a median of ~200); they
+  dominate this objective, and a map fitted to them hurts every other token.
+  (Outlier *dimensions* alone would not matter: the rows of T are separate
+  least-squares problems, so rescaling or whitening output dimensions does not
+  change the solution. The outliers that hurt are tokens.)
 * `"cosine"`: w_t = 1 / |y_t|^2, i.e. least squares on each token's error
   relative to its target norm, |x_t + T m_t - y_t| / |y_t|. Every token weighs
   the same, whatever its norm, as in ReplaceMe's cosine objective
@@ -61,12 +71,19 @@ Methods (`method`):
   over stored activations, as in ReplaceMe): docs/compensation.md compares
   them.
 
-Statistics come from the dense model by default (one pass for all gaps). With
-`sequential=True`, gaps are fitted in depth order from the *pruned* model's
+Statistics come from the dense model by default (one pass for all gaps): for
+the first gap of a stack that *is* the pruned model's view (everything before
+it is unchanged); a later gap sees dense inputs, not those of the pruned model.
+With `sequential=True`, gaps are fitted in depth order from the pruned model's
 view: the skip input and branch output come from the pruned model with the
 earlier gaps already compensated, the target still from the dense model (one
-extra pass per gap). That matters when a later gap's inputs are changed by
-earlier ones.
+extra pass per gap, both models on the same batch).
+
+Granularity: a removed sublayer is one unit, so sublayer removals are handled
+like layer removals. A removed MLP is compensated in the attention's `o_proj`
+of the same layer (attention output = o_proj(heads), linear in o_proj), a
+removed attention in the previous layer's MLP; consecutive removed units form
+one gap (e.g. an MLP and the next layer's attention).
 
 What is supported
 -----------------
@@ -85,8 +102,9 @@ Refused with `CompensationError` (a `LoRPError`):
 * Gemma2/Gemma3-style "sandwich" norms: the branch output is normalised
   (`post_feedforward_layernorm`) before the add; RMSNorm(T m) != T RMSNorm(m),
   so a fold into the projection is not exact;
-* a gap with no kept unit before it in its stack (the first layer removed):
-  the embedding could absorb it, but it is usually tied to the LM head;
+* a gap with no kept unit before it in its stack (the first layer, or its
+  first sublayer, removed): the embedding could absorb it, but it is usually
+  tied to the LM head, and selectors protect the first layer by default;
 * an output projection shared with another part of the model.
 
 Every fold is also checked numerically before the calibration pass
