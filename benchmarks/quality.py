@@ -293,6 +293,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--lm-eval", metavar="TASKS", help="if lm-eval is installed: run these tasks on saved checkpoints (optional)")
     p.add_argument("--lm-eval-method", default="shortgpt", help="which method's pruned checkpoints --lm-eval runs on")
+    p.add_argument("--merge", type=Path, metavar="JSON",
+                   help="take the rows of methods this run leaves out from an earlier --json of the same protocol (marked)")
     p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the results file and plot from a --json of an earlier run")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is far faster on a machine shared with other jobs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -374,10 +376,11 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
         "rows": [],
     }
 
+    previous = _previous_run(args.merge, results) if args.merge else None
+
     def write() -> None:
-        done = len(results["rows"]) - 1
-        total = len(methods) * len(args.budgets)
-        results["complete"] = done >= total
+        done = {(r["method"], r["budget"]) for r in results["rows"]}
+        results["complete"] = all((m, b) in done for m in results["protocol"]["methods"] for b in args.budgets)
         common.write_text(out_md, render(results, args, notes))
         if args.json:
             common.write_text(args.json, json.dumps(results, indent=1))
@@ -447,6 +450,8 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
             results["rows"].append(row)
             write()
 
+    if previous is not None:
+        _merge(results, previous)
     if args.lm_eval:
         results["lm_eval"] = run_lm_eval(args, model, tokenizer, results, log)
     write()
@@ -456,6 +461,29 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
             common.write_bytes(out_png, png)
     log(f"wrote {out_md}")
     return results
+
+
+def _previous_run(path: Path, results: dict) -> dict:
+    previous = json.loads(Path(path).read_text())
+    strip = lambda protocol: {k: v for k, v in protocol.items() if k != "methods"}  # noqa: E731
+    if strip(previous["protocol"]) != strip(results["protocol"]):
+        raise SystemExit(f"--merge {path}: that run used another protocol ({previous['protocol']}), not {results['protocol']}")
+    return previous
+
+
+def _merge(results: dict, previous: dict) -> None:
+    """Add the earlier run's rows of the methods this run did not run, marked with where they come from."""
+    ran = set(results["protocol"]["methods"])
+    taken = [m for m in previous["protocol"]["methods"] if m not in ran]
+    source = f"commit {previous['machine']['commit']}, {previous['machine']['date']}"
+    for row in previous["rows"]:
+        if row["method"] in taken:
+            results["rows"].append({**row, "from": source})
+    if taken:
+        results["protocol"]["methods"] = [*previous["protocol"]["methods"], *[m for m in results["protocol"]["methods"] if m not in previous["protocol"]["methods"]]]
+        results["merged"] = {"methods": taken, "from": source, "machine": previous["machine"]}
+    order = {m: i for i, m in enumerate(results["protocol"]["methods"])}
+    results["rows"].sort(key=lambda r: (r["budget"], -1 if r["method"] == "dense" else order.get(r["method"], len(order))))
 
 
 # --------------------------------------------------------------------------- optional lm-eval
@@ -497,6 +525,11 @@ def _reference_applies(results: dict, args) -> bool:
     )
 
 
+def _ref_ppl(value: float) -> str:
+    """A REFERENCE.md perplexity as the file writes it (212.7, 8,778, 3.2e+08)."""
+    return f"{value:.1e}" if value >= 1e5 else f"{value:,}"
+
+
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
@@ -529,6 +562,15 @@ def render(results: dict, args, notes: str | None) -> str:
         )
     for note in results.get("notes", []):
         out.append(f"- note: {note}")
+    merged = results.get("merged")
+    if merged:
+        out.append(f"- rows marked † ({', '.join(merged['methods'])}) come from an earlier run of the same protocol "
+                   f"({merged['from']}, load average {merged['machine'].get('load_average_at_start')}); its selection times are that machine's")
+    marked = set(merged["methods"]) if merged else set()
+
+    def label(method: str) -> str:
+        return f"{method} †" if method in marked else method
+
     out.append("")
 
     # Pivot: perplexity per method and budget, like REFERENCE.md's table.
@@ -551,7 +593,7 @@ def render(results: dict, args, notes: str | None) -> str:
                 cells.append("failed")
             else:
                 cells.append(f"{common.fmt_ppl(r['ppl'])} [{compress(r['removed'])}]")
-        pivot.append([method, *cells])
+        pivot.append([label(method), *cells])
     out += [common.table(header, pivot), ""]
 
     if mc["items"]:
@@ -563,8 +605,12 @@ def render(results: dict, args, notes: str | None) -> str:
             for b in budgets:
                 r = by.get((method, b))
                 cells.append("" if r is None or "acc" not in r else f"{_pct(r['acc'])} / {_pct(r['acc_norm'])}")
-            grid.append([method, *cells])
-        out += [f"Dense: {_pct(dense.get('acc'))} / {_pct(dense.get('acc_norm'))}; chance {_pct(1 / mc['choices'])}.", "",
+            grid.append([label(method), *cells])
+        p = dense.get("acc", 0.5)
+        se = math.sqrt(p * (1 - p) / max(mc["items"], 1))
+        out += [f"Dense: {_pct(dense.get('acc'))} / {_pct(dense.get('acc_norm'))}; chance {_pct(1 / mc['choices'])}. "
+                f"With {mc['items']} items one accuracy has a binomial standard error of about {100 * se:.1f} points, "
+                "so differences of a few points between methods are noise.", "",
                 common.table(header, grid), ""]
 
     out += ["## All rows", ""]
@@ -572,11 +618,11 @@ def render(results: dict, args, notes: str | None) -> str:
     table_rows = []
     for r in rows:
         if "error" in r:
-            table_rows.append([r["method"], r["budget"], f"failed: {r['error']}", "", "", "", "", common.fmt_seconds(r.get("selection_seconds")), "", ""])
+            table_rows.append([label(r["method"]), r["budget"], f"failed: {r['error']}", "", "", "", "", common.fmt_seconds(r.get("selection_seconds")), "", ""])
             continue
         evals = r.get("loss_evals")
         table_rows.append([
-            r["method"], r["budget"], compress(r["removed"]), common.fmt_ppl(r.get("ppl")), _pct(r.get("acc")),
+            label(r["method"]), r["budget"], compress(r["removed"]), common.fmt_ppl(r.get("ppl")), _pct(r.get("acc")),
             _pct(r.get("acc_norm")), f"{r.get('params', 0):,}", common.fmt_seconds(r.get("selection_seconds")),
             f"{evals['computed']} / {evals['asked']}" if evals else "",
             common.fmt_seconds(r.get("cold_seconds_estimate")) if evals and evals["computed"] != evals["asked"] else "",
@@ -604,8 +650,8 @@ def render(results: dict, args, notes: str | None) -> str:
                 close = rel <= (0.06 if ref_ppl >= 1e5 else 0.001)
                 verdict = ("agrees" if close else f"same layers, ppl differs by {100 * rel:.2f}%") if same_layers else (
                     f"different layers; ppl {'agrees' if close else f'differs by {100 * rel:.1f}%'}")
-                comparisons.append([method, budget, f"{common.fmt_ppl(r['ppl'])} [{compress(r['removed'])}]",
-                                    f"{common.fmt_ppl(ref_ppl)} [{compress(ref_layers)}]", verdict])
+                comparisons.append([label(method), budget, f"{common.fmt_ppl(r['ppl'])} [{compress(r['removed'])}]",
+                                    f"{_ref_ppl(ref_ppl)} [{compress(ref_layers)}]", verdict])
         out += [common.table(header, comparisons), ""]
         sleb = [r for r in rows if r["method"] == "sleb" and "error" not in r]
         if sleb:

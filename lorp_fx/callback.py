@@ -45,7 +45,8 @@ class LoRPCallback(Callback):
             back from `strategy="ddp_spawn"`, whose workers share no memory with the
             parent process (`cb.plan` reads it there).
         loss_batches: calibration batches kept (inputs only) for methods that judge
-            candidates by calibration loss (sleb, lorp).
+            candidates by calibration loss (sleb, lorp); under DDP each rank keeps
+            its own and the loss is their mean over ranks, so all ranks choose alike.
         protected, seed, n_clusters: passed to the selector.
     """
 
@@ -139,7 +140,7 @@ class LoRPCallback(Callback):
                 self.n_remove,
                 ratio=self.ratio,
                 method=self.method,
-                loss_fn=self._loss_function(observer),
+                loss_fn=self._loss_function(trainer, observer),
                 **self.selector_options,
             )
         finally:
@@ -203,9 +204,23 @@ class LoRPCallback(Callback):
                 value = getattr(accumulator, name).clone()
                 setattr(accumulator, name, trainer.strategy.reduce(value, reduce_op="sum").to(torch.float64))
 
-    def _loss_function(self, observer: ResidualObserver) -> Callable[[list[str]], float] | None:
-        """Calibration loss on the kept batches (rank-local: every rank has its own, and
-        selection only compares candidates, which the ranks agree on when their data do)."""
-        if observer.graph is None:
+    def _loss_function(self, trainer: Trainer, observer: ResidualObserver) -> Callable[[list[str]], float] | None:
+        """Calibration loss on the kept batches, averaged over the ranks.
+
+        Loss-judged selectors choose their next candidates from the losses they have
+        seen, so every rank must see the same numbers to ask the same questions (the
+        reductions stay matched) and end with the same plan.
+        """
+        local = None if observer.graph is None else calibration_loss(observer.graph, self._loss_inputs)
+        if trainer.world_size == 1:
+            return local
+        reduce = trainer.strategy.reduce
+        if float(reduce(torch.tensor(float(local is not None)), reduce_op="sum")) == 0:
             return None
-        return calibration_loss(observer.graph, self._loss_inputs)
+
+        def loss(removed: list[str]) -> float:
+            value, count = (local(removed), 1.0) if local is not None else (0.0, 0.0)
+            total = reduce(torch.tensor([value * count, count], dtype=torch.float64), reduce_op="sum")
+            return float(total[0] / total[1])
+
+        return loss

@@ -1,6 +1,6 @@
 """One calibration run through Trainer.validate, for the multi-process tests (run as a script).
 
-    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES
+    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES [METHOD]
 
 Writes OUT_DIR/rank{r}.json (the plan each rank holds) and, in the launching
 process, OUT_DIR/parent.json (the plan the parent can see).
@@ -45,8 +45,8 @@ class WriteEveryRank(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(self.lorp.plan.to_json())
 
 
-def main(out: Path, strategy: str, devices: int) -> None:
-    lorp = LoRPCallback(n_remove=2, method="shortgpt", plan_path=out / "plan.json")
+def main(out: Path, strategy: str, devices: int, method: str = "shortgpt") -> None:
+    lorp = LoRPCallback(n_remove=2, method=method, plan_path=out / "plan.json")
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, callbacks=[lorp, WriteEveryRank(lorp, out)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -59,4 +59,4 @@ def main(out: Path, strategy: str, devices: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:])

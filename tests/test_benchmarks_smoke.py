@@ -90,6 +90,15 @@ def test_quality_smoke(tmp_path):
     assert "A hand-written remark." in rewritten and "(none yet)" not in rewritten
 
 
+    # --merge: rows of methods a later run leaves out come from the earlier run, marked.
+    later = {**results, "protocol": {**results["protocol"], "methods": ["shortgpt"]}, "machine": {**results["machine"], "commit": "later"},
+             "rows": [r for r in results["rows"] if r["method"] in ("dense", "shortgpt")]}
+    quality._merge(later, results)
+    assert sorted((r["method"], r["budget"]) for r in later["rows"]) == sorted(rows)
+    assert {r["method"] for r in later["rows"] if "from" in r} == {"sleb", "uidl"}
+    assert "| sleb † |" in quality.render(later, quality.parse_args(argv), None)
+
+
 def test_multiple_choice_items_are_deterministic(tmp_path):
     quality = _load("quality")
     text = wikitext_like(tmp_path / "text.txt", articles=6).read_text()

@@ -190,12 +190,12 @@ def test_a_missing_network_attribute_is_named():
 # ----------------------------------------------------------------------------- several processes
 
 
-def run_calibration(tmp_path: Path, strategy: str, devices: int) -> Path:
-    out = tmp_path / f"{strategy}-{devices}"
+def run_calibration(tmp_path: Path, strategy: str, devices: int, method: str = "shortgpt") -> Path:
+    out = tmp_path / f"{strategy}-{devices}-{method}"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
-        [sys.executable, str(HERE / "calibration_run.py"), str(out), strategy, str(devices)],
+        [sys.executable, str(HERE / "calibration_run.py"), str(out), strategy, str(devices), method],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -212,6 +212,17 @@ def test_two_ddp_processes_give_the_single_process_statistics(tmp_path):
         assert plan["statistics"]["token_count"] == single["statistics"]["token_count"]
         assert plan["remove"] == single["remove"]
     assert json.loads((ddp / "plan.json").read_text())["remove"] == single["remove"]
+
+
+@pytest.mark.distributed
+def test_loss_judged_selection_agrees_across_ddp_ranks(tmp_path):
+    """Each rank measures the loss on its own batches; the ranks must still see the
+    same (mean) losses, ask for the same candidates and end with the same plan."""
+    ddp = run_calibration(tmp_path, "ddp", 2, method="lorp")
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["details"]["steps"] == ranks[1]["details"]["steps"]
+    assert ranks[0]["remove"] == ranks[1]["remove"]
+    assert np.isfinite(ranks[0]["details"]["loss"])
 
 
 @pytest.mark.distributed

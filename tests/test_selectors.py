@@ -474,12 +474,11 @@ def test_protected_blocks_by_name_or_index():
 
 def test_registry_and_dispatch():
     assert set(SELECTORS) == {
-        "lorp-paper", "lorp-hier", "shortgpt", "uidl", "streamline", "sleb", "last-n", "uniform", "random"
+        "lorp", "lorp-paper", "lorp-hier", "shortgpt", "uidl", "streamline", "sleb", "last-n", "uniform", "random"
     }
-    assert "lorp" not in SELECTORS  # the new default method is not this module's
-    with pytest.raises(SelectorError, match="unknown selection method 'lorp'"):
-        select(random_walk_stats(6, 0), 1, method="lorp")
-    assert select(random_walk_stats(6, 0), 1).method == "shortgpt"
+    with pytest.raises(SelectorError, match="unknown selection method 'lorp-v2'"):
+        select(random_walk_stats(6, 0), 1, method="lorp-v2")
+    assert select(random_walk_stats(6, 0), 1).method == "lorp"
 
 
 # --------------------------------------------------------------------------------------

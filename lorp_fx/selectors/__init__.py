@@ -41,6 +41,7 @@ from ..stats import LayerStatistics
 from ._common import LossFn, SelectorError, cluster_members, renumber_by_depth
 from .baselines import last_n, random_blocks, shortgpt, sleb, streamline, uidl, uniform, uniform_positions
 from .graph import similarity_graph, similarity_regions
+from .lorp import lorp
 from .lorp_hier import hierarchical_clusters, lorp_hier, lorp_hier_order, proportional_quotas, ward_increment
 from .lorp_paper import (
     RLS_THRESHOLDS,
@@ -54,6 +55,7 @@ from .lorp_paper import (
 from .spectral import kmeans, spectral_clustering, spectral_embedding
 
 SELECTORS: dict[str, Callable[..., PruningPlan]] = {
+    "lorp": lorp,
     "lorp-paper": lorp_paper,
     "lorp-hier": lorp_hier,
     "shortgpt": shortgpt,
@@ -66,8 +68,9 @@ SELECTORS: dict[str, Callable[..., PruningPlan]] = {
 }
 
 
-# ShortGPT until a better default is measured to beat it (issue 7: `lorp`).
-DEFAULT_METHOD = "shortgpt"
+# Measured against every published selector in benchmarks/results/quality-smollm2.md
+# and docs/default-selector.md.
+DEFAULT_METHOD = "lorp"
 
 
 def budget_from_ratio(n_blocks: int, ratio: float) -> int:
