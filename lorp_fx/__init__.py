@@ -6,6 +6,7 @@ The pipeline, one module a step: `trace` -> `find_blocks` -> statistics
 
 from .blocks import ResidualBlock, find_blocks
 from .callback import LoRPCallback
+from .compensate import CompensationError, compensate
 from .errors import (
     BudgetError,
     CalibrationError,
@@ -27,6 +28,7 @@ from .trace import trace
 __all__ = [
     "BudgetError",
     "CalibrationError",
+    "CompensationError",
     "InputMismatchError",
     "LayerStatistics",
     "LoRPCallback",
@@ -42,6 +44,7 @@ __all__ = [
     "SimilarityAccumulator",
     "TraceError",
     "UnknownBlockError",
+    "compensate",
     "find_blocks",
     "prune",
     "select",

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .compensate import METHODS as COMPENSATION_METHODS
+from .compensate import CompensationError, check_compensable, compensate
 from .errors import BudgetError, InputMismatchError, LoRPError
 from .export import check_output_dir, count_parameters, layer_containers, remove_layers, save_pretrained_atomic
 from .models import DEFAULT_MODEL, load_model
@@ -67,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, metavar="R", help="fraction of the blocks to remove")
     prune.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(SELECTORS), help=f"selector (default {DEFAULT_METHOD})")
     prune.add_argument("--granularity", default="layer", choices=["layer", "sublayer"])
+    prune.add_argument(
+        "--compensate", default="auto", choices=["auto", "none", *COMPENSATION_METHODS],
+        help="fold a fitted linear map into the layer before each gap (docs/compensation.md); "
+             "auto (default): cosine where the family allows it, else none",
+    )
     _calibration_arguments(prune)
     prune.add_argument("--eval-file", type=Path, help="text to measure perplexity on, before and after")
     prune.add_argument("--eval-samples", type=int, default=40)
@@ -126,6 +133,8 @@ def run_prune(args: argparse.Namespace) -> int:
     _check_budget(args, n_layers)
     if args.eval_file and _is_encoder_decoder(model):
         raise LoRPError("--eval-file measures causal-LM perplexity; it does not apply to encoder-decoder models")
+    if args.compensate not in ("auto", "none"):
+        check_compensable(model)  # an explicit method the family cannot take fails now, not after calibration
 
     clock = time.perf_counter()
     windows, source = _calibration_windows(args, model, tokenizer)
@@ -142,6 +151,9 @@ def run_prune(args: argparse.Namespace) -> int:
 
     pruned = remove_layers(model, plan)
     fx_difference = _fx_agreement(graph, plan, pruned, batches[0])
+    clock = time.perf_counter()
+    pruned, compensation = _compensate(args, model, plan, batches, pruned)
+    timings["compensation_s"] = time.perf_counter() - clock
     evaluation = {}
     if args.eval_file:
         clock = time.perf_counter()
@@ -149,6 +161,7 @@ def run_prune(args: argparse.Namespace) -> int:
         timings["evaluation_s"] = time.perf_counter() - clock
 
     report = _report(args, plan, stats, source, model, pruned, n_layers, evaluation, timings, fx_difference)
+    report["compensation"] = compensation
     files = {"report.json": json.dumps(report, indent=1), "plan.json": plan.to_json()}
     files.update(_heatmap(plan))
     save_pretrained_atomic(pruned, tokenizer, args.out, extra_files=files, overwrite=args.overwrite)
@@ -241,6 +254,22 @@ def _batches(windows: torch.Tensor, batch_size: int, model) -> list[dict]:
     return batches
 
 
+def _compensate(args: argparse.Namespace, model, plan: PruningPlan, batches: list[dict], pruned):
+    """(model to save, what compensation did). `auto` falls back to none, with the reason,
+    where the family cannot take a folded map; an explicit method fails instead."""
+    method = "cosine" if args.compensate == "auto" else args.compensate
+    if method == "none":
+        return pruned, {"method": "none"}
+    try:
+        compensated, fits = compensate(model, plan, batches, method, return_fits=True, progress=True)
+    except CompensationError as error:
+        if args.compensate != "auto":
+            raise
+        print(f"lorp-fx: note: saved without compensation ({error})", file=sys.stderr)
+        return pruned, {"method": "none", "skipped": str(error)}
+    return compensated, {"method": method, "gaps": [fit.to_dict() for fit in fits]}
+
+
 def _is_encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
@@ -314,6 +343,12 @@ def _print_summary(report: dict, out: Path) -> None:
     if report["clusters"]:
         rows.append(("clusters", "; ".join(_span(c) for c in report["clusters"])))
     rows.append(("calibration", f"{report['calibration']['tokens']:,} tokens, {report['calibration']['source']}"))
+    compensation = report.get("compensation") or {"method": "none"}
+    if compensation.get("gaps"):
+        rows.append(("compensation", f"{compensation['method']}, {len(compensation['gaps'])} gaps folded, relative gap error "
+                     + ", ".join(f"{g['error_before']:.3f} -> {g['error_after']:.3f}" for g in compensation["gaps"])))
+    else:
+        rows.append(("compensation", "none" + (" (not supported here)" if "skipped" in compensation else "")))
     if report["evaluation"]:
         e = report["evaluation"]
         rows.append(("perplexity", f"{e['ppl_before']:.2f} -> {e['ppl_after']:.2f} ({e['tokens']:,} tokens of {e['file']})"))

@@ -213,6 +213,15 @@ def _layer_units(layer: nn.Module, layer_name: str) -> list[_Unit]:
     )
 
 
+def check_compensable(model: nn.Module) -> None:
+    """Raise CompensationError, naming the reason, if no layer of `model` can take a folded map.
+
+    A family check only, cheap enough to run before calibration; a plan can still be
+    refused later for its own reasons (a gap at the very first layer).
+    """
+    _stacks(model)
+
+
 def _stacks(model: nn.Module) -> list[_Stack]:
     stacks = []
     for path, layers in layer_containers(model):
@@ -720,6 +729,11 @@ def compensate(
     plan)` and saves, reloads and generates like it. With `return_fits`, returns
     `(pruned_model, fits)`: one `GapFit` per gap with its calibration errors.
     """
+    if isinstance(model, torch.fx.GraphModule):
+        raise CompensationError(
+            "compensate folds maps into the weights of the eager model: pass the transformers model the graph was "
+            "traced from, then lorp_fx.trace the compensated model if you need its graph"
+        )
     names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
     if not sequential:
         fits = fit_compensation(model, names, calibration_batches, method, ridge=ridge, verify=verify, progress=progress)

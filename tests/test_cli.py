@@ -52,11 +52,46 @@ def test_prune_writes_a_checkpoint_that_reloads_and_generates(tmp_path, capsys, 
     assert report["parameters_after"] < report["parameters_before"]
     assert (out / "plan.json").exists() and (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert report["fx_graph_max_abs_logit_difference"] < 1e-4
+    # gemma3 normalises the branch output before the add: no exact fold, so auto saves it uncompensated
+    assert report["compensation"]["method"] == ("none" if family == "gemma3" else "cosine")
+    assert ("skipped" in report["compensation"]) == (family == "gemma3")
     reloaded = AUTO.get(family, transformers.AutoModelForCausalLM).from_pretrained(out).eval()
     assert sum(len(layers) for _, layers in layer_containers(reloaded)) == report["layers_after"]
     ids = torch.tensor([[5, 6, 7, 8]])
     generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
     assert generated.shape[1] >= 4
+
+
+def test_compensation_keeps_the_parameter_count_and_changes_the_weights(tmp_path, capsys, text_file):
+    model_dir = save_tiny(tmp_path, "llama", layers=6)
+    reports, states = {}, {}
+    for method in ("none", "lstsq", "cosine"):
+        out = tmp_path / method
+        code, stdout, stderr = run(
+            ["prune", "--model", model_dir, "--remove", 2, "--compensate", method, "--calib-file", text_file,
+             "--calib-samples", 8, "--seq-len", 16, "--out", out], capsys,
+        )
+        assert code == 0, stderr
+        assert f"compensation  {method}" in stdout
+        reports[method] = json.loads((out / "report.json").read_text())
+        states[method] = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert {r["parameters_after"] for r in reports.values()} == {reports["none"]["parameters_after"]}
+    assert reports["none"]["removed"] == reports["cosine"]["removed"] == reports["lstsq"]["removed"]
+    for method in ("lstsq", "cosine"):
+        gaps = reports[method]["compensation"]["gaps"]
+        assert gaps and all(g["error_after"] < g["error_before"] for g in gaps)
+        changed = [k for k in states["none"] if not torch.equal(states["none"][k], states[method][k])]
+        assert changed and all(k.endswith(("down_proj.weight", "o_proj.weight")) for k in changed)
+
+
+def test_an_explicit_compensation_the_family_cannot_take(tmp_path, capsys, text_file):
+    out = tmp_path / "out"
+    code, _, err = run(["prune", "--model", save_tiny(tmp_path, "gemma3"), "--remove", 1, "--compensate", "cosine",
+                        "--calib-file", text_file, "--calib-samples", 4, "--seq-len", 16, "--out", out], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("lorp-fx: error")]
+    assert code == 2 and len(errors) == 1 and "without compensation" in errors[0] and "Traceback" not in err
+    assert "calibrating" not in err  # refused before the long work
+    assert not out.exists()
 
 
 def test_analyze_writes_statistics_and_removes_nothing(tmp_path, capsys, text_file):
@@ -160,6 +195,8 @@ def test_prune_smollm2_end_to_end(tmp_path, capsys):
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["layers_before"] == 30 and report["layers_after"] == 27
+    assert report["method"] == "lorp" and report["compensation"]["method"] == "cosine"
+    assert all(g["error_after"] < g["error_before"] for g in report["compensation"]["gaps"])
     assert report["fx_graph_max_abs_logit_difference"] < 1e-3
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

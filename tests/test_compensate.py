@@ -15,9 +15,11 @@ from lorp_fx.compensate import (
     compensate,
     fit_compensation,
 )
+import lorp_fx
 from lorp_fx.errors import LoRPError
 from lorp_fx.export import count_parameters, remove_layers, save_pretrained_atomic
 from lorp_fx.plan import PruningPlan
+from tiny_models import tiny_model, trace_inputs
 
 VOCAB = 100
 SPECIAL_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -488,3 +490,10 @@ def test_auto_ridge_falls_back_with_a_single_sequence():
 def test_refuses_a_bad_ridge(ridge):
     with pytest.raises(LoRPError, match="ridge must be 'auto' or a number"):
         compensate(build("llama"), ["model.layers.2"], batches("llama"), ridge=ridge)
+
+
+def test_a_graph_module_is_refused_with_the_fix():
+    model = tiny_model("llama", layers=4)
+    graph = lorp_fx.trace(model, trace_inputs("llama"))
+    with pytest.raises(lorp_fx.CompensationError, match="eager model"):
+        lorp_fx.compensate(graph, ["model.layers.2"], [torch.randint(0, 90, (2, 8))])
