@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
+from lorp_fx.selectors import DEFAULT_METHOD  # noqa: E402
 from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
 from lorp_fx.export import count_parameters, remove_layers  # noqa: E402
@@ -613,6 +614,7 @@ def render(results: dict, args, notes: str | None) -> str:
                 "so differences of a few points between methods are noise.", "",
                 common.table(header, grid), ""]
 
+    out += default_against_published(rows, label)
     out += ["## All rows", ""]
     header = ["method", "removed", "layers", "ppl", "mc acc", "mc acc/tok", "parameters", "selection s", "loss evals (computed / asked)", "cold selection s (est.)"]
     table_rows = []
@@ -674,6 +676,43 @@ def render(results: dict, args, notes: str | None) -> str:
     else:
         out += [common.NOTES_HEADING, "", common.NOTES_MARKER, "", "(none yet)", ""]
     return "\n".join(out)
+
+
+PUBLISHED = ("lorp-paper", "shortgpt", "uidl", "streamline", "sleb")
+
+
+def _cold_seconds(row: dict) -> float:
+    """Selection time as if no loss had been cached from a smaller budget of the same method."""
+    evals = row.get("loss_evals")
+    return row["cold_seconds_estimate"] if evals and evals["computed"] != evals["asked"] else row["selection_seconds"]
+
+
+def default_against_published(rows: list[dict], label) -> list[str]:
+    """Issue 7's test: the default's perplexity against the best published selector, and its
+    selection time against SLEB's when both ran in this run (same machine, same load)."""
+    ok = {(r["method"], r["budget"]): r for r in rows if "error" not in r and r["method"] != "dense"}
+    budgets = sorted({b for _, b in ok})
+    table = []
+    for b in budgets:
+        mine = ok.get((DEFAULT_METHOD, b))
+        published = [ok[(m, b)] for m in PUBLISHED if (m, b) in ok]
+        if mine is None or not published:
+            continue
+        best = min(published, key=lambda r: r["ppl"])
+        sleb = ok.get(("sleb", b))
+        same_run = sleb is not None and "from" not in sleb and "from" not in mine
+        ratio = f"{_cold_seconds(mine) / _cold_seconds(sleb):.3f}" if same_run and _cold_seconds(sleb) > 0 else "n/a"
+        verdict = "better" if mine["ppl"] < best["ppl"] - 1e-9 else ("equal" if abs(mine["ppl"] - best["ppl"]) <= 1e-9 * best["ppl"] else "worse")
+        table.append([b, f"{common.fmt_ppl(mine['ppl'])}", f"{common.fmt_ppl(best['ppl'])} ({label(best['method'])})", verdict,
+                      common.fmt_seconds(_cold_seconds(mine)), common.fmt_seconds(_cold_seconds(sleb)) if sleb else "", ratio])
+    if not table:
+        return []
+    header = ["removed", f"{DEFAULT_METHOD} ppl", "best published ppl", "default is", f"{DEFAULT_METHOD} selection s",
+              "sleb selection s", "time ratio"]
+    return [f"## The default (`{DEFAULT_METHOD}`) against the best published selector", "",
+            f"Best of {', '.join(PUBLISHED)} at each budget. Selection times are cold (losses a smaller budget of the same "
+            "method had already measured are counted at this run's mean cost per measurement); the ratio is given only "
+            "when both ran in this run.", "", common.table(header, table), ""]
 
 
 def plot(results: dict, args) -> bytes | None:

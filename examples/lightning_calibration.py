@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from lorp_fx import LoRPCallback
+from lorp_fx.selectors import DEFAULT_METHOD
 from lorp_fx.data import self_calibration, shared_data_dir, text_windows
 from lorp_fx.models import load_model
 
@@ -35,7 +36,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--text", help="calibration text file (default: WikiText-2 validation if present, else text the model writes)")
     parser.add_argument("--remove", type=int, default=3)
-    parser.add_argument("--method", default="shortgpt")
+    parser.add_argument("--method", default=DEFAULT_METHOD)
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")

@@ -133,3 +133,18 @@ def test_speed_smoke(tmp_path, capsys):
     speed.memory_child(speed.parse_args(argv + ["--memory-child", str(tmp_path / "ckpt" / "removed-2")]))
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("MEMORY ")][0]
     assert json.loads(line[len("MEMORY "):])["peak_kb"] > 0
+
+
+def test_the_default_is_compared_with_the_best_published_selector():
+    quality = _load("quality")
+    row = lambda method, budget, ppl, seconds, **extra: {  # noqa: E731
+        "method": method, "budget": budget, "ppl": ppl, "removed": [], "selection_seconds": seconds, **extra}
+    rows = [
+        row("lorp", 3, 36.0, 50.0), row("sleb", 3, 36.0, 600.0), row("shortgpt", 3, 37.0, 0.0),
+        row("lorp", 6, 58.0, 80.0, loss_evals={"asked": 15, "computed": 10}, cold_seconds_estimate=120.0),
+        row("sleb", 6, 57.0, 900.0, **{"from": "an earlier run"}),
+    ]
+    lines = quality.default_against_published(rows, lambda m: m)
+    table = "\n".join(lines)
+    assert "| 3 | 36.00 | 36.00 (sleb) | equal | 50.0 | 600 | 0.083 |" in table
+    assert "| 6 | 58.00 | 57.00 (sleb) | worse | 120 | 900 | n/a |" in table  # sleb 6 is not from this run
