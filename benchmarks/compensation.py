@@ -456,6 +456,7 @@ def render(results: dict, args) -> str:
         lines += ["## Notes from the run", ""] + [f"- {n}" for n in results["notes"]] + [""]
     if not results.get("complete"):
         lines += ["_Run in progress: this file is rewritten after every number._", ""]
+    lines += [common.kept_notes(args.out) or "\n".join([common.NOTES_HEADING, "", common.NOTES_MARKER, "", "(none yet)", ""])]
     return "\n".join(lines)
 
 
