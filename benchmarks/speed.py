@@ -33,6 +33,7 @@ marker comment of an existing file is kept.
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -118,6 +119,19 @@ def weights_per_token(model) -> dict:
     norm = getattr(getattr(model, "model", None), "norm", None)
     norm_params = sum(p.numel() for p in norm.parameters()) if norm is not None else 0
     return {"layers": layers, "head": head_params, "norm": norm_params, "total": layers + head_params + norm_params}
+
+
+def plain_surgery(model, names: list[str]):
+    """What a user would do by hand: delete the layers from a copy of the module list and
+    renumber the attention's cache slots. The speed our checkpoint must match."""
+    surgery = copy.deepcopy(model)
+    drop = {int(n.rpartition(".")[2]) for n in names}
+    kept = [layer for i, layer in enumerate(surgery.model.layers) if i not in drop]
+    surgery.model.layers = torch.nn.ModuleList(kept)
+    for i, layer in enumerate(kept):
+        layer.self_attn.layer_idx = i
+    surgery.config.num_hidden_layers = len(kept)
+    return surgery.eval()
 
 
 def n_layers(model) -> int:
@@ -438,6 +452,14 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
             log(f"checkpoint without {k} layers: {entry['parameters']:,} parameters, reload |dlogits| {diff:.2e}")
             if k:
                 del pruned
+        largest = max(args.budgets)
+        if isinstance(getattr(getattr(model, "model", None), "layers", None), torch.nn.ModuleList):
+            surgery = plain_surgery(model, list(plans[largest].remove))
+            with torch.no_grad():
+                surgery_diff = float((surgery(input_ids=check_ids, use_cache=False).logits
+                                      - runners[largest].model(input_ids=check_ids, use_cache=False).logits).abs().max())
+            runners["surgery"] = Runner(surgery)
+            log(f"plain module surgery without the same {largest} layers (|dlogits| vs our checkpoint {surgery_diff:.1e}), in the same rotation")
 
         # 3. speed, alternated
         generator = torch.Generator().manual_seed(0)
@@ -465,6 +487,11 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
                         b = int(kind[len("decode_b"):])
                         seconds, _ = runners[k].decode(prompts[b], args.decode_tokens)
                         times[k][kind].append(seconds)
+        if "surgery" in times:
+            results["surgery"] = {"removed": largest, "times": times["surgery"], "max_abs_logit_diff_vs_checkpoint": surgery_diff,
+                                  "prefill_seconds": common.median(times["surgery"]["prefill"]),
+                                  **{f"decode_b{b}_tokens_per_s": b * args.decode_tokens / common.median(times["surgery"][f"decode_b{b}"])
+                                     for b in args.decode_batches}}
         for entry in models:
             k = entry["removed"]
             entry["times"] = times[k]
@@ -557,6 +584,19 @@ def render(results: dict, args, notes: str | None) -> str:
                     ours[f"decode_b{b}"] = nine[key] / dense[key]
             text = "; ".join(f"{kind.replace('_', ' ')}: ours {_x(ours[kind])}, issue {_x(ref)}" for kind, ref in ISSUE_SURGERY_9.items() if kind in ours)
             out += [f"Against the issue's plain module surgery at 9 of 30 layers: {text}.", ""]
+        surgery = results.get("surgery")
+        same = next((m for m in models if surgery and m["removed"] == surgery["removed"]), None)
+        if same is not None:
+            cells = [("prefill", dense["prefill_seconds"] / same["prefill_seconds"], dense["prefill_seconds"] / surgery["prefill_seconds"],
+                      surgery["prefill_seconds"] / same["prefill_seconds"])]
+            for b in args.decode_batches:
+                key = f"decode_b{b}_tokens_per_s"
+                cells.append((f"decode b{b}", same[key] / dense[key], surgery[key] / dense[key], same[key] / surgery[key]))
+            out += [f"Plain module surgery on the same {surgery['removed']} layers (a copy of the dense model with the layers deleted "
+                    f"from its module list; max abs logit difference from our reloaded checkpoint "
+                    f"{surgery['max_abs_logit_diff_vs_checkpoint']:.1e}), measured in the same rotation:", "",
+                    common.table(["", "ours vs dense", "plain surgery vs dense", "ours vs plain surgery"],
+                                 [[name, _x(a), _x(b), _x(c)] for name, a, b, c in cells]), ""]
         spread = []
         for m in models:
             for kind, values in m["times"].items():

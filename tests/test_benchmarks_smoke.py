@@ -126,8 +126,9 @@ def test_speed_smoke(tmp_path, capsys):
     assert pruned["reload_max_abs_logit_diff"] < 1e-4 and pruned["generate_ok"]
     assert pruned["parameters"] < dense["parameters"]
     assert [r["layers"] for r in results["scaling"]] == [2, 3]
-    for heading in ("## Speed", "## Cost of the pipeline", "### Growth with depth", "N/(N-k)"):
+    for heading in ("## Speed", "## Cost of the pipeline", "### Growth with depth", "N/(N-k)", "Plain module surgery"):
         assert heading in md
+    assert results["surgery"]["removed"] == 2 and results["surgery"]["max_abs_logit_diff_vs_checkpoint"] < 1e-4
     # The peak-memory probe (normally a fresh process per checkpoint), run in this process on the saved checkpoint.
     capsys.readouterr()
     speed.memory_child(speed.parse_args(argv + ["--memory-child", str(tmp_path / "ckpt" / "removed-2")]))
