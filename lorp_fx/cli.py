@@ -11,6 +11,7 @@ half written (output directories appear complete or not at all).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -146,7 +147,8 @@ def run_prune(args: argparse.Namespace) -> int:
 
     clock = time.perf_counter()
     loss_fn = calibration_loss(graph, _batches(windows[:LOSS_WINDOWS], args.batch_size, model))
-    plan = select(stats, args.remove, ratio=args.ratio, method=args.method, seed=args.seed, loss_fn=loss_fn)
+    with _counted(loss_fn, f"{args.method}: calibration-loss measurements") as counted_loss:
+        plan = select(stats, args.remove, ratio=args.ratio, method=args.method, seed=args.seed, loss_fn=counted_loss)
     timings["selection_s"] = time.perf_counter() - clock
 
     pruned = remove_layers(model, plan)
@@ -252,6 +254,24 @@ def _batches(windows: torch.Tensor, batch_size: int, model) -> list[dict]:
             batch["decoder_input_ids"] = chunk
         batches.append(batch)
     return batches
+
+
+@contextlib.contextmanager
+def _counted(loss_fn, description: str):
+    """`loss_fn` with a progress bar of the measurements a loss-judged selector makes
+    (the count is the selector's to decide, so the bar has no total)."""
+    if loss_fn is None:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=description, unit="eval", delay=1.0) as bar:  # silent for selectors that measure nothing
+        def counted(removed: list[str]) -> float:
+            value = loss_fn(removed)
+            bar.update(1)
+            return value
+
+        yield counted
 
 
 def _compensate(args: argparse.Namespace, model, plan: PruningPlan, batches: list[dict], pruned):
