@@ -196,7 +196,7 @@ class LoRPCallback(Callback):
     @staticmethod
     def _reduce(trainer: Trainer, accumulators: list[SimilarityAccumulator], calls: int) -> None:
         """All-reduce the sums once; clones, because `strategy.reduce` may work in place."""
-        total_calls = trainer.strategy.reduce(torch.tensor(float(calls)), reduce_op="sum")
+        total_calls = trainer.strategy.reduce(torch.tensor(float(calls), device=trainer.strategy.root_device), reduce_op="sum")
         if float(total_calls) == 0:
             raise CalibrationError("no calibration batch was seen: the calibration loader is empty")
         for accumulator in accumulators:
@@ -214,13 +214,13 @@ class LoRPCallback(Callback):
         local = None if observer.graph is None else calibration_loss(observer.graph, self._loss_inputs)
         if trainer.world_size == 1:
             return local
-        reduce = trainer.strategy.reduce
-        if float(reduce(torch.tensor(float(local is not None)), reduce_op="sum")) == 0:
+        reduce, device = trainer.strategy.reduce, trainer.strategy.root_device  # NCCL reduces device tensors only
+        if float(reduce(torch.tensor(float(local is not None), device=device), reduce_op="sum")) == 0:
             return None
 
         def loss(removed: list[str]) -> float:
             value, count = (local(removed), 1.0) if local is not None else (0.0, 0.0)
-            total = reduce(torch.tensor([value * count, count], dtype=torch.float64), reduce_op="sum")
+            total = reduce(torch.tensor([value * count, count], dtype=torch.float64, device=device), reduce_op="sum")
             return float(total[0] / total[1])
 
         return loss

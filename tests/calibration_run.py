@@ -56,6 +56,10 @@ def main(out: Path, strategy: str, devices: int, method: str = "shortgpt") -> No
     if trainer.is_global_zero or strategy == "ddp_spawn":
         plan = lorp.plan
         (out / "parent.json").write_text("null" if plan is None else plan.to_json())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Left to interpreter exit, gloo's threads occasionally abort the process ("terminate called
+        # without an active exception") after the work is done; torch asks for an explicit teardown.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
