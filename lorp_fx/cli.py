@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .compensate import METHODS as COMPENSATION_METHODS
-from .compensate import CompensationError, check_compensable, compensate
+from .compensate import CompensationError, apply_compensation, check_compensable, fit_compensation
 from .errors import BudgetError, InputMismatchError, LoRPError
 from .export import check_output_dir, count_parameters, layer_containers, remove_layers, save_pretrained_atomic
 from .models import DEFAULT_MODEL, load_model
@@ -275,19 +275,21 @@ def _counted(loss_fn, description: str):
 
 
 def _compensate(args: argparse.Namespace, model, plan: PruningPlan, batches: list[dict], pruned):
-    """(model to save, what compensation did). `auto` falls back to none, with the reason,
-    where the family cannot take a folded map; an explicit method fails instead."""
+    """(model to save, what compensation did), folding into `pruned` in place. `auto` falls
+    back to none, with the reason, where the family cannot take a folded map; an explicit
+    method fails instead."""
     method = "cosine" if args.compensate == "auto" else args.compensate
     if method == "none":
         return pruned, {"method": "none"}
     try:
-        compensated, fits = compensate(model, plan, batches, method, return_fits=True, progress=True)
+        fits = fit_compensation(model, plan, batches, method, progress=True)
     except CompensationError as error:
         if args.compensate != "auto":
             raise
         print(f"lorp-fx: note: saved without compensation ({error})", file=sys.stderr)
         return pruned, {"method": "none", "skipped": str(error)}
-    return compensated, {"method": method, "gaps": [fit.to_dict() for fit in fits]}
+    # Fold into the pruned copy we already have rather than let `compensate` make another.
+    return apply_compensation(pruned, plan, fits), {"method": method, "gaps": [fit.to_dict() for fit in fits]}
 
 
 def _is_encoder_decoder(model) -> bool:
