@@ -583,36 +583,26 @@ def render(results: dict, args, notes: str | None) -> str:
                 + (f", multiple-choice acc {_pct(dense.get('acc'))} (acc/tok {_pct(dense.get('acc_norm'))})" if "acc" in dense else "")
                 + f", {dense.get('params', 0):,} parameters.", ""]
     header = ["method"] + [f"{b} of {n}" for b in budgets]
-    pivot = []
-    for method in protocol["methods"]:
-        cells = []
-        for b in budgets:
-            r = by.get((method, b))
-            if r is None:
-                cells.append("")
-            elif "error" in r:
-                cells.append("failed")
-            else:
-                cells.append(f"{common.fmt_ppl(r['ppl'])} [{compress(r['removed'])}]")
-        pivot.append([label(method), *cells])
-    out += [common.table(header, pivot), ""]
+
+    def grid(cell) -> str:
+        """One row per method, one column per budget; `cell(row or None)` fills it."""
+        return common.table(header, [[label(m), *(cell(by.get((m, b))) for b in budgets)] for m in protocol["methods"]])
+
+    def ppl_cell(r) -> str:
+        if r is None:
+            return ""
+        return "failed" if "error" in r else f"{common.fmt_ppl(r['ppl'])} [{compress(r['removed'])}]"
+
+    out += [grid(ppl_cell), ""]
 
     if mc["items"]:
         out += ["## Multiple-choice accuracy (acc / acc per token)", ""]
-        header = ["method"] + [f"{b} of {n}" for b in budgets]
-        grid = []
-        for method in protocol["methods"]:
-            cells = []
-            for b in budgets:
-                r = by.get((method, b))
-                cells.append("" if r is None or "acc" not in r else f"{_pct(r['acc'])} / {_pct(r['acc_norm'])}")
-            grid.append([label(method), *cells])
         p = dense.get("acc", 0.5)
         se = math.sqrt(p * (1 - p) / max(mc["items"], 1))
         out += [f"Dense: {_pct(dense.get('acc'))} / {_pct(dense.get('acc_norm'))}; chance {_pct(1 / mc['choices'])}. "
                 f"With {mc['items']} items one accuracy has a binomial standard error of about {100 * se:.1f} points, "
                 "so differences of a few points between methods are noise.", "",
-                common.table(header, grid), ""]
+                grid(lambda r: "" if r is None or "acc" not in r else f"{_pct(r['acc'])} / {_pct(r['acc_norm'])}"), ""]
 
     out += default_against_published(rows, label)
     out += ["## All rows", ""]

@@ -383,13 +383,8 @@ def k_best_runs(stats, cost, eligible, k: int, m: int):
     return sorted(done)[:m]
 
 
-def swap_search(stats, eligible, start, loss, budget: int, cost, tabu: bool = False, trace=None):
-    """Rejected alternative (loss-judged local search from a statistics optimum):
-    measure `start`, then the single swaps (one member out, one non-member in) of the
-    current set in the order of their surrogate J, moving to the first one whose loss
-    is lower; stops after `budget` measurements or when no unmeasured swap is left.
-    With `tabu`, the block swapped out by the last move is never swapped back in.
-    Returns (best set, its loss, {set: loss} of everything measured)."""
+def memoized(loss, trace=None):
+    """(L, seen): `loss` measured once per set, every new measurement appended to `trace`."""
     seen: dict = {}
 
     def L(R):
@@ -398,6 +393,18 @@ def swap_search(stats, eligible, start, loss, budget: int, cost, tabu: bool = Fa
             if trace is not None:
                 trace.append((R, seen[R]))
         return seen[R]
+
+    return L, seen
+
+
+def swap_search(stats, eligible, start, loss, budget: int, cost, tabu: bool = False, trace=None):
+    """Rejected alternative (loss-judged local search from a statistics optimum):
+    measure `start`, then the single swaps (one member out, one non-member in) of the
+    current set in the order of their surrogate J, moving to the first one whose loss
+    is lower; stops after `budget` measurements or when no unmeasured swap is left.
+    With `tabu`, the block swapped out by the last move is never swapped back in.
+    Returns (best set, its loss, {set: loss} of everything measured)."""
+    L, seen = memoized(loss, trace)
 
     cur = tuple(sorted(start))
     cur_loss, banned = L(cur), None
@@ -430,14 +437,7 @@ def lazy_greedy(stats, eligible, k: int, loss, m, cost, trace=None, rescale: boo
     estimated by sigma * dJ(b | R), sigma the median of measured increment / dJ so far,
     and a block measured in an earlier context R' by its measured increment * dJ(b | R)
     / dJ(b | R'). Returns (removed, its loss, {set: loss} measured)."""
-    seen: dict = {}
-
-    def L(R):
-        if R not in seen:
-            seen[R] = float(loss(R))
-            if trace is not None:
-                trace.append((R, seen[R]))
-        return seen[R]
+    L, seen = memoized(loss, trace)
 
     R, base = (), (L(()) if dense else None)
     ratios, measured = [], {}  # measured: block -> (increment, dJ in its context)

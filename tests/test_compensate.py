@@ -133,14 +133,19 @@ def _map_output(transform):
     return hook
 
 
-def pruned_with_explicit_maps(model, removals, fits):
-    """remove_layers + a forward hook mapping the fold unit's branch output m to T m: no weight changed."""
+def explicit_map_logits(model, removals, fits, name):
+    """Logits of remove_layers with a forward hook mapping each fold unit's branch output m
+    to T m: what the folded weights must reproduce, with no weight changed."""
     pruned = remove_layers(model, removals)
     handles = []
     for fit in fits:
         unit = _pruned_unit_name(model, pruned, fit.fold_into, removals)
         handles.append(_branch_module(pruned, unit).register_forward_hook(_map_output(fit.transform)))
-    return pruned, handles
+    try:
+        return logits(pruned, name)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _pruned_unit_name(model, pruned, unit: str, removals) -> str:
@@ -165,12 +170,7 @@ def test_fold_equals_an_explicit_map_at_the_gap(name, method):
     compensated, fits = compensate(model, removals, batches(name), method, return_fits=True)
     assert fits and all(not torch.allclose(f.transform, torch.eye(32, dtype=f.transform.dtype)) for f in fits)
 
-    explicit, handles = pruned_with_explicit_maps(model, removals, fits)
-    try:
-        expected = logits(explicit, name)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected = explicit_map_logits(model, removals, fits, name)
     uncompensated = logits(remove_layers(model, removals), name)
     got = logits(compensated, name)
     assert_same(got, expected)
@@ -183,12 +183,7 @@ def test_fold_is_exact_for_sublayer_removals(name):
     removals = SUBLAYER_REMOVALS[name]
     compensated, fits = compensate(model, removals, batches(name), return_fits=True)
     # A removed MLP is compensated in the attention before it, a removed attention in the previous MLP.
-    explicit, handles = pruned_with_explicit_maps(model, removals, fits)
-    try:
-        expected = logits(explicit, name)
-    finally:
-        for handle in handles:
-            handle.remove()
+    expected = explicit_map_logits(model, removals, fits, name)
     assert_same(logits(compensated, name), expected)
 
 
