@@ -38,11 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
-from lorp_fx.compensate import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
+from lorp_fx.batches import token_batches  # noqa: E402
+from lorp_fx.compensation import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
 from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
-from lorp_fx.export import count_parameters, remove_layers  # noqa: E402
-from lorp_fx.observe import calibration_loss, collect_statistics  # noqa: E402
+from lorp_fx.loss import calibration_loss  # noqa: E402
+from lorp_fx.report import compress  # noqa: E402
+from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.observe import collect_statistics  # noqa: E402
+from lorp_fx.selectors import options_for  # noqa: E402
 
 DEFAULT_SELECTORS = "shortgpt,uidl,streamline,lorp-paper,lorp"
 # REFERENCE.md, uncompensated perplexity on this protocol (a cross-check of the "none" column).
@@ -114,20 +118,6 @@ class Cache:
 
 def layer_indices(names: list[str]) -> list[int]:
     return [int(n.rpartition(".")[2]) for n in names]
-
-
-def compress(indices: list[int]) -> str:
-    parts, run = [], []
-    for i in sorted(indices):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            parts.append(run)
-        run = [i]
-    if run:
-        parts.append(run)
-    return ",".join(f"{r[0]}..{r[-1]}" if len(r) >= 3 else ",".join(map(str, r)) for r in parts)
 
 
 # --------------------------------------------------------------------------- exact cosine (research only)
@@ -255,31 +245,24 @@ def main(argv=None) -> dict:
 
     def compensated(removed, method, ridge, sequential):
         def build():
-            pruned, fits = compensate(model, removed, calib_batches, method, ridge=ridge, sequential=sequential,
-                                      progress=progress, return_fits=True)
+            pruned, fits, _ = compensate(model, removed, calib_batches, method, ridge=ridge, sequential=sequential,
+                                         progress=progress)
             return pruned, {"fits": [f.to_dict() for f in fits]}
         key = json.dumps(["comp", sorted(removed), method, ridge, sequential])
         return ppl_of(key, build)
 
     def plain(removed):
-        return ppl_of(json.dumps(["none", sorted(removed)]), lambda: (remove_layers(model, removed) if removed else model, {}))
+        return ppl_of(json.dumps(["none", sorted(removed)]), lambda: (remove_layers(model, removed).model if removed else model, {}))
 
     log("dense")
     results["dense"] = plain([])
     write()
 
     log("statistics pass for the selectors")
-    batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib_batches]
+    batches = token_batches(calib, args.batch_size)
     stats, graph = collect_statistics(model, batches, progress=progress)
     loss_windows = calib[: args.loss_samples]
-    loss_fn = calibration_loss(graph, [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in loss_windows.split(args.batch_size)])
-    memo: dict = {}
-
-    def cached_loss(removed):
-        key = frozenset(removed)
-        if key not in memo:
-            memo[key] = float(loss_fn(list(removed)))
-        return memo[key]
+    cached_loss = calibration_loss(graph, token_batches(loss_windows, args.batch_size))
 
     plans: dict[tuple[str, int], list[str]] = {}
     missing = [s for s in args.selectors if s not in SELECTORS]
@@ -290,9 +273,9 @@ def main(argv=None) -> dict:
     for budget in args.budgets:
         for selector in [s for s in args.selectors if s in SELECTORS]:
             start = time.perf_counter()
-            plan = select(stats, budget, method=selector, loss_fn=cached_loss)
+            plan = select(stats, budget, method=selector, **options_for(selector, loss_fn=cached_loss))
             plans[(selector, budget)] = list(plan.remove)
-            log(f"{selector} {budget}: {compress(layer_indices(plan.remove))} ({time.perf_counter() - start:.1f} s)")
+            log(f"{selector} {budget}: {compress(sorted(layer_indices(plan.remove)))} ({time.perf_counter() - start:.1f} s)")
             row = {"selector": selector, "budget": budget, "removed": layer_indices(plan.remove)}
             results["rows"].append(row)
             for method in args.methods:
@@ -400,7 +383,7 @@ def render(results: dict, args) -> str:
     headers += ["REFERENCE none", "params (all columns)"]
     rows = []
     for row in results["rows"]:
-        cells = [row["selector"], row["budget"], compress(row["removed"])]
+        cells = [row["selector"], row["budget"], compress(sorted(row["removed"]))]
         cells += [_fmt(row[m]["ppl"]) if m in row else "" for m in methods]
         if "none" in methods:
             cells += [_change(row["none"]["ppl"], row[m]["ppl"]) if "none" in row and m in row else "" for m in methods if m != "none"]
@@ -417,7 +400,7 @@ def render(results: dict, args) -> str:
             for fit in (row.get(m) or {}).get("fits", []) or []:
                 gap = sorted({int(re.findall(r"\.(\d+)", n)[-1]) for n in fit["removed"]})
                 ridge = fit.get("ridge")
-                fit_rows.append([row["selector"], row["budget"], m, compress(gap), fit["fold_into"],
+                fit_rows.append([row["selector"], row["budget"], m, compress(sorted(gap)), fit["fold_into"],
                                  f"{fit['error_before']:.4f}", f"{fit['error_after']:.4f}",
                                  "" if ridge is None else f"{ridge:g}", fit["tokens"]])
     if fit_rows:

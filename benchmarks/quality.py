@@ -51,11 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
+from lorp_fx.selectors import options_for  # noqa: E402
 from lorp_fx.selectors import DEFAULT_METHOD  # noqa: E402
 from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
-from lorp_fx.export import count_parameters, remove_layers  # noqa: E402
-from lorp_fx.observe import calibration_loss, collect_statistics  # noqa: E402
+from lorp_fx.batches import token_batches  # noqa: E402
+from lorp_fx.loss import MemoLoss, calibration_loss  # noqa: E402
+from lorp_fx.report import compress, layer_index  # noqa: E402
+from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.observe import collect_statistics  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -216,54 +220,6 @@ def multiple_choice_accuracy(model, tokenizer, items: list[ChoiceItem], max_cont
 # --------------------------------------------------------------------------- running
 
 
-class CachedLoss:
-    """A selector's `loss_fn`, memoised by the set of removed blocks (the loss does not depend on order).
-
-    Counts what each selection asked for and what it had to compute, so a table can show
-    the cost of a cold run: SLEB at budget 6 repeats the first 3 steps of budget 3 exactly.
-    """
-
-    def __init__(self, loss_fn, enabled: bool = True):
-        self.loss_fn, self.enabled = loss_fn, enabled
-        self.values: dict[frozenset, float] = {}
-        self.asked = self.computed = 0
-        self.compute_seconds = 0.0
-
-    def __call__(self, removed):
-        key = frozenset(removed)
-        self.asked += 1
-        if self.enabled and key in self.values:
-            return self.values[key]
-        start = time.perf_counter()
-        value = float(self.loss_fn(list(removed)))
-        self.compute_seconds += time.perf_counter() - start
-        self.computed += 1
-        self.values[key] = value
-        return value
-
-
-def _layer_index(name: str) -> int | str:
-    tail = name.rpartition(".")[2]
-    return int(tail) if tail.isdigit() else name
-
-
-def compress(indices: list) -> str:
-    """[3, 12, 13, 14, 15, 25] -> '3,12..15,25' (runs of three or more), REFERENCE.md's notation."""
-    if not indices:
-        return ""
-    if not all(isinstance(i, int) for i in indices):
-        return ",".join(map(str, indices))
-    parts, run = [], [indices[0]]
-    for i in indices[1:]:
-        if i == run[-1] + 1:
-            run.append(i)
-            continue
-        parts.append(run)
-        run = [i]
-    parts.append(run)
-    return ",".join(f"{r[0]}..{r[-1]}" if len(r) >= 3 else ",".join(map(str, r)) for r in parts)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     data = shared_data_dir()
     wikitext = data / "wikitext-2" if data is not None else None
@@ -387,7 +343,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
             common.write_text(args.json, json.dumps(results, indent=1))
 
     # One statistics pass for every method.
-    batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in calib.split(args.batch_size)]
+    batches = token_batches(calib, args.batch_size)
     log(f"statistics pass on {calib.shape[0]} x {calib.shape[1]} calibration tokens")
     start = time.perf_counter()
     stats, graph = collect_statistics(model, batches, progress=progress)
@@ -395,8 +351,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
     results["n_blocks"] = stats.n_blocks
     results["blocks"] = list(stats.blocks)
     loss_windows = calib[: args.loss_samples]
-    loss_batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in loss_windows.split(args.loss_batch_size)]
-    base_loss = calibration_loss(graph, loss_batches)
+    base_loss = calibration_loss(graph, token_batches(loss_windows, args.loss_batch_size))
 
     evaluated: dict[frozenset, dict] = {}
 
@@ -405,7 +360,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
         if key in evaluated:
             return {**evaluated[key], "reused": True}
         start = time.perf_counter()
-        pruned = remove_layers(model, remove) if remove else model
+        pruned = remove_layers(model, remove).model if remove else model
         entry = {"ppl": perplexity(pruned, evaluation, batch_size=args.batch_size, progress=progress),
                  "params": count_parameters(pruned)}
         if items:
@@ -419,7 +374,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
     results["rows"].append({"method": "dense", "budget": 0, "removed": [], "selection_seconds": None, **evaluate([])})
     write()
 
-    caches = {m: CachedLoss(base_loss, enabled=not args.no_loss_cache) if base_loss is not None else None for m in methods}
+    caches = {m: MemoLoss(base_loss, memoise=not args.no_loss_cache) if base_loss is not None else None for m in methods}
     for budget in args.budgets:
         for method in methods:
             cache = caches[method]
@@ -428,7 +383,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
             row = {"method": method, "budget": budget}
             start = time.perf_counter()
             try:
-                plan = select(stats, budget, method=method, loss_fn=cache, seed=args.seed)
+                plan = select(stats, budget, method=method, **options_for(method, loss_fn=cache, seed=args.seed))
             except Exception as error:  # noqa: BLE001 - one failing method must not stop the others
                 row.update(error=f"{type(error).__name__}: {error}", selection_seconds=time.perf_counter() - start)
                 log(f"  failed: {row['error']}")
@@ -437,7 +392,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
                 continue
             row["selection_seconds"] = time.perf_counter() - start
             row["remove_names"] = list(plan.remove)
-            row["removed"] = [_layer_index(n) for n in plan.remove]
+            row["removed"] = [layer_index(n) for n in plan.remove]
             if plan.rls is not None:
                 row["rls"] = float(plan.rls)
             if cache is not None and cache.asked > asked:
@@ -494,7 +449,7 @@ def run_lm_eval(args, model, tokenizer, results, log) -> dict:
     """lm-eval on saved dense and pruned checkpoints, if it is installed; nothing else depends on it."""
     if importlib.util.find_spec("lm_eval") is None:
         return {"status": "lm-eval is not installed (pip install lm-eval); skipped"}
-    from lorp_fx.export import save_pretrained_atomic
+    from lorp_fx.output import save_pretrained_atomic
 
     out = {}
     rows = [r for r in results["rows"] if r["method"] in ("dense", args.lm_eval_method) and "error" not in r]
@@ -502,7 +457,7 @@ def run_lm_eval(args, model, tokenizer, results, log) -> dict:
         for row in rows:
             label = f"{row['method']}-{row['budget']}"
             path = Path(tmp) / label
-            save_pretrained_atomic(remove_layers(model, row.get("remove_names", [])) if row["budget"] else model, tokenizer, path)
+            save_pretrained_atomic(remove_layers(model, row.get("remove_names", [])).model if row["budget"] else model, tokenizer, path)
             command = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={path},dtype=float32",
                        "--tasks", args.lm_eval, "--device", "cpu", "--batch_size", "4"]
             log(f"lm-eval on {label}")
@@ -550,7 +505,7 @@ def render(results: dict, args, notes: str | None) -> str:
         f"- calibration: the first {protocol['calib'][0]} x {protocol['calib'][1]} tokens of `{Path(protocol['calib_file']).name}`; "
         f"one statistics pass for all methods ({common.fmt_seconds(results.get('statistics_seconds'))} s, including the torch.export trace)",
         f"- evaluation: perplexity on the first {protocol['eval'][0]} x {protocol['eval'][1]} tokens of `{Path(protocol['eval_file']).name}`, fp32, "
-        "each plan applied with `lorp_fx.export.remove_layers` (the saved-checkpoint surgery)",
+        "each plan applied with `lorp_fx.surgery.remove_layers` (the saved-checkpoint surgery)",
         f"- loss-judged selectors: `calibration_loss` on the first {protocol['loss_samples']} calibration windows",
     ]
     mc = protocol["mc"]

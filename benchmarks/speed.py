@@ -5,7 +5,7 @@
     python benchmarks/speed.py --rounds 9 --threads 1 # more repetitions; one thread on a busy machine
 
 1. Checkpoints. ShortGPT chooses the layers (on `--calib-samples` windows of WikiText-2
-   valid.txt; for speed the choice barely matters), `lorp_fx.export.remove_layers` cuts
+   valid.txt; for speed the choice barely matters), `lorp_fx.surgery.remove_layers` cuts
    them, `save_pretrained_atomic` saves each model (dense too) and every measurement
    runs on the checkpoint reloaded with `from_pretrained`. Each reload is checked
    against the in-memory pruned model (logits) and must `generate` with the KV cache.
@@ -52,7 +52,9 @@ import common  # noqa: E402
 
 import lorp_fx  # noqa: E402
 from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
-from lorp_fx.export import count_parameters, layer_containers, remove_layers, save_pretrained_atomic  # noqa: E402
+from lorp_fx.families import layer_stacks  # noqa: E402
+from lorp_fx.output import save_pretrained_atomic  # noqa: E402
+from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
 from lorp_fx.observe import ResidualObserver  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -113,7 +115,7 @@ def weights_per_token(model) -> dict:
     The input embedding is a row lookup (one row per token), so it is left out; a tied
     output head is counted as the head.
     """
-    layers = sum(p.numel() for _, container in layer_containers(model) for p in container.parameters())
+    layers = sum(p.numel() for _, container in layer_stacks(model) for p in container.parameters())
     head = model.get_output_embeddings()
     head_params = head.weight.numel() if head is not None else 0
     norm = getattr(getattr(model, "model", None), "norm", None)
@@ -135,7 +137,7 @@ def plain_surgery(model, names: list[str]):
 
 
 def n_layers(model) -> int:
-    return sum(len(container) for _, container in layer_containers(model))
+    return sum(len(container) for _, container in layer_stacks(model))
 
 
 def reload(path: Path):
@@ -433,7 +435,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
         check_ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
         for k in [0, *args.budgets]:
             names = list(plans[k].remove) if k else []
-            pruned = remove_layers(model, names) if k else model
+            pruned = remove_layers(model, names).model if k else model
             path = root / f"removed-{k}"
             savable = tokenizer if hasattr(tokenizer, "save_pretrained") else None
             save_pretrained_atomic(pruned, savable, path, overwrite=True)

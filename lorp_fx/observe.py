@@ -9,22 +9,19 @@ residual stream and drops them: memory holds O(P^2) sums and one batch's states.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock, find_blocks
 from .errors import CalibrationError, InputMismatchError
 from .rewrite import prune
 from .stats import LayerStatistics, SimilarityAccumulator
 from .trace import trace
-
-_MASK_NAMES = ("attention_mask", "decoder_attention_mask")
-
 
 class _Recorder(nn.Module):
     """The call_module target that the instrumented graph hands each residual state to."""
@@ -77,7 +74,7 @@ class ResidualObserver(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        kwargs = self._with_defaults(kwargs)
+        kwargs = with_model_defaults(self.network, kwargs)
         tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         signature = (len(args), tuple(sorted(tensors)), tuple((k, repr(v)) for k, v in sorted(kwargs.items()) if k not in tensors))
         if signature != self._signature:
@@ -92,16 +89,6 @@ class ResidualObserver(nn.Module):
     @property
     def _exported(self) -> bool:
         return self.graph is not None and self.graph.meta.get("lorp_fx_frontend") == "export"
-
-    def _with_defaults(self, kwargs: dict) -> dict:
-        forward = getattr(self.network, "forward", None)
-        try:
-            accepts_cache = "use_cache" in inspect.signature(forward).parameters
-        except (TypeError, ValueError):
-            accepts_cache = False
-        if accepts_cache and "use_cache" not in kwargs:
-            return {**kwargs, "use_cache": False}
-        return kwargs
 
     def _prepare(self, args: tuple, kwargs: dict, signature: tuple) -> None:
         example = kwargs if not args else (args if not kwargs else None)
@@ -150,7 +137,7 @@ class ResidualObserver(nn.Module):
         for stream_index, stream in enumerate(self._streams):
             points = [states[i] for i in stream.points]
             _check_finite(points, [self._point_names[i] for i in stream.points])
-            stream.accumulator.update(points, _mask_for(kwargs, points[0], stream_index))
+            stream.accumulator.update(points, stream_mask(kwargs, points[0], decoder=stream_index > 0))
 
     # ------------------------------------------------------------------ results
 
@@ -198,18 +185,6 @@ def _point_names(blocks: list[ResidualBlock], block_points: list[tuple[int, int]
     return names
 
 
-def _mask_for(kwargs: dict, state: torch.Tensor, stream_index: int) -> torch.Tensor | None:
-    """The attention mask that matches a stream's (batch, seq) shape, preferring its own name."""
-    shape = tuple(state.shape[:2])
-    preferred = _MASK_NAMES[min(stream_index, len(_MASK_NAMES) - 1)]
-    candidates = [preferred] + [n for n in _MASK_NAMES if n != preferred]
-    for name in candidates:
-        mask = kwargs.get(name)
-        if isinstance(mask, torch.Tensor) and tuple(mask.shape[:2]) == shape and mask.dim() == 2:
-            return mask
-    return None
-
-
 def _check_finite(states: list[torch.Tensor], names: list[str]) -> None:
     for state, name in zip(states, names):
         if not bool(torch.isfinite(state).all()):
@@ -240,35 +215,3 @@ def collect_statistics(
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):
             observer(**batch)
     return observer.statistics(), observer.graph
-
-
-def calibration_loss(graph: GraphModule, batches: list[dict]) -> Callable[[list[str]], float] | None:
-    """`loss_fn(removed)`: mean next-token loss of `graph` without those blocks on `batches`.
-
-    What loss-judged selectors (sleb, lorp) compare candidates by. Defined for causal
-    LMs (an `input_ids` input and `.logits` output); None for other networks.
-    """
-    inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"]
-    if not batches or "input_ids" not in inputs or "decoder_input_ids" in inputs:
-        return None
-    batches = [{k: v for k, v in batch.items() if k in inputs} for batch in batches]
-
-    @torch.no_grad()
-    def loss(removed: list[str]) -> float:
-        candidate = prune(graph, removed) if removed else graph
-        return sum(next_token_loss(candidate, batch) for batch in batches) / len(batches)
-
-    return loss
-
-
-def next_token_loss(network: Callable, batch: dict) -> float:
-    """Mean next-token cross-entropy of a causal LM on `batch`, padding excluded."""
-    output = network(**batch)
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    targets = batch["input_ids"][:, 1:]
-    mask = batch.get("attention_mask")
-    keep = torch.ones_like(targets, dtype=torch.bool) if mask is None else mask[:, 1:].bool()
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
-    )
-    return float(losses[keep.flatten()].mean())

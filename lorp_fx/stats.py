@@ -14,7 +14,7 @@ order, split in any way, or summed across processes, and the result is the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,34 +22,40 @@ import torch
 from .errors import CalibrationError
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class LayerStatistics:
     """What selectors see of a model: its blocks and the similarity of its residual points.
 
     `block_points[b] = (i, j)` says block b reads point i and writes point j. In a
     single-stream model that is (b, b + 1); an encoder-decoder has two streams, so
     the decoder's first block does not start where the encoder's last one ends.
+    Frozen, with read-only arrays: selectors are pure functions of it.
     """
 
-    points: list[str]
-    blocks: list[str]
-    block_points: list[tuple[int, int]]
+    points: tuple[str, ...]
+    blocks: tuple[str, ...]
+    block_points: tuple[tuple[int, int], ...]
     similarity: np.ndarray
     angular: np.ndarray
     last_token_angular: np.ndarray
     token_count: int
     sequence_count: int
-    block_kinds: list[str] = field(default_factory=list)
-    removable: list[bool] = field(default_factory=list)
+    block_kinds: tuple[str, ...] = ()
+    removable: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
-        self.block_points = [tuple(map(int, p)) for p in self.block_points]
-        if not self.block_kinds:
-            self.block_kinds = ["layer"] * len(self.blocks)
-        if not self.removable:
-            self.removable = [True] * len(self.blocks)
+        fix = object.__setattr__  # frozen: normalise the fields once, here
+        fix(self, "points", tuple(self.points))
+        fix(self, "blocks", tuple(self.blocks))
+        fix(self, "block_points", tuple(tuple(map(int, p)) for p in self.block_points))
+        fix(self, "block_kinds", tuple(self.block_kinds) or ("layer",) * len(self.blocks))
+        fix(self, "removable", tuple(bool(r) for r in self.removable) or (True,) * len(self.blocks))
         for name in ("similarity", "angular", "last_token_angular"):
-            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+            array = np.array(getattr(self, name), dtype=np.float64)
+            array.setflags(write=False)
+            fix(self, name, array)
+        fix(self, "token_count", int(self.token_count))
+        fix(self, "sequence_count", int(self.sequence_count))
 
     @property
     def n_blocks(self) -> int:
@@ -67,6 +73,16 @@ class LayerStatistics:
     def is_contiguous(self, first: int, last: int) -> bool:
         """True when blocks first..last (inclusive) follow each other on one stream."""
         return all(self.block_points[b][1] == self.block_points[b + 1][0] for b in range(first, last))
+
+    def streams(self) -> list[list[int]]:
+        """Block indices of each residual stream (an encoder-decoder has two), in depth order."""
+        out: list[list[int]] = []
+        for b in range(self.n_blocks):
+            if out and self.is_contiguous(b - 1, b):
+                out[-1].append(b)
+            else:
+                out.append([b])
+        return out
 
     def to_dict(self) -> dict:
         return {

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from lorp_fx import cli
-from lorp_fx.export import layer_containers
+from lorp_fx.families import layer_stacks
 from tiny_models import tiny_model, tiny_tokenizer
 from shared_data import require_shared_data
 
@@ -52,11 +52,12 @@ def test_prune_writes_a_checkpoint_that_reloads_and_generates(tmp_path, capsys, 
     assert report["parameters_after"] < report["parameters_before"]
     assert (out / "plan.json").exists() and (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert report["fx_graph_max_abs_logit_difference"] < 1e-4
-    # gemma3 normalises the branch output before the add: no exact fold, so auto saves it uncompensated
-    assert report["compensation"]["method"] == ("none" if family == "gemma3" else "cosine")
-    assert ("skipped" in report["compensation"]) == (family == "gemma3")
+    # gemma3 normalises the branch output before the add: only a per-channel map folds there
+    assert report["compensation"]["method"] == "cosine" and "skipped" not in report["compensation"]
+    assert report["compensation"]["form"] == ("diagonal" if family == "gemma3" else "full")
+    assert (out / "recipe.yaml").exists() and report["config"]["remove"] == 1
     reloaded = AUTO.get(family, transformers.AutoModelForCausalLM).from_pretrained(out).eval()
-    assert sum(len(layers) for _, layers in layer_containers(reloaded)) == report["layers_after"]
+    assert sum(len(layers) for _, layers in layer_stacks(reloaded)) == report["layers_after"]
     ids = torch.tensor([[5, 6, 7, 8]])
     generated = reloaded.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
     assert generated.shape[1] >= 4
@@ -86,7 +87,7 @@ def test_compensation_keeps_the_parameter_count_and_changes_the_weights(tmp_path
 
 def test_an_explicit_compensation_the_family_cannot_take(tmp_path, capsys, text_file):
     out = tmp_path / "out"
-    code, _, err = run(["prune", "--model", save_tiny(tmp_path, "gemma3"), "--remove", 1, "--compensate", "cosine",
+    code, _, err = run(["prune", "--model", save_tiny(tmp_path, "bert"), "--remove", 1, "--compensate", "cosine",
                         "--calib-file", text_file, "--calib-samples", 4, "--seq-len", 16, "--out", out], capsys)
     errors = [line for line in err.splitlines() if line.startswith("lorp-fx: error")]
     assert code == 2 and len(errors) == 1 and "without compensation" in errors[0] and "Traceback" not in err
@@ -134,7 +135,7 @@ def test_a_model_path_that_does_not_exist(tmp_path, capsys):
 def test_a_budget_that_leaves_fewer_than_two_layers(tmp_path, capsys, text_file):
     model_dir = save_tiny(tmp_path, "llama", layers=4)
     code, _, err = run(["prune", "--model", model_dir, "--remove", 3, "--calib-file", text_file, "--out", tmp_path / "o"], capsys)
-    assert_clean_failure(code, err, "cannot remove 3 of 4 layers")
+    assert_clean_failure(code, err, "cannot remove 3 of 4 layers", "at least 2 must stay")
     assert not (tmp_path / "o").exists()
 
 

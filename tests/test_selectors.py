@@ -4,6 +4,7 @@ authors' SmolLM2 numbers (../shared/data/reference/smollm2-lorp-paper.json)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -12,9 +13,9 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 
 from lorp_fx.errors import BudgetError, UnknownBlockError
+from lorp_fx.errors import SelectorError
 from lorp_fx.selectors import (
     SELECTORS,
-    SelectorError,
     budget_from_ratio,
     cluster_redundancy,
     clusters_for_rls,
@@ -22,17 +23,18 @@ from lorp_fx.selectors import (
     lorp_hier_order,
     lorp_paper_order,
     lorp_paper_stages,
+    options_for,
+    paper_clusters,
     proportional_quotas,
     relative_layer_similarity,
     select,
-    similarity_graph,
-    similarity_regions,
     spectral_clustering,
     uniform_positions,
     ward_increment,
 )
 from lorp_fx.stats import LayerStatistics, SimilarityAccumulator
 from shared_data import require_shared_data
+from strategies import random_walk_stats, selection_scenarios, stats_over_inputs
 
 CONTIGUOUS = {"uidl", "streamline"}
 
@@ -50,33 +52,6 @@ def smollm2_reference() -> dict:
 
 def layer_indices(names: list[str]) -> list[int]:
     return [int(name.split(".")[1]) for name in names]
-
-
-def stats_over_inputs(S: np.ndarray) -> LayerStatistics:
-    """Stats whose N blocks have exactly S as input similarity (the LoRP paper's matrix).
-
-    S covers only the N layer inputs; the final output point is a copy of the last
-    input, which no input-based selector reads.
-    """
-    n = S.shape[0]
-    full = np.ones((n + 1, n + 1))
-    full[:n, :n] = S
-    full[n, :n] = full[:n, n] = S[n - 1]
-    return LayerStatistics.from_similarity(full)
-
-
-def random_walk_stats(n_blocks: int, seed: int, dim: int = 6) -> LayerStatistics:
-    """A residual stream of unit vectors drifting with depth: a real (PSD) cosine matrix."""
-    rng = np.random.default_rng(seed)
-    h = np.cumsum(rng.normal(size=(n_blocks + 1, dim)) * rng.uniform(0.2, 1.5, size=(n_blocks + 1, 1)), axis=0)
-    h += rng.normal(size=dim) * 2
-    h /= np.linalg.norm(h, axis=1, keepdims=True)
-    stats = LayerStatistics.from_similarity(h @ h.T)
-    # make the last-token angles differ from the token-mean ones, as they do in real models
-    noise = rng.uniform(0, 0.05, size=stats.angular.shape)
-    stats.last_token_angular = np.clip(stats.angular + (noise + noise.T) / 2, 0, 1)
-    np.fill_diagonal(stats.last_token_angular, 0.0)
-    return stats
 
 
 def block_diagonal(sizes: list[int], within: list[float], between: float) -> np.ndarray:
@@ -314,8 +289,9 @@ def test_shortgpt_and_uidl_disagree():
 def test_uidl_reads_last_token_angles_and_streamline_token_means():
     stats = disagreement_stats()
     # the last tokens say the run 1..2 is the most redundant one
-    stats.last_token_angular = np.full_like(stats.last_token_angular, 0.3)
-    stats.last_token_angular[1, 3] = stats.last_token_angular[3, 1] = 0.01
+    last = np.full_like(stats.last_token_angular, 0.3)
+    last[1, 3] = last[3, 1] = 0.01
+    stats = replace(stats, last_token_angular=last)
     assert layer_indices(select(stats, 2, method="uidl").remove) == [1, 2]
     assert layer_indices(select(stats, 2, method="streamline").remove) == [3, 4]
     plan = select(stats, 2, method="uidl")
@@ -324,9 +300,9 @@ def test_uidl_reads_last_token_angles_and_streamline_token_means():
 
 
 def test_uidl_always_keeps_the_last_block():
-    stats = disagreement_stats()
-    stats.last_token_angular = np.full_like(stats.last_token_angular, 0.3)
-    stats.last_token_angular[6, 8] = stats.last_token_angular[8, 6] = 0.0  # run 6..7 looks free
+    last = np.full_like(disagreement_stats().last_token_angular, 0.3)
+    last[6, 8] = last[8, 6] = 0.0  # run 6..7 looks free
+    stats = replace(disagreement_stats(), last_token_angular=last)
     plan = select(stats, 2, method="uidl", protected=[])
     assert "layers.7" not in plan.remove
     assert "layers.7" in select(stats, 1, method="last-n", protected=[]).remove
@@ -369,8 +345,7 @@ def test_sublayers_are_blocks_like_any_other():
         S[i, i + 1] = S[i + 1, i] = 1 - b
     S[S == 0] = 0.5
     names = [f"layers.{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}" for i in range(n)]
-    stats = LayerStatistics.from_similarity(S, blocks=names)
-    stats.block_kinds = ["attention", "mlp"] * 3
+    stats = replace(LayerStatistics.from_similarity(S, blocks=names), block_kinds=["attention", "mlp"] * 3)
     plan = select(stats, 2, method="shortgpt")
     assert plan.granularity == "sublayer"
     assert plan.remove == ["layers.1.attn", "layers.2.attn"]
@@ -411,7 +386,7 @@ def test_sleb_nan_loss_is_never_preferred():
 
 def test_last_n_uniform_random_rules():
     stats = random_walk_stats(10, 0)
-    stats.removable[7] = False
+    stats = replace(stats, removable=[i != 7 for i in range(10)])
     assert layer_indices(select(stats, 3, method="last-n").remove) == [5, 6, 8]
     eligible = [1, 2, 3, 4, 5, 6, 8]
     expected = [eligible[p] for p in uniform_positions(7, 3)]
@@ -431,6 +406,31 @@ def test_last_n_uniform_random_rules():
 # --------------------------------------------------------------------------------------
 
 
+def test_an_option_the_method_does_not_take_is_refused_with_the_valid_ones():
+    stats = random_walk_stats(6, 0)
+    with pytest.raises(SelectorError, match=r"'shortgpt' takes no option 'n_clusters'; its options are: protected"):
+        select(stats, 2, method="shortgpt", n_clusters=3)
+    with pytest.raises(SelectorError, match="'random' takes no option 'loss_fn'; its options are: protected, seed"):
+        select(stats, 2, method="random", loss_fn=len)
+    with pytest.raises(SelectorError, match="'sleb' needs loss_fn"):
+        select(stats, 2, method="sleb")
+    assert SELECTORS["lorp-paper"].options == ("protected", "n_clusters")
+    assert SELECTORS["sleb"].required == ("loss_fn",) and SELECTORS["sleb"].judges_by_loss
+
+
+@pytest.mark.parametrize("method", sorted(SELECTORS))
+def test_every_plan_carries_the_papers_diagnostics_and_scores_every_eligible_block(method):
+    stats = random_walk_stats(9, 3)
+    plan = select(stats, 3, method=method, **options_for(method, loss_fn=toy_loss(stats)))
+    expected_rls, expected_clusters = paper_clusters(stats)
+    assert plan.rls is not None and plan.clusters
+    assert sorted(b for c in plan.clusters for b in c) == sorted(stats.blocks)
+    if method not in ("lorp-paper", "lorp-hier"):
+        assert plan.rls == pytest.approx(expected_rls) and plan.clusters == expected_clusters
+    eligible = set(stats.blocks[1:-1])
+    assert eligible <= set(plan.scores)
+
+
 def test_budget_errors_name_the_problem():
     stats = random_walk_stats(6, 0)
     with pytest.raises(BudgetError, match="at least 1"):
@@ -439,7 +439,7 @@ def test_budget_errors_name_the_problem():
         select(stats, 1.5)
     with pytest.raises(BudgetError, match="only 3 of 6"):
         select(stats, 4, method="last-n", protected=[0, 1, 5])
-    with pytest.raises(BudgetError, match="fewer than 2"):
+    with pytest.raises(BudgetError, match="at least 2 must stay"):
         select(stats, 5, method="last-n", protected=[])
     with pytest.raises(BudgetError, match="exactly one budget"):
         select(stats)
@@ -447,7 +447,7 @@ def test_budget_errors_name_the_problem():
         select(stats, 2, ratio=0.3)
     with pytest.raises(BudgetError, match="between 0 and 1"):
         select(stats, ratio=1.2)
-    stats.removable = [True, False, True, False, True, True]
+    stats = replace(stats, removable=[True, False, True, False, True, True])
     with pytest.raises(BudgetError, match="contiguous"):
         select(stats, 2, method="streamline")
 
@@ -486,29 +486,6 @@ def test_registry_and_dispatch():
 # --------------------------------------------------------------------------------------
 
 
-def test_similarity_graph_and_regions():
-    stats = stats_over_inputs(BLOCKS)
-    graph = similarity_graph(stats)
-    assert graph.number_of_nodes() == 12 and graph.number_of_edges() == 66
-    assert graph["layers.4"]["layers.5"]["weight"] == pytest.approx(0.95)
-    assert graph.nodes["layers.3"] == {"index": 3, "kind": "layer", "removable": True}
-    assert similarity_regions(stats, 0.5) == [
-        [f"layers.{i}" for i in range(4)],
-        [f"layers.{i}" for i in range(4, 9)],
-        [f"layers.{i}" for i in range(9, 12)],
-    ]
-    assert len(similarity_regions(stats, 0.05)) == 1
-    points = similarity_graph(stats, 0.5, over="points")
-    assert points.number_of_nodes() == 13
-    with pytest.raises(SelectorError):
-        similarity_graph(stats, over="tokens")
-
-
-# --------------------------------------------------------------------------------------
-# Properties of every selector
-# --------------------------------------------------------------------------------------
-
-
 def toy_loss(stats: LayerStatistics):
     bi = dict(zip(stats.blocks, stats.block_influence()))
 
@@ -525,28 +502,12 @@ def has_run(stats: LayerStatistics, n: int, allowed: set[int]) -> bool:
     )
 
 
-@st.composite
-def scenarios(draw):
-    n = draw(st.integers(3, 12))
-    stats = random_walk_stats(n, draw(st.integers(0, 2**32 - 1)))
-    stats.removable = draw(st.lists(st.booleans() | st.just(True), min_size=n, max_size=n))
-    protected = draw(st.none() | st.lists(st.integers(0, n - 1), unique=True, max_size=n))
-    guarded = {0, n - 1} if protected is None else set(protected)
-    eligible = [b for b in range(n) if stats.removable[b] and b not in guarded]
-    assume(eligible and n >= 3)
-    n_remove = draw(st.integers(1, min(len(eligible), n - 2)))
-    names = None if protected is None else [stats.blocks[b] for b in protected]
-    return stats, n_remove, names, eligible
-
-
 @pytest.mark.parametrize("method", sorted(SELECTORS))
 @settings(max_examples=40, deadline=None)
-@given(scenario=scenarios(), seed=st.integers(0, 1000))
+@given(scenario=selection_scenarios(), seed=st.integers(0, 1000))
 def test_selector_properties(method, scenario, seed):
     stats, n_remove, protected, eligible = scenario
-    options = {"protected": protected, "seed": seed}
-    if method == "sleb":
-        options["loss_fn"] = toy_loss(stats)
+    options = options_for(method, protected=protected, seed=seed, loss_fn=toy_loss(stats))
     allowed = set(eligible)
     if method == "uidl":
         allowed.discard(stats.n_blocks - 1)
@@ -590,6 +551,6 @@ def test_selection_does_not_depend_on_batch_order(method):
         for i in order:
             acc.update(batches[i])
         stats = acc.statistics(points, names, block_points)
-        options = {"loss_fn": toy_loss(stats)} if method == "sleb" else {}
+        options = options_for(method, loss_fn=toy_loss(stats))
         plans.append(select(stats, 3, method=method, **options))
     assert plans[0].remove == plans[1].remove

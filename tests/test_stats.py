@@ -6,6 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from lorp_fx import SimilarityAccumulator
 from lorp_fx.errors import CalibrationError
+from strategies import residual_states
 import pytest
 
 
@@ -26,20 +27,8 @@ def direct(states: np.ndarray, mask: np.ndarray):
     return cos.mean(0), (np.arccos(cos) / np.pi).mean(0), (np.arccos(last_cos) / np.pi).mean(0)
 
 
-@st.composite
-def calibration(draw):
-    p, b, t, d = draw(st.integers(2, 5)), draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(2, 7))
-    seed = draw(st.integers(0, 10_000))
-    rng = np.random.default_rng(seed)
-    states = rng.normal(size=(p, b, t, d))
-    mask = rng.random((b, t)) < 0.7
-    mask[:, 0] = True  # every sequence keeps a token
-    cuts = sorted(draw(st.sets(st.integers(1, max(1, b - 1)), max_size=b - 1))) if b > 1 else []
-    return states, mask.astype(np.int64), cuts
-
-
 @settings(max_examples=60)
-@given(calibration())
+@given(residual_states())
 def test_any_batch_split_gives_the_direct_statistics(case):
     states, mask, cuts = case
     accumulator = SimilarityAccumulator(states.shape[0])
@@ -56,7 +45,7 @@ def test_any_batch_split_gives_the_direct_statistics(case):
 
 
 @settings(max_examples=20)
-@given(calibration())
+@given(residual_states())
 def test_merging_accumulators_equals_one_pass(case):
     states, mask, _ = case
     whole, left, right = (SimilarityAccumulator(states.shape[0]) for _ in range(3))

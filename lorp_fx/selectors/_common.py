@@ -1,4 +1,4 @@
-"""Plumbing every selector shares: eligibility, budget checks, cluster bookkeeping, the plan."""
+"""Plumbing every selector shares: eligibility, the budget check, cluster bookkeeping, the plan."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..errors import BudgetError, SelectorError, UnknownBlockError
+from ..budget import check_budget as check_budget_rule
+from ..errors import BudgetError, UnknownBlockError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
 
 LossFn = Callable[[list[str]], float]
-
 
 
 def protected_indices(stats: LayerStatistics, protected: Sequence[str | int] | str | None) -> set[int]:
@@ -27,9 +27,7 @@ def protected_indices(stats: LayerStatistics, protected: Sequence[str | int] | s
     for item in protected:
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             if not -n <= item < n:
-                raise UnknownBlockError(
-                    f"protected block index {item} is out of range: the model has {n} blocks"
-                )
+                raise UnknownBlockError(f"protected block index {item} is out of range: the model has {n} blocks")
             chosen.add(int(item) % n)
         elif item in index:
             chosen.add(index[item])
@@ -47,25 +45,9 @@ def eligible_blocks(stats: LayerStatistics, protected: Sequence[str | int] | Non
     return [b for b in range(stats.n_blocks) if stats.removable[b] and b not in guarded]
 
 
-def default_eligible(n: int) -> list[int]:
-    """The LoRP paper's eligible layers: all but the first and the last."""
-    return list(range(1, n - 1))
-
-
 def check_budget(stats: LayerStatistics, n_remove: int, eligible: Sequence[int]) -> None:
-    if isinstance(n_remove, bool) or not isinstance(n_remove, (int, np.integer)):
-        raise BudgetError(f"n_remove must be a whole number of blocks, got {n_remove!r}")
-    if n_remove < 1:
-        raise BudgetError(f"n_remove must be at least 1, got {n_remove}; pass a positive number of blocks")
-    if stats.n_blocks - n_remove < 2:
-        raise BudgetError(
-            f"removing {n_remove} of {stats.n_blocks} blocks would leave fewer than 2; lower n_remove"
-        )
-    if n_remove > len(eligible):
-        raise BudgetError(
-            f"asked to remove {n_remove} blocks but only {len(eligible)} of {stats.n_blocks} are removable "
-            "and not protected; lower n_remove or protect fewer blocks"
-        )
+    """The budget rule (`lorp_fx.budget`) for these statistics and eligible blocks."""
+    check_budget_rule(stats.n_blocks, n_remove, eligible=len(eligible))
 
 
 def granularity_of(stats: LayerStatistics) -> str:
@@ -73,9 +55,20 @@ def granularity_of(stats: LayerStatistics) -> str:
 
 
 def make_plan(stats: LayerStatistics, chosen: Sequence[int], method: str, scores, **fields) -> PruningPlan:
-    """A plan removing `chosen` (any order) in depth order; `scores` is {index: value}."""
+    """A plan removing `chosen` (any order) in depth order; `scores` is {index: value}.
+
+    Refuses a selection that would empty a residual stream (every block of an
+    encoder or decoder): the budget rule keeps at least one per stream.
+    """
+    chosen = sorted(set(int(b) for b in chosen))
+    for stream in stats.streams():
+        if set(stream) <= set(chosen):
+            raise BudgetError(
+                f"the selection would remove every block of the stream {stats.blocks[stream[0]]} .. "
+                f"{stats.blocks[stream[-1]]}; protect one of them or lower the budget"
+            )
     return PruningPlan(
-        remove=[stats.blocks[b] for b in sorted(chosen)],
+        remove=[stats.blocks[b] for b in chosen],
         method=method,
         granularity=granularity_of(stats),
         scores={stats.blocks[b]: float(v) for b, v in scores.items()},

@@ -10,17 +10,16 @@ import numpy as np
 from ..errors import BudgetError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
-from ._common import LossFn, SelectorError, block_names, check_budget, eligible_blocks, lowest, make_plan
+from ._common import LossFn, block_names, check_budget, eligible_blocks, lowest, make_plan
+from .registry import register
 
 
+@register("shortgpt", summary="lowest Block Influence 1 - cos(h_l, h_l+1)", source="arXiv 2403.03853")
 def shortgpt(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """ShortGPT (arXiv 2403.03853): remove the blocks with the lowest Block Influence.
 
@@ -54,58 +53,64 @@ def _best_run(
     return min(runs, key=lambda s: (runs[s], s)), runs
 
 
+def _best_run_per_block(runs: dict[int, float], n_remove: int, sign: float = 1.0) -> dict[int, float]:
+    """Each block's score: the value of the best admissible run that contains it (`sign` -1: higher is better)."""
+    scores: dict[int, float] = {}
+    for start, value in runs.items():
+        for b in range(start, start + n_remove):
+            if b not in scores or sign * value < sign * scores[b]:
+                scores[b] = value
+    return scores
+
+
+@register("uidl", summary="contiguous run with the smallest last-token angular distance", source="arXiv 2403.17887")
 def uidl(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """UIDL (arXiv 2403.17887): the contiguous run whose ends are closest in last-token angle.
 
     d = mean over sequences of arccos(cos(h_entry, h_exit)) / pi on each sequence's last
     token; the run [b, b + n) with the smallest d is removed. The model's last block is
-    always kept, as in the paper. Scores: d of the run starting at each admissible block.
+    always kept, as in the paper. Scores: for each block, d of the best admissible run
+    containing it; `details["runs"]` has d of the run starting at each admissible block.
     """
     eligible = [b for b in eligible_blocks(stats, protected) if b != stats.n_blocks - 1]
     check_budget(stats, n_remove, eligible)
     start, runs = _best_run(stats, n_remove, eligible, stats.last_token_angular)
     chosen = range(start, start + n_remove)
-    details = {"run_start": stats.blocks[start], "distance": runs[start]}
-    return make_plan(stats, chosen, "uidl", runs, details=details)
+    details = {"run_start": stats.blocks[start], "distance": runs[start], "runs": {stats.blocks[b]: d for b, d in runs.items()}}
+    return make_plan(stats, chosen, "uidl", _best_run_per_block(runs, n_remove), details=details)
 
 
+@register("streamline", summary="contiguous run with the highest mean cosine between its ends", source="arXiv 2403.19135")
 def streamline(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """LLM-Streamline, training-free part (arXiv 2403.19135): the contiguous run whose
-    ends have the highest mean token cosine. Scores: that cosine for the run starting at
-    each admissible block."""
+    ends have the highest mean token cosine. Scores: for each block, that cosine of the
+    best admissible run containing it; `details["runs"]` has it per run start."""
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)
     start, runs = _best_run(stats, n_remove, eligible, -stats.similarity)
     cosines = {b: -d for b, d in runs.items()}
     chosen = range(start, start + n_remove)
-    details = {"run_start": stats.blocks[start], "cosine": cosines[start]}
-    return make_plan(stats, chosen, "streamline", cosines, details=details)
+    details = {"run_start": stats.blocks[start], "cosine": cosines[start], "runs": {stats.blocks[b]: c for b, c in cosines.items()}}
+    return make_plan(stats, chosen, "streamline", _best_run_per_block(cosines, n_remove, sign=-1.0), details=details)
 
 
+@register("sleb", summary="greedy on calibration loss, recomputed after each removal", source="arXiv 2402.09025")
 def sleb(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
+    loss_fn: LossFn,
 ) -> PruningPlan:
     """SLEB (arXiv 2402.09025): greedy, one block per step, by calibration loss.
 
@@ -114,11 +119,6 @@ def sleb(
     recomputed after every removal. A NaN loss counts as +inf. Scores: the loss with
     each block removed alone (the first step); `details["steps"]` has every step.
     """
-    if loss_fn is None:
-        raise SelectorError(
-            "method 'sleb' needs loss_fn: a callable that takes the list of removed block names "
-            "and returns the calibration loss of the model without them"
-        )
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)
     removed: list[int] = []
@@ -140,14 +140,12 @@ def sleb(
     return make_plan(stats, removed, "sleb", first_losses, details=details)
 
 
+@register("last-n", summary="the deepest blocks (naive reference)")
 def last_n(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """The naive reference: the deepest n removable, unprotected blocks. Scores: depth."""
     eligible = eligible_blocks(stats, protected)
@@ -172,14 +170,12 @@ def uniform_positions(m: int, n: int) -> list[int]:
     return [-((q - 2 * i * (m - 1)) // (2 * q)) for i in range(n)]
 
 
+@register("uniform", summary="evenly spaced blocks (naive reference)")
 def uniform(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """Every k-th block: n blocks evenly spaced over the removable, unprotected blocks.
 
@@ -193,14 +189,13 @@ def uniform(
     return make_plan(stats, chosen, "uniform", {b: b for b in eligible})
 
 
+@register("random", summary="seeded random blocks (naive reference)")
 def random_blocks(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
     seed: int = 0,
-    loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
 ) -> PruningPlan:
     """Random blocks, reproducible: each block gets a key from `numpy.random.default_rng(seed)`
     and the eligible blocks with the lowest keys are removed (so a larger budget extends a

@@ -67,10 +67,10 @@ from ..errors import BudgetError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
 from ._common import LossFn, block_names, check_budget, eligible_blocks, lowest, make_plan
+from .registry import register
 
 #: measurements per greedy step before the last one
 PER_STEP = 2
-SIGMA_FROM_WINNERS = True
 
 
 def runs_of(stats: LayerStatistics, removed: Sequence[int]) -> list[tuple[int, int]]:
@@ -166,7 +166,7 @@ def lorp_search(
                 increment = v - base
                 stale[b] = (increment, dj[b])
                 estimates[b] = increment
-                if dj[b] > 0 and math.isfinite(increment) and (b == best or not SIGMA_FROM_WINNERS):
+                if dj[b] > 0 and math.isfinite(increment) and b == best:
                     ratios.append(increment / dj[b])
         steps.append({"removed": best, "loss": values[best], "measured": values})
         base = values[best]
@@ -174,22 +174,20 @@ def lorp_search(
     return R, base, estimates, steps
 
 
+@register("lorp", summary="greedy on the calibration loss, measuring only the candidates the statistics rank best")
 def lorp(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
     loss_fn: LossFn | None = None,
-    n_clusters: int | None = None,
     evaluations: int | None = None,
 ) -> PruningPlan:
     """Default selector: minimise the calibration loss with about a tenth of SLEB's
     measurements, by a greedy whose estimates follow the locality of the residual
     stream (module doc). Without `loss_fn`: the blocks with the lowest own cost
     1 - cos(input, output). `evaluations` overrides the measurement budget (>= 1 per
-    removed block); `seed` and `n_clusters` are unused (the method is deterministic
-    and clusters nothing).
+    removed block).
     """
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)

@@ -17,17 +17,16 @@ from ..errors import BudgetError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
 from ._common import (
-    LossFn,
     block_names,
     check_budget,
     cluster_members,
     cluster_names,
-    default_eligible,
     eligible_blocks,
     make_plan,
     renumber_by_depth,
 )
-from .lorp_paper import clusters_for_rls, relative_layer_similarity, resolve_k
+from .lorp_paper import relative_layer_similarity, resolve_k
+from .registry import register
 
 
 def hierarchical_clusters(S: np.ndarray, n_clusters: int) -> list[int]:
@@ -99,9 +98,9 @@ def lorp_hier_order(
     """
     S = np.asarray(S, dtype=np.float64)
     n = S.shape[0]
-    k = n_clusters or clusters_for_rls(relative_layer_similarity(S))
-    labels = hierarchical_clusters(S, min(k, n))
-    allowed = set(default_eligible(n) if eligible is None else eligible)
+    k = resolve_k(n, n_clusters, relative_layer_similarity(S))
+    labels = hierarchical_clusters(S, k)
+    allowed = set(range(1, n - 1) if eligible is None else eligible)  # the paper keeps the first and last
     clusters = cluster_members(labels)
     candidates = [[m for m in members if m in allowed] for members in clusters]
     quotas = proportional_quotas([len(c) for c in candidates], n_remove)
@@ -118,13 +117,12 @@ def lorp_hier_order(
     return removed, increments, labels
 
 
+@register("lorp-hier", summary="LoRP variant: hierarchical clusters of 1 - S, least Ward increment first")
 def lorp_hier(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
     n_clusters: int | None = None,
 ) -> PruningPlan:
     """Variant of LoRP: hierarchical clustering of 1 - S, Ward-increment removal.
@@ -138,7 +136,7 @@ def lorp_hier(
     check_budget(stats, n_remove, eligible)
     S = stats.input_similarity()
     rls = relative_layer_similarity(S)
-    k = resolve_k(stats, n_clusters, rls)
+    k = resolve_k(stats.n_blocks, n_clusters, rls)
     order, increments, labels = lorp_hier_order(S, n_remove, k, eligible)
     everyone = list(range(stats.n_blocks))
     scores = {}

@@ -7,20 +7,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import BudgetError
+from ..errors import BudgetError, SelectorError
 from ..plan import PruningPlan
 from ..stats import LayerStatistics
 from ._common import (
-    LossFn,
-    SelectorError,
     block_names,
     check_budget,
     cluster_members,
     cluster_names,
-    default_eligible,
     eligible_blocks,
     make_plan,
 )
+from .registry import register
 from .spectral import spectral_clustering
 
 RLS_THRESHOLDS = (1.0, 0.7)  # RLS >= 1.0 -> K = 2; 0.7 <= RLS < 1.0 -> K = 3; below -> K = 4
@@ -84,7 +82,7 @@ def lorp_paper_stages(
     the paper's wording says.
     """
     S = np.asarray(S, dtype=np.float64)
-    allowed = set(default_eligible(S.shape[0]) if eligible is None else eligible)
+    allowed = set(range(1, S.shape[0] - 1) if eligible is None else eligible)  # the paper keeps the first and last
     r = cluster_redundancy(S, labels)
     clusters = cluster_members(labels)
     removed: list[int] = []
@@ -125,46 +123,52 @@ def lorp_paper_order(
     every layer but the first and the last.
     """
     S = np.asarray(S, dtype=np.float64)
-    k = n_clusters or clusters_for_rls(relative_layer_similarity(S))
-    labels = spectral_clustering(S, min(k, S.shape[0]))
+    k = resolve_k(S.shape[0], n_clusters, relative_layer_similarity(S))
+    labels = spectral_clustering(S, k)
     return lorp_paper_stages(S, n_remove, labels, eligible)[0]
 
 
-def resolve_k(stats: LayerStatistics, n_clusters: int | None, rls: float) -> int:
+def resolve_k(n_blocks: int, n_clusters: int | None, rls: float) -> int:
     """K from the RLS policy (at most one cluster per block), or the forced `n_clusters`, checked."""
     if n_clusters is None:
-        return min(clusters_for_rls(rls), stats.n_blocks)
+        return min(clusters_for_rls(rls), n_blocks)
     whole = isinstance(n_clusters, (int, np.integer)) and not isinstance(n_clusters, bool)
-    if not whole or not 1 <= n_clusters <= stats.n_blocks:
+    if not whole or not 1 <= n_clusters <= n_blocks:
         raise SelectorError(
             f"n_clusters={n_clusters!r} must be a whole number between 1 and the number of blocks "
-            f"({stats.n_blocks}); leave it unset to choose K from RLS"
+            f"({n_blocks}); leave it unset to choose K from RLS"
         )
     return int(n_clusters)
 
 
+def paper_clusters(stats: LayerStatistics) -> tuple[float, list[list[str]]]:
+    """The paper's diagnostics from S alone: RLS and the spectral clusters for the K it implies."""
+    S = stats.input_similarity()
+    rls = relative_layer_similarity(S)
+    labels = spectral_clustering(S, resolve_k(stats.n_blocks, None, rls))
+    return rls, cluster_names(stats, labels)
+
+
+@register("lorp-paper", summary="LoRP as published: RLS picks K, spectral clusters, coverage then density", source="arXiv 2605.27786")
 def lorp_paper(
     stats: LayerStatistics,
     n_remove: int,
     *,
     protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-    loss_fn: LossFn | None = None,
     n_clusters: int | None = None,
 ) -> PruningPlan:
     """LoRP as published (arXiv 2605.27786), step for step.
 
     S = similarity of the blocks' inputs; RLS = -log2(mean_{i<j} S_ij); K = 2 / 3 / 4
     for RLS >= 1.0 / in [0.7, 1.0) / below 0.7 unless `n_clusters` forces it;
-    spectral clustering of (S + 1) / 2 (random state 0, whatever `seed` says: the
-    paper fixes it); then Stage 1 coverage and Stage 2 residual allocation
+    spectral clustering of (S + 1) / 2 (random state 0: the paper fixes it); then Stage 1 coverage and Stage 2 residual allocation
     (`lorp_paper_stages`). Scores are the redundancies r(l).
     """
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)
     S = stats.input_similarity()
     rls = relative_layer_similarity(S)
-    k = resolve_k(stats, n_clusters, rls)
+    k = resolve_k(stats.n_blocks, n_clusters, rls)
     labels = spectral_clustering(S, k)
     order, stages = lorp_paper_stages(S, n_remove, labels, eligible)
     r = cluster_redundancy(S, labels)

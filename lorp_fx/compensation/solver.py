@@ -1,0 +1,181 @@
+"""The least-squares solver behind compensation: streaming normal equations, ridge, cross-validation.
+
+Pure torch, no model: a gap is described by tokens (x, m, y), the skip input and
+branch output of the unit before the gap and the dense state after it, and the
+map T minimises
+
+    sum_t w_t |T m_t - r_t|^2 + lam |T - I|_F^2,   r_t = y_t - x_t,   lam = ridge * tr(A) / d
+
+with A = sum w m m^T and B = sum w m r^T accumulated in float64:
+T^T = (A + lam I)^-1 (B + lam I). Weights are 1 ("lstsq") or 1 / |y_t|^2
+("cosine": every token's error relative to its own norm). The "diagonal" form
+restricts T to a per-channel scale (what folds into a norm's weight), solved from
+the diagonals of A and B. docs/compensation.md has the derivation and results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import CalibrationError, CompensationError
+
+METHODS = ("lstsq", "cosine")
+FORMS = ("full", "diagonal")
+# Candidate ridges for ridge="auto" (relative to tr(A)/d), chosen per gap by cross-validation.
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FALLBACK_RIDGE = 1e-1  # what "auto" uses when there are too few sequences to cross-validate
+CV_FOLDS = 4
+_SUMS = ("weight_sum", "target_sum", "residual_sum", "before_sum", "tokens")
+
+
+def check_method(method: str, form: str = "full") -> None:
+    if method not in METHODS:
+        raise CompensationError(f"unknown compensation method {method!r}; choose one of {', '.join(METHODS)}")
+    if form not in FORMS:
+        raise CompensationError(f"unknown compensation form {form!r}; choose one of {', '.join(FORMS)}")
+
+
+def fold_count(ridge) -> int:
+    """Folds the statistics are kept in: CV_FOLDS for ridge="auto", else 1."""
+    if ridge == "auto":
+        return CV_FOLDS
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0:
+        raise CompensationError(f"ridge must be 'auto' or a number >= 0, got {ridge!r}")
+    return 1
+
+
+class GapStatistics:
+    """Streaming normal equations of one gap: A = sum w m m^T, B = sum w m r^T, and error sums."""
+
+    def __init__(self, d: int, method: str, device: torch.device | str = "cpu", form: str = "full"):
+        self.d, self.method, self.form = d, method, form
+        self.A = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.B = torch.zeros(d, d, dtype=torch.float64, device=device)
+        self.weight_sum = 0.0
+        self.target_sum = 0.0  # sum w |y|^2
+        self.residual_sum = 0.0  # sum w |r|^2
+        self.before_sum = 0.0  # sum w |r - m|^2: the error without compensation
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_out: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """One batch: the fold unit's input `x` and output `x_out`, the dense state `y` after the gap.
+
+        Tensors are (..., d); `keep` (same leading shape, bool) drops padding tokens.
+        """
+        x, x_out, y = (t.reshape(-1, self.d) for t in (x, x_out, y))
+        if keep is not None:
+            keep = keep.reshape(-1).to(x.device).bool()
+            x, x_out, y = x[keep], x_out[keep], y[keep]
+        if x.shape[0] == 0:
+            return
+        device = self.A.device
+        x, x_out, y = (t.to(device=device, dtype=torch.float64) for t in (x, x_out, y))
+        m = x_out - x
+        r = y - x
+        if self.method == "cosine":
+            w = 1.0 / (y * y).sum(1).clamp_min(torch.finfo(torch.float64).tiny)
+        else:
+            w = torch.ones(x.shape[0], dtype=torch.float64, device=device)
+        wm = m * w[:, None]
+        self.A += wm.T @ m
+        self.B += wm.T @ r
+        self.weight_sum += float(w.sum())
+        self.target_sum += float((w * (y * y).sum(1)).sum())
+        self.residual_sum += float((w * (r * r).sum(1)).sum())
+        self.before_sum += float((w * ((r - m) ** 2).sum(1)).sum())
+        self.tokens += x.shape[0]
+
+    def merge(self, other: "GapStatistics") -> None:
+        self.A += other.A.to(self.A.device)
+        self.B += other.B.to(self.B.device)
+        for name in _SUMS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def minus(self, other: "GapStatistics") -> "GapStatistics":
+        """The statistics of the tokens in `self` but not in `other` (a sub-collection of them)."""
+        out = GapStatistics(self.d, self.method, self.A.device, self.form)
+        out.A, out.B = self.A - other.A, self.B - other.B
+        for name in _SUMS:
+            setattr(out, name, getattr(self, name) - getattr(other, name))
+        return out
+
+    def error_sum(self, transform: torch.Tensor) -> float:
+        """sum w |x + T m - y|^2 over these tokens (T fitted elsewhere: a held-out error)."""
+        t = transform.to(self.A)
+        return self.residual_sum - 2.0 * float(torch.trace(t @ self.B)) + float(((t @ self.A) * t).sum())
+
+    def solve(self, ridge: float = FALLBACK_RIDGE) -> torch.Tensor:
+        """T minimising sum w |T m - r|^2 + ridge * tr(A)/d * |T - I|^2 (float64, on the statistics' device)."""
+        if self.tokens == 0:
+            raise CalibrationError("no calibration tokens reached this gap: the calibration batches are empty or all padding")
+        scale = float(torch.trace(self.A)) / self.d
+        if not math.isfinite(scale):
+            raise CalibrationError("NaN or Inf in the calibration activations; use float32 or bfloat16 rather than float16")
+        lam = ridge * scale if scale > 0 else 1.0
+        if self.form == "diagonal":
+            return torch.diag((torch.diagonal(self.B) + lam) / (torch.diagonal(self.A) + lam))
+        eye = torch.eye(self.d, dtype=torch.float64, device=self.A.device)
+        system, rhs = self.A + lam * eye, self.B + lam * eye
+        try:
+            transposed = torch.cholesky_solve(rhs, torch.linalg.cholesky(system))
+        except RuntimeError:  # not positive definite in floating point: fall back to a least-squares solve
+            transposed = torch.linalg.lstsq(system, rhs).solution
+        return transposed.T.contiguous()
+
+    def relative_error(self, transform: torch.Tensor | None = None) -> float:
+        """sum w |x + T m - y|^2 / sum w |y|^2 on the calibration tokens (T = I: uncompensated)."""
+        err = self.before_sum if transform is None else self.error_sum(transform)
+        return max(err, 0.0) / max(self.target_sum, 1e-300)
+
+
+class FoldedStatistics:
+    """The statistics of one gap, split into folds by sequence for ridge="auto" (one fold otherwise).
+
+    Sequence r of the calibration data (counting rows across batches) goes to fold
+    r % folds: tokens of one sequence are correlated, so they stay together.
+    """
+
+    def __init__(self, d: int, method: str, folds: int, device, form: str = "full"):
+        self.folds = [GapStatistics(d, method, device, form) for _ in range(folds)]
+
+    def update(self, x, x_out, y, keep, first_row: int) -> None:
+        n = len(self.folds)
+        if n == 1 or x.dim() < 3:
+            self.folds[0].update(x, x_out, y, keep)
+            return
+        rows = torch.arange(x.shape[0], device=x.device) + first_row
+        for k in range(n):
+            pick = (rows % n) == k
+            if bool(pick.any()):
+                self.folds[k].update(x[pick], x_out[pick], y[pick], None if keep is None else keep[pick])
+
+    def total(self) -> GapStatistics:
+        first = self.folds[0]
+        total = GapStatistics(first.d, first.method, first.A.device, first.form)
+        for fold in self.folds:
+            total.merge(fold)
+        return total
+
+    def choose_ridge(self, total: GapStatistics) -> tuple[float, dict[float, float]]:
+        """The grid ridge with the lowest cross-validated error (relative), and every candidate's error."""
+        usable = [f for f in self.folds if f.tokens > 0]
+        if len(usable) < 2:
+            return FALLBACK_RIDGE, {}
+        errors = {}
+        for ridge in RIDGE_GRID:
+            held_out = sum(fold.error_sum(total.minus(fold).solve(ridge)) for fold in usable)
+            errors[ridge] = held_out / max(total.target_sum, 1e-300)
+        return min(errors, key=errors.get), errors
+
+    def solve(self, ridge) -> tuple[GapStatistics, torch.Tensor, float, dict]:
+        """(all tokens' statistics, T, the ridge used, cross-validated errors per ridge)."""
+        total = self.total()
+        if total.tokens == 0:
+            raise CalibrationError("no calibration tokens reached this gap: the calibration batches are empty or all padding")
+        cv_errors: dict = {}
+        if ridge == "auto":
+            ridge, cv_errors = self.choose_ridge(total)
+        return total, total.solve(float(ridge)), float(ridge), cv_errors
