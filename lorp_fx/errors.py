@@ -42,3 +42,7 @@ class CalibrationError(LoRPError):
 
 class SelectorError(LoRPError, ValueError):
     """A selection method that does not exist or lacks what it needs."""
+
+
+class GGUFError(LoRPError):
+    """A GGUF file that cannot be read, or a layer removal it cannot take."""
