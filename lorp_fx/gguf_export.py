@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import GGUFError
-from .gguf_layout import plan_metadata
+from .gguf_layout import period_conflicts, plan_metadata
 
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
 _COPY_CHUNK = 64 << 20  # bytes per write when copying a tensor: bounds memory, not speed
@@ -101,14 +101,27 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
     return source
 
 
-def check_transformers_architecture(source: GGUFSource) -> None:
-    """Raise a one-line GGUFError if transformers cannot load this file's architecture."""
+def check_transformers_can_read(source: str | os.PathLike | GGUFSource) -> GGUFSource:
+    """Raise a one-line GGUFError if transformers cannot load this file, or would load it wrongly.
+
+    Wrongly: transformers' GGUF loader derives sliding-window layers from the
+    period and ignores a per-layer `sliding_window_pattern` array, which a pruning
+    that broke the period writes for llama.cpp.
+    """
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = source.architecture
+    src = source if isinstance(source, GGUFSource) else read_gguf(source)
+    arch = src.architecture
     if arch not in GGUF_SUPPORTED_ARCHITECTURES and _TRANSFORMERS_ARCH_NAMES.get(arch) not in GGUF_SUPPORTED_ARCHITECTURES:
         supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
-        raise GGUFError(f"transformers cannot load GGUF architecture {arch!r} ({source.path.name}); it loads: {supported}")
+        raise GGUFError(f"transformers cannot load GGUF architecture {arch!r} ({src.path.name}); it loads: {supported}")
+    conflicts = period_conflicts(arch, src.meta, src.n_layers)
+    if conflicts:
+        raise GGUFError(
+            f"transformers would misread {src.path.name}: {conflicts[0]} and transformers uses the period; "
+            "run this file with llama.cpp, or prune whole periods"
+        )
+    return src
 
 
 def write_pruned_gguf(

@@ -176,6 +176,19 @@ def plan_metadata(arch: str, meta: Mapping[str, Any], keep: list[int], n_layers:
     return edits
 
 
+def period_conflicts(arch: str, meta: Mapping[str, Any], n_layers: int) -> list[str]:
+    """Per-layer role arrays in the file that differ from what the index rule gives (readers that use the rule misread them)."""
+    conflicts = []
+    for rule in INDEX_RULES.get(arch, ()):
+        key = f"{arch}.{rule.explicit_suffix}" if rule.explicit_suffix else None
+        stated = meta.get(key) if key else None
+        if isinstance(stated, list) and rule.applies(meta, arch):
+            period = _period(arch, {k: v for k, v in meta.items() if k != key}, rule)
+            if [bool(v) for v in stated] != [rule.role(i, n_layers, period) for i in range(n_layers)]:
+                conflicts.append(f"{key} does not follow the period {period}")
+    return conflicts
+
+
 def is_per_layer_array(arch: str, key: str, value: Any, n_layers: int) -> bool:
     """Whether `key` is a metadata array with one entry per layer (known, or under `<arch>.` with that length)."""
     if not isinstance(value, list):

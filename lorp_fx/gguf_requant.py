@@ -64,11 +64,10 @@ def _name_mapper(src) -> Callable[[str], str]:
     name_map = get_tensor_name_map(arch, src.n_layers)
 
     def to_gguf_name(parameter: str) -> str:
-        name = name_map.get_name(parameter, try_suffixes=(".weight", ".bias"))
+        name = name_map.get_name(parameter, try_suffixes=(".weight", ".bias"))  # keeps the suffix
         if name is None:
             raise GGUFError(f"replaced parameter {parameter} has no GGUF tensor name for {src.architecture}")
-        suffix = parameter.rsplit(".", 1)[-1]
-        return f"{name}.{suffix}" if suffix in ("weight", "bias") else name
+        return name
 
     return to_gguf_name
 
