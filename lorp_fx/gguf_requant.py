@@ -153,3 +153,20 @@ def _as_float_array(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         return value.detach().to(device="cpu").float().numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+def changed_parameters(pruned, compensated) -> dict[str, Any]:
+    """The tensors of `compensated` that differ from `pruned` (same architecture): what to pass as `replaced`.
+
+    `pruned` is `export.remove_layers(dense, plan)`, `compensated` the same removal
+    with compensation folded in; comparing them finds the folded projections
+    without depending on how the compensation names them.
+    """
+    import torch
+
+    reference = pruned.state_dict()
+    return {
+        name: tensor.detach()
+        for name, tensor in compensated.state_dict().items()
+        if name in reference and not torch.equal(reference[name], tensor)
+    }
