@@ -161,7 +161,7 @@ def write_pruned_gguf(
         "architecture": src.architecture,
         "layers_before": src.n_layers,
         "layers_after": len(keep),
-        "removed_layers": sorted(set(removed)),
+        "removed_layers": sorted({int(i) for i in removed}),
         "kept_layers": keep,
         "tensor_count": len(tensors),
         "tensor_types": dict(sorted(Counter(t.qtype.name for t in tensors).items())),
@@ -172,10 +172,14 @@ def write_pruned_gguf(
 
 
 def _kept_layers(src: GGUFSource, removed: list[int]) -> list[int]:
-    bad = sorted(i for i in set(removed) if not isinstance(i, (int, np.integer)) or not 0 <= i < src.n_layers)
+    not_ints = [i for i in removed if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+    if not_ints:
+        raise GGUFError(f"layers to remove must be integer indices, got {not_ints[0]!r}")
+    removed = {int(i) for i in removed}
+    bad = sorted(i for i in removed if not 0 <= i < src.n_layers)
     if bad:
         raise GGUFError(f"cannot remove layer {bad[0]} from {src.path.name}: it has layers 0..{src.n_layers - 1}")
-    keep = [i for i in range(src.n_layers) if i not in set(removed)]
+    keep = [i for i in range(src.n_layers) if i not in removed]
     if not keep:
         raise GGUFError(f"cannot remove all {src.n_layers} layers of {src.path.name}; keep at least one")
     return keep

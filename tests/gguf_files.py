@@ -28,12 +28,18 @@ LLAMA_LAYER_TENSORS = {
     "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HIDDEN), "ffn_norm": (HIDDEN,),
     "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN),
 }
-GEMMA3_LAYER_TENSORS = {
-    "attn_norm": (HIDDEN,), "attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_q_norm": (HEAD_DIM,),
-    "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_k_norm": (HEAD_DIM,), "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "attn_output": (HIDDEN, HEADS * HEAD_DIM), "post_attention_norm": (HIDDEN,), "ffn_norm": (HIDDEN,),
-    "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN), "post_ffw_norm": (HIDDEN,),
-}
+# Gemma-3's head size is 256 in every released model, and transformers' GGUF loader assumes the
+# matching attention scale (query_pre_attn_scalar = 256): keep it so llama.cpp and transformers agree.
+GEMMA3_HEAD_DIM = 256
+
+
+def gemma3_layer_tensors(head_dim: int = GEMMA3_HEAD_DIM) -> dict:
+    return {
+        "attn_norm": (HIDDEN,), "attn_q": (HEADS * head_dim, HIDDEN), "attn_q_norm": (head_dim,),
+        "attn_k": (KV_HEADS * head_dim, HIDDEN), "attn_k_norm": (head_dim,), "attn_v": (KV_HEADS * head_dim, HIDDEN),
+        "attn_output": (HIDDEN, HEADS * head_dim), "post_attention_norm": (HIDDEN,), "ffn_norm": (HIDDEN,),
+        "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN), "post_ffw_norm": (HIDDEN,),
+    }
 
 
 def byte_level_vocab() -> tuple[list[str], list[str]]:
@@ -70,7 +76,7 @@ def write_tiny_gguf(
     types = dict(LLAMA_TYPES if arch == "llama" else {"token_embd": Q.Q8_0}, **(types or {}))
     tokens, _ = byte_level_vocab()
     _add_tensor(writer, "token_embd.weight", rng.normal(0, 0.5, (len(tokens), HIDDEN)), types.get("token_embd", Q.F32), rng)
-    layer_tensors = LLAMA_LAYER_TENSORS if arch == "llama" else GEMMA3_LAYER_TENSORS
+    layer_tensors = gemma3_layer_tensors() if arch == "gemma3" else LLAMA_LAYER_TENSORS
     for layer in range(n_layers):
         for kind, shape in layer_tensors.items():
             scale = 0.1 if len(shape) == 1 else 1 / np.sqrt(shape[1])
@@ -96,12 +102,12 @@ def _add_metadata(writer: GGUFWriter, arch: str, n_layers: int, per_layer: dict,
     writer.add_head_count_kv(per_layer.get("attention.head_count_kv", KV_HEADS))
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_rope_freq_base(10000.0)
-    if arch == "llama":
-        writer.add_rope_dimension_count(HEAD_DIM)
-    else:
-        writer.add_key_length(HEAD_DIM)
-        writer.add_value_length(HEAD_DIM)
+    if arch == "gemma3":
+        writer.add_key_length(GEMMA3_HEAD_DIM)
+        writer.add_value_length(GEMMA3_HEAD_DIM)
         writer.add_sliding_window(4)
+    else:
+        writer.add_rope_dimension_count(HEAD_DIM)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")

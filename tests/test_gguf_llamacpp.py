@@ -88,3 +88,29 @@ def test_llama_cpp_perplexity_matches_transformers(source, pruned):
         assert abs(theirs / ours - 1) < 0.05, label
     # the pruned model is worse than the original in both runtimes, by a similar factor
     assert results["pruned"][1] > results["original"][1] and results["pruned"][0] > results["original"][0]
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def test_llama_cpp_follows_the_per_layer_sliding_window_pattern(tmp_path):
+    """Gemma-3 without layer 2: source layers 5 and 11 (global) become 4 and 10; only the written array says so."""
+    from gguf_files import write_tiny_gguf
+    from test_gguf_export import _load_causal_lm
+
+    from lorp_fx.export import remove_layers
+
+    source = write_tiny_gguf(tmp_path / "gemma3.gguf", arch="gemma3", n_layers=12)
+    pruned = tmp_path / "gemma3-pruned.gguf"
+    write_pruned_gguf(source, pruned, [2], progress=False)
+    ids = torch.randint(3, 262, (24,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        right = remove_layers(_load_causal_lm(source), ["model.layers.2"])(input_ids=ids[None]).logits[0].double().numpy()
+        wrong = _load_causal_lm(pruned)(input_ids=ids[None]).logits[0].double().numpy()  # transformers: by period
+    ours = _llama_cpp_logits(pruned, ids.tolist())
+    error_right, error_wrong = np.abs(ours - right).max(), np.abs(ours - wrong).max()
+    print(f"\nllama.cpp vs transformers with the kept roles: {error_right:.2e}; vs roles by period: {error_wrong:.2e}")
+    assert error_right < 0.05 * error_wrong
