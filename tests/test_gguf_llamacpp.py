@@ -111,6 +111,13 @@ def test_llama_cpp_follows_the_per_layer_sliding_window_pattern(tmp_path):
         right = remove_layers(_load_causal_lm(source), ["model.layers.2"])(input_ids=ids[None]).logits[0].double().numpy()
         wrong = _load_causal_lm(pruned)(input_ids=ids[None]).logits[0].double().numpy()  # transformers: by period
     ours = _llama_cpp_logits(pruned, ids.tolist())
+    # llama.cpp multiplies by the Q8_0 output head with quantized activations: the unpruned file
+    # already differs from transformers by this much, which is the yardstick.
+    with torch.no_grad():
+        dense = _load_causal_lm(source)(input_ids=ids[None]).logits[0].double().numpy()
+    baseline = np.abs(_llama_cpp_logits(source, ids.tolist()) - dense).max()
     error_right, error_wrong = np.abs(ours - right).max(), np.abs(ours - wrong).max()
-    print(f"\nllama.cpp vs transformers with the kept roles: {error_right:.2e}; vs roles by period: {error_wrong:.2e}")
-    assert error_right < 0.05 * error_wrong
+    print(f"\nGemma-3 logits, llama.cpp vs transformers: unpruned {baseline:.3f}; pruned, kept roles {error_right:.3f}; "
+          f"pruned, roles by period {error_wrong:.3f}")
+    assert error_right < 2 * baseline
+    assert error_wrong > 4 * baseline
