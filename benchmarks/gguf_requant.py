@@ -13,7 +13,8 @@ shortgpt chooses the layers; then
   requantized: must equal float surgery);
 * float compensated: `compensate(model, plan, batches, "cosine")`;
 * GGUF compensated: the changed projections (`changed_parameters`) requantized into
-  the pruned GGUF (`replaced`), re-read by transformers.
+  the pruned GGUF (`replaced`) in their original type, re-read by transformers;
+* GGUF compensated, Q8_0: the same with `requantize_as="Q8_0"` (a few more bytes).
 
 The results file is written from this run's own numbers (do not edit by hand).
 """
@@ -106,6 +107,10 @@ def main(argv=None) -> None:
             row["gguf_comp"] = ppl(load_model(comp_path)[0])
             row["size_comp"] = comp_report["size_bytes"]
             row["requantized"] = comp_report["requantized"]
+            q8_path = Path(tmp) / f"compensated-q8-{budget}.gguf"
+            q8_report = write_pruned_gguf(src, q8_path, removed, replaced, progress=False, requantize_as="Q8_0")
+            row["gguf_comp_q8"] = ppl(load_model(q8_path)[0])
+            row["size_comp_q8"] = q8_report["size_bytes"]
             row["notes"] = comp_report["notes"]
             row["expected_size"] = _expected_size(src, removed)
             results["rows"].append(row)
@@ -124,15 +129,16 @@ def _expected_size(src, removed: list[int]) -> int:
 def render(results: dict, args, info: dict) -> str:
     rows = []
     for row in results["rows"]:
-        cost = row["gguf_comp"] / row["float_comp"] - 1
         rows.append([
             row["budget"], ",".join(map(str, row["removed"])), common.fmt_ppl(row["float_surgery"]),
             common.fmt_ppl(row["gguf_plain"]), common.fmt_ppl(row["float_comp"]), common.fmt_ppl(row["gguf_comp"]),
-            f"{100 * cost:+.2f}%",
+            f"{100 * (row['gguf_comp'] / row['float_comp'] - 1):+.2f}%", common.fmt_ppl(row["gguf_comp_q8"]),
+            f"{100 * (row['gguf_comp_q8'] / row['float_comp'] - 1):+.2f}%",
         ])
     sizes = [[
         row["budget"], f"{results['source_size']:,}", f"{row['size_plain']:,}", f"{row['expected_size']:,}",
-        f"{row['size_comp']:,}", ", ".join(sorted({r["type"] for r in row["requantized"]})), len(row["requantized"]),
+        f"{row['size_comp']:,}", f"{row['size_comp_q8']:,}", ", ".join(sorted({r["type"] for r in row["requantized"]})),
+        len(row["requantized"]),
     ] for row in results["rows"]]
     notes = sorted({note for row in results["rows"] for note in row["notes"]})
     lines = [
@@ -151,13 +157,13 @@ def render(results: dict, args, info: dict) -> str:
         "## Perplexity",
         "",
         common.table(
-            ["removed", "layers", "float surgery", "GGUF (no requant)", "float compensated", "GGUF compensated (requantized)",
-             "requantization cost"], rows),
+            ["removed", "layers", "float surgery", "GGUF (no requant)", "float compensated",
+             "GGUF compensated (original types)", "cost", "GGUF compensated (Q8_0)", "cost"], rows),
         "",
         "## File sizes (bytes)",
         "",
         common.table(["removed", "input", "pruned GGUF", "input - removed layers' tensors", "compensated GGUF",
-                      "requantized types", "requantized tensors"], sizes),
+                      "compensated GGUF (Q8_0)", "requantized types", "requantized tensors"], sizes),
         "",
     ]
     if notes:

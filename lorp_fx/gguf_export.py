@@ -132,13 +132,16 @@ def write_pruned_gguf(
     *,
     progress: bool = True,
     overwrite: bool = False,
+    requantize_as: str | None = None,
 ) -> dict:
     """Write `source` without the layers `removed` (0-based) to `destination`; return a report.
 
     `replaced` maps parameter names of the pruned transformers model
     ("model.layers.10.mlp.down_proj.weight") to new float tensors; each is
     requantized to its tensor's original type where the gguf package can write
-    that type, else to Q8_0 (said in the report's `requantized` and `notes`).
+    that type, else to Q8_0 (said in the report's `requantized` and `notes`);
+    `requantize_as` ("Q8_0", ...) writes them in that type instead. `overwrite`
+    allows replacing an existing `destination`.
     """
     src = source if isinstance(source, GGUFSource) else read_gguf(source)
     destination = _check_destination(Path(destination), overwrite)
@@ -149,7 +152,7 @@ def write_pruned_gguf(
     if replaced:
         from .gguf_requant import requantize_replaced
 
-        requantized = requantize_replaced(src, tensors, replaced, notes)
+        requantized = requantize_replaced(src, tensors, replaced, notes, requantize_as)
     header = _encode_header(src, edits.values, tensors)
     _write_atomic(destination, lambda out: _write_file(out, src, header, tensors, progress))
     return {

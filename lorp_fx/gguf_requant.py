@@ -24,12 +24,19 @@ from .errors import GGUFError
 _FALLBACK = "Q8_0"
 
 
-def requantize_replaced(src, tensors: list, replaced: Mapping[str, Any], notes: list[str]) -> list[dict]:
-    """Replace the data of the output tensors named by `replaced`; return one report entry per tensor."""
-    from gguf import GGUFEndian
+def requantize_replaced(
+    src, tensors: list, replaced: Mapping[str, Any], notes: list[str], as_type: str | None = None
+) -> list[dict]:
+    """Replace the data of the output tensors named by `replaced`; return one report entry per tensor.
+
+    `as_type` (a type name such as "Q8_0") overrides the original types: a few
+    more bytes for a smaller requantization error.
+    """
+    from gguf import GGMLQuantizationType, GGUFEndian
 
     if src.reader.endianess == GGUFEndian.BIG:
         raise GGUFError(f"{src.path.name} is a big-endian GGUF file; requantizing changed tensors needs a little-endian one")
+    forced = _type_named(as_type, GGMLQuantizationType) if as_type is not None else None
     by_name = {t.name: t for t in tensors}
     to_gguf_name = _name_mapper(src)
     processor = _transformers_processor(src)
@@ -45,12 +52,13 @@ def requantize_replaced(src, tensors: list, replaced: Mapping[str, Any], notes: 
             raise GGUFError(f"replaced parameter {parameter} has shape {weights.shape}, GGUF tensor {name} needs {expected}")
         stored = _file_layout(weights, name, parameter, processor)
         original = tensor.qtype
-        qtype = _target_type(original, tensor.dims[0])
+        wanted = forced if forced is not None else original
+        qtype = _target_type(wanted, tensor.dims[0])
         tensor.data, tensor.qtype = _quantize(stored, qtype), qtype
         tensor.n_bytes = len(tensor.data)
         report.append({"parameter": parameter, "tensor": name, "type": qtype.name, "original_type": original.name})
-        if qtype != original:
-            notes.append(f"{name}: the gguf package cannot write {original.name}, so the compensated tensor is {qtype.name}")
+        if qtype != wanted:
+            notes.append(f"{name}: the gguf package cannot write {wanted.name} here, so the compensated tensor is {qtype.name}")
     return report
 
 
@@ -119,11 +127,17 @@ def _interleave_rotary_halves(weights: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(per_head.swapaxes(1, 2).reshape(weights.shape))
 
 
+def _type_named(name: str, types):
+    if name not in types.__members__:
+        raise GGUFError(f"unknown GGUF tensor type {name!r}; use a name such as Q8_0, Q4_1, F16")
+    return types[name]
+
+
 def _target_type(original, row_length: int):
     """The original type where the gguf package quantizes it, else Q8_0 (else F16 when rows do not split in 32s)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    if _can_quantize(original):
+    if _can_quantize(original) and row_length % GGML_QUANT_SIZES[original][0] == 0:
         return original
     fallback = GGMLQuantizationType[_FALLBACK]
     return fallback if row_length % GGML_QUANT_SIZES[fallback][0] == 0 else GGMLQuantizationType.F16

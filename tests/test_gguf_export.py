@@ -231,6 +231,18 @@ def test_replaced_tensors_are_requantized_and_round_trip_within_quantization_err
     assert torch.equal(loaded[untouched], params[untouched])
 
 
+def test_replaced_tensors_can_be_written_in_a_chosen_type(tiny_llama, tmp_path):
+    base = remove_layers(load_model(tiny_llama)[0], ["model.layers.1"])
+    name = "model.layers.0.self_attn.o_proj.weight"  # Q5_1 in the source
+    replaced = {name: dict(base.named_parameters())[name].detach() * 1.5}
+    out = tmp_path / "q8.gguf"
+    report = write_pruned_gguf(tiny_llama, out, [1], replaced, progress=False, requantize_as="Q8_0")
+    assert report["requantized"] == [{"parameter": name, "tensor": "blk.0.attn_output.weight", "type": "Q8_0", "original_type": "Q5_1"}]
+    assert report["notes"] == [] and report["tensor_types"]["Q8_0"] == 2
+    with pytest.raises(GGUFError, match="unknown GGUF tensor type 'Q9'"):
+        write_pruned_gguf(tiny_llama, tmp_path / "x.gguf", [1], replaced, progress=False, requantize_as="Q9")
+
+
 def test_replaced_names_that_do_not_map_are_refused(tiny_llama, tmp_path):
     with pytest.raises(GGUFError, match="no GGUF tensor name"):
         write_pruned_gguf(tiny_llama, tmp_path / "o.gguf", [1], {"model.layers.0.bogus.weight": torch.zeros(2)})
