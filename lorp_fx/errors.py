@@ -62,3 +62,7 @@ class ModelLoadError(LoRPError):
 
 class OutputDirError(LoRPError):
     """An output location that cannot or must not be written."""
+
+
+class GGUFError(LoRPError):
+    """A GGUF file that cannot be read, or a pruning of it that the runtime would misread."""
