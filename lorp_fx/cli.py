@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-seq-len", type=int, default=512)
     prune.add_argument("--out", type=Path, help="output directory (a transformers checkpoint); required")
     prune.add_argument("--overwrite", action="store_true", help="replace an output directory lorp-fx wrote before")
+    prune.add_argument("--no-gguf", action="store_true", help="a model read from a .gguf file: do not also write a pruned .gguf")
+    prune.add_argument("--gguf-requantize", default="original", choices=["original", "q8_0"],
+                       help="compensated projections in the pruned .gguf: their original type (default) or Q8_0 "
+                            "(about 1 MB more on SmolLM2, no requantization loss: benchmarks/results/gguf-smollm2.md)")
     prune.set_defaults(run=run_prune)
 
     analyze = commands.add_parser("analyze", help="statistics, RLS, clusters and heatmap; removes nothing")
@@ -162,9 +166,10 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
     config = prune_config(args)
     check_output_dir(args.out, args.overwrite)  # fail before the long work, not after
+    gguf = None if args.no_gguf else _gguf_source(args.model)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     evaluation = text_windows(tokenizer, [args.eval_file], args.eval_samples, args.eval_seq_len) if args.eval_file else None
-    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=evaluation)
+    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=evaluation, gguf=gguf)
     result.report["model"] = str(args.model)
     result.report["dtype"] = args.dtype
     result.report["seed"] = args.seed
@@ -173,10 +178,20 @@ def run_prune(args: argparse.Namespace) -> int:
     import yaml
 
     recipe = yaml.safe_dump(recipe_of(args), sort_keys=True)
-    result.save(args.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe})
+    result.save(args.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe},
+                gguf_requantize=args.gguf_requantize)
     print()
     print("\n".join(summary_lines(result.report, args.out)))
     return 0
+
+
+def _gguf_source(model: str):
+    """The validated GGUF file a model name points to (the embedded default is one), else None."""
+    from .gguf_output import open_source
+    from .models import gguf_path_of
+
+    path = gguf_path_of(model)
+    return None if path is None else open_source(path)
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -218,6 +233,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .surgery import count_layers, count_parameters
 
+    _gguf_source(args.model)  # a pruned .gguf evaluates like any model, once transformers can read it
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     windows = text_windows(tokenizer, args.eval_file, args.eval_samples, args.eval_seq_len)
     ppl = perplexity(model, windows, batch_size=args.batch_size)

@@ -69,6 +69,14 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     return _load_transformers(str(name_or_path), dtype, where=f"hub id {name_or_path!r} (no such local path either)")
 
 
+def gguf_path_of(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file a model name stands for (the embedded default, or a `.gguf` path), else None."""
+    if str(name_or_path) == DEFAULT_MODEL:
+        return smollm2_gguf_path()
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def _load_transformers(source: str, dtype: torch.dtype, where: str):
     from transformers import AutoConfig, AutoTokenizer
 

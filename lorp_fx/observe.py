@@ -159,9 +159,9 @@ class ResidualObserver(nn.Module):
             stats = stream.accumulator.statistics(["?"] * len(stream.points), [], [])
             grid = torch.tensor(stream.points)
             rows, cols = grid[:, None], grid[None, :]
-            similarity[rows, cols] = torch.from_numpy(stats.similarity)
-            angular[rows, cols] = torch.from_numpy(stats.angular)
-            last[rows, cols] = torch.from_numpy(stats.last_token_angular)
+            similarity[rows, cols] = torch.as_tensor(stats.similarity.copy())
+            angular[rows, cols] = torch.as_tensor(stats.angular.copy())
+            last[rows, cols] = torch.as_tensor(stats.last_token_angular.copy())
             tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
         return LayerStatistics(
             points=list(self._point_names),

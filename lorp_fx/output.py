@@ -25,8 +25,10 @@ def save_pretrained_atomic(
 ) -> Path:
     """`save_pretrained` model and tokenizer into `out_dir`, which appears complete or not at all.
 
-    `extra_files` maps relative file names to contents (report.json, ...). An
-    existing non-empty `out_dir` is refused unless `overwrite`.
+    `extra_files` maps relative file names to contents (report.json, ...), or to a
+    function that writes the file at the path it is given (a GGUF file is streamed
+    that way rather than built in memory). An existing non-empty `out_dir` is
+    refused unless `overwrite`.
     """
 
     def write(tmp: Path) -> None:
@@ -76,12 +78,14 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
         raise OutputDirError(f"cannot write to {parent}: permission denied")
 
 
-def _write_extra_file(root: Path, name: str, content: bytes | str) -> None:
+def _write_extra_file(root: Path, name: str, content) -> None:
     path = (root / name).resolve()
     if root.resolve() not in path.parents:
         raise OutputDirError(f"extra file name {name!r} must be a relative path inside the output directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, str):
+    if callable(content):
+        content(path)
+    elif isinstance(content, str):
         path.write_text(content, encoding="utf-8")
     else:
         path.write_bytes(content)

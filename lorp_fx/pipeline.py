@@ -37,7 +37,7 @@ from .plan import PruningPlan
 from .rewrite import prune as prune_graph
 from .selectors import SELECTORS, options_for, select
 from .stats import LayerStatistics
-from .surgery import count_layers, count_parameters, remove_layers
+from .surgery import Surgery, count_layers, count_parameters, remove_layers
 
 Calibration = torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike] | None
 
@@ -52,11 +52,30 @@ class PruneResult:
     timings: dict[str, float]
     report: dict
     names: dict[str, str] = field(default_factory=dict)  # kept layers: old name -> new name
-    graph: torch.fx.GraphModule | None = field(default=None, repr=False)  # the traced dense graph
+    graph: torch.fx.GraphModule | None = field(default=None, repr=False)  # the traced dense graph (shares the weights)
+    gguf: object | None = field(default=None, repr=False)  # the GGUFSource the model was read from, if any
 
-    def save(self, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, extra_files: dict | None = None) -> Path:
-        """The checkpoint with report.json, plan.json and the heatmap, atomically (complete or not at all)."""
-        files = {"report.json": json.dumps(self.report, indent=1), "plan.json": self.plan.to_json()}
+    def folded_parameters(self) -> list[str]:
+        """The pruned model's parameters that compensation changed."""
+        return [Surgery(self.model, self.names).rename(p) for fit in self.fits for p in fit.projections]
+
+    def save(self, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, extra_files: dict | None = None,
+             gguf_requantize: str | None = "original") -> Path:
+        """The checkpoint with report.json, plan.json and the heatmap, atomically (complete or not at all).
+
+        A model read from a GGUF file is also written as a pruned GGUF file of the same
+        name, streamed, unless `gguf_requantize` is None (see `gguf_output.writer`).
+        """
+        files: dict = {}
+        if self.gguf is not None and gguf_requantize is not None:
+            from .gguf_output import writer
+
+            self.report["gguf"] = {}
+            files[self.gguf.path.name] = writer(self.gguf, self.plan, self.model, self.folded_parameters(),
+                                                gguf_requantize, self.report["gguf"])
+        # report.json is written after the GGUF file, whose writer adds to the report.
+        files["report.json"] = lambda path: path.write_text(json.dumps(self.report, indent=1), encoding="utf-8")
+        files["plan.json"] = self.plan.to_json()
         files.update(heatmap_file(self.plan))
         files.update(extra_files or {})
         return save_pretrained_atomic(self.model, tokenizer, out_dir, extra_files=files, overwrite=overwrite)
@@ -69,6 +88,7 @@ def prune_model(
     *,
     tokenizer=None,
     evaluation: torch.Tensor | None = None,
+    gguf=None,
     progress: bool = True,
 ) -> PruneResult:
     """Calibrate, select, remove and compensate: `model` made shallower by `config`'s budget.
@@ -78,6 +98,9 @@ def prune_model(
       `tokenizer`; or None to let the model sample its own text (needs `tokenizer`
       for the start token).
     * `evaluation`: optional token windows to measure perplexity on before and after.
+    * `gguf`: the `GGUFSource` the model was read from (`gguf_output.open_source`); the
+      removal is then checked against the GGUF runtime's layer rules right after
+      selection, and `PruneResult.save` also writes a pruned GGUF file.
     * The model is pruned in place with `config.inplace`, else a copy is.
     """
     check_model(model, config, calibration, tokenizer, evaluation)
@@ -89,6 +112,10 @@ def prune_model(
         stats, graph = collect_statistics(model, batches, granularity=config.granularity, progress=progress)
     with clock("selection"):
         plan = select_blocks(stats, graph, batches[: loss_batch_count(config)], config, progress)
+    if gguf is not None:
+        from .gguf_output import check_removal
+
+        check_removal(gguf, plan)  # before compensation and saving, not after
     before = {}
     if evaluation is not None:
         with clock("evaluation"):
@@ -120,7 +147,7 @@ def prune_model(
         "timings": clock.rounded(),
         "config": config.to_dict(),
     }
-    return PruneResult(pruned, plan, fits, clock.seconds, report, names, graph)
+    return PruneResult(pruned, plan, fits, clock.seconds, report, names, graph, gguf)
 
 
 # --------------------------------------------------------------------------- checks
