@@ -17,6 +17,10 @@ class InputMismatchError(LoRPError):
     """The example or calibration inputs do not fit the model."""
 
 
+class FixedArgumentError(InputMismatchError):
+    """A call of a traced graph with a non-tensor argument other than the one it was traced with."""
+
+
 class NoResidualBlocksError(LoRPError):
     """The graph has no residual block of the form x + f(x)."""
 

@@ -15,6 +15,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .blocks import GRANULARITIES, ResidualBlock, find_blocks
+from .graphs import graph_module
 from .errors import BudgetError, NotRemovableError, UnknownBlockError
 from .plan import PruningPlan
 
@@ -64,7 +65,7 @@ def _copy(gm: GraphModule) -> GraphModule:
     graph._codegen = gm.graph._codegen  # the pytree in/out specs; never mutated
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
-    copied = GraphModule(gm, graph, class_name=type(gm).__name__)
+    copied = graph_module(gm, graph, class_name=type(gm).__name__)
     copied.meta.update(gm.meta)
     copied.train(gm.training)
     return copied
