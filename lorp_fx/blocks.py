@@ -29,6 +29,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .errors import NoResidualBlocksError
+from .outputs import output_names, producing_options
 
 GRANULARITIES = ("layer", "sublayer")
 
@@ -96,6 +97,13 @@ class _GraphIndex:
         self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.position = {node: i for i, node in enumerate(self.nodes)}
+        self.output = next((n for n in reversed(self.nodes) if n.op == "output"), None)
+        self._output_names: dict[Node, list[str]] | None = None
+
+    def output_names(self) -> dict[Node, list[str]]:
+        if self._output_names is None:
+            self._output_names = output_names(self.gm) if self.output is not None else {}
+        return self._output_names
 
     def is_ancestor(self, ancestor: Node, node: Node) -> bool:
         floor = self.position[ancestor]
@@ -162,10 +170,18 @@ def _tensor_operands(node: Node) -> list[Node]:
     return [a for a in node.args[:2] if isinstance(a, Node)]
 
 
+WEIGHT_META = "lorp_fx_weight"  # marks a placeholder that holds a parameter (ExportedProgram graphs)
+
+
+def is_weight(node: Node) -> bool:
+    """A parameter, buffer or constant: a get_attr node, or a lifted one in an ExportedProgram graph."""
+    return node.op == "get_attr" or (node.op == "placeholder" and bool(node.meta.get(WEIGHT_META)))
+
+
 def _uses_parameters(node: Node) -> bool:
     if node.op == "call_module":
         return any(True for _ in node.graph.owning_module.get_submodule(node.target).parameters())
-    return any(parent.op == "get_attr" for parent in node.all_input_nodes)
+    return any(is_weight(parent) for parent in node.all_input_nodes)
 
 
 def _same_shape(a: Node, b: Node) -> bool:
@@ -216,7 +232,7 @@ def _is_norm(node: Node) -> bool:
 
 
 def _stream_inputs(node: Node) -> list[Node]:
-    return [p for p in node.all_input_nodes if p.op != "get_attr"]
+    return [p for p in node.all_input_nodes if not is_weight(p)]
 
 
 # --------------------------------------------------------------------------- residual streams
@@ -341,7 +357,7 @@ def _sublayer_kind(inside: set[Node], foreign: set[Node], own: set[Node]) -> str
 def _sublayer_name(inside: set[Node], residual: _Residual, kind: str, layer: str | None) -> str:
     # The branch's own module: where its parametric, non-norm work lives.
     # Weights often reach the branch through a transpose or cast outside it: look one step up.
-    candidates = set(inside) | {p for n in inside for p in n.all_input_nodes if p.op != "get_attr"}
+    candidates = set(inside) | {p for n in inside for p in n.all_input_nodes if not is_weight(p)}
     candidates.discard(residual.entry)
     working = [n for n in candidates if _uses_parameters(n) and not _is_norm(n) and "Norm" not in _module_class(n)]
     paths = [_module_paths(n)[-1] for n in working if _module_paths(n)]
@@ -419,7 +435,9 @@ def _claim_nodes(graph: _GraphIndex, block: ResidualBlock) -> None:
     A block owns the nodes between its entry and exit, the nodes of its own module
     that feed it without touching the stream (T5's relative position bias), and
     side-effect-only nodes hanging off them (shape asserts). It is removable when
-    none of those is used outside the block.
+    none of those is used outside the block, except by the graph's output: a
+    returned copy of the entry (a recorded hidden state) is not owned and stays, and
+    a returned value of the block's own (attention weights) becomes None.
     """
     inside = graph.between(block.entry, block.exit)
     owned = set(inside) | {block.exit}
@@ -433,7 +451,7 @@ def _claim_nodes(graph: _GraphIndex, block: ResidualBlock) -> None:
                 owned.add(parent)
                 queue.append(parent)
     # Side-effect-only nodes (shape asserts) on the block's values or weights go with it.
-    weights = {p for n in owned for p in n.all_input_nodes if p.op == "get_attr"}
+    weights = {p for n in owned for p in n.all_input_nodes if is_weight(p)}
     allowed = owned | weights | {block.entry}
     for node in list(owned | weights):
         for user in node.users:
@@ -442,20 +460,72 @@ def _claim_nodes(graph: _GraphIndex, block: ResidualBlock) -> None:
     # Shape arithmetic is shared freely between layers (export deduplicates it): it is
     # never erased explicitly, and dead code elimination drops what nobody needs.
     owned = {n for n in owned if _is_tensor(n)}
+    owned -= _stream_copies_in_output(graph, block, owned)
     block.nodes = [n for n in graph.nodes if n in owned]
     for node in block.nodes:
         if node is block.exit:
             continue
-        outside = _external_users(node, owned)
+        # The output may read the block's own values (attention weights, router logits):
+        # removing the block returns None there. Any other reader outside blocks removal.
+        outside = [u for u in _external_users(node, owned) if not (u.op == "output" and node in u.all_input_nodes)]
         if outside:
-            user = outside[0]
-            where = "the graph's output" if user.op == "output" else _describe(user)
             block.removable = False
-            block.reason = (
-                f"its node {node.name} ({_describe(node)}) is also used by {where}; "
-                "removing it would break that user (e.g. a position bias shared with later layers, or a cache entry)"
-            )
+            block.reason = _used_outside(graph, node, outside[0])
             return
+
+
+def _stream_copies_in_output(graph: _GraphIndex, block: ResidualBlock, owned: set[Node]) -> set[Node]:
+    """Value-preserving copies of the block's entry that the graph returns (hidden states).
+
+    transformers records a layer's input hidden state from inside the layer (a dtype
+    cast in its first norm). Such a copy stays when the block goes: it still reads
+    the entry, so the returned state of a removed layer is the state before it.
+    """
+    output_reads = set(graph.output.all_input_nodes) if graph.output is not None else set()
+    kept: set[Node] = set()
+    for node in owned & output_reads:
+        chain, current = [], node
+        while current is not block.entry and current in owned and _is_passthrough(current):
+            chain.append(current)
+            current = _stream_inputs(current)[0]
+        if current is block.entry and node is not block.exit:
+            kept.update(chain)
+    return kept
+
+
+def _used_outside(graph: _GraphIndex, node: Node, user: Node) -> str:
+    outputs = _outputs_fed_by(graph, user)
+    if outputs:
+        options = producing_options(graph.gm, outputs)
+        shown = ", ".join(outputs[:4]) + (", ..." if len(outputs) > 4 else "")
+        reason = (
+            f"its node {node.name} ({_describe(node)}) feeds the graph's output {shown} through {_describe(user)}, "
+            "which has no value without the block"
+        )
+        if options:
+            traced = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            undo = ", ".join(f"{k}=False" for k in options)
+            return f"{reason}; that output comes from tracing with {traced}: trace again with {undo} to remove it"
+        return f"{reason}; trace a call that does not return it"
+    where = "the graph's output" if user.op == "output" else _describe(user)
+    return (
+        f"its node {node.name} ({_describe(node)}) is also used by {where}; "
+        "removing it would break that user (e.g. a position bias shared with later layers, or a cache entry)"
+    )
+
+
+def _outputs_fed_by(graph: _GraphIndex, user: Node) -> list[str]:
+    """Outputs computed from `user` outside every layer (a loss over all layers' router logits, say)."""
+    if _layer_path(user) is not None:
+        return []
+    seen, queue = {user}, deque([user])
+    while queue:
+        for nxt in queue.popleft().users:
+            if nxt not in seen and nxt.op != "output" and _layer_path(nxt) is None:
+                seen.add(nxt)
+                queue.append(nxt)
+    names = graph.output_names()
+    return [name for n in graph.nodes if n in seen for name in names.get(n, [])]
 
 
 def _external_users(node: Node, owned: set[Node]) -> list[Node]:
