@@ -68,9 +68,16 @@ class ResidualBlock:
 
 
 def find_blocks(gm: GraphModule, granularity: str = "layer") -> list[ResidualBlock]:
-    """The residual blocks of `gm` in depth order (encoder before decoder)."""
+    """The residual blocks of `gm` (a GraphModule or a `torch.export.ExportedProgram`) in depth order.
+
+    Encoder blocks come before decoder blocks.
+    """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    if isinstance(gm, torch.export.ExportedProgram):
+        from .program import program_blocks  # program.py builds on this module
+
+        return program_blocks(gm, granularity)
     graph = _GraphIndex(gm)
     streams = _residual_streams(graph)
     if not streams:

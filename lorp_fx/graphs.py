@@ -15,17 +15,32 @@ exporting, and block finding compares shapes, which example sizes keep apart.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import _get_qualified_name
 
 _KEPT_META = ("nn_module_stack", "val", "stack_trace")
 
 
 class LoRPGraphModule(GraphModule):
-    """A GraphModule that pickles its graph and metadata rather than its generated code."""
+    """A GraphModule that pickles its graph and metadata rather than its generated code.
+
+    Its `forward` shows the model's signature to `inspect.signature` when the
+    graph binds calls the model's way (`calls.TracedCallCodeGen`).
+    """
+
+    def recompile(self):
+        code = super().recompile()
+        call = getattr(self.graph._codegen, "call", None)
+        if call is not None:
+            shown = call.signature()
+            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            type(self).forward.__signature__ = shown.replace(parameters=[self_param, *shown.parameters.values()])
+        return code
 
     def __reduce__(self):
         state = self.__dict__.copy()
@@ -82,10 +97,11 @@ def _target_record(target: Any) -> tuple:
         return ("packet", *target._qualified_op_name.split("::"))
     if isinstance(target, torch._ops.HigherOrderOperator):
         return ("higher_order", target.name())
-    module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
-    if module and name and "<locals>" not in name:
-        return ("python", module, name)
-    return ("object", target)
+    try:
+        name = _get_qualified_name(target)  # "torch.tanh", "_operator.getitem", "torch.sym_float"
+    except Exception:  # noqa: BLE001 - not a named callable: pickle the object itself
+        return ("object", target)
+    return ("python", name) if "<locals>" not in name else ("object", target)
 
 
 def _arg_record(value: Any) -> Any:
@@ -170,12 +186,22 @@ def _target(record: tuple) -> Any:
     if kind == "higher_order":
         return getattr(torch.ops.higher_order, rest[0])
     if kind == "python":
-        module, name = rest
-        value = importlib.import_module(module)
-        for part in name.split("."):
+        return _import(rest[0])
+    return rest[0]
+
+
+def _import(qualified: str) -> Any:
+    """The object named `package.module.attribute.attribute`: the longest importable module, then attributes."""
+    parts = qualified.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for part in parts[split:]:
             value = getattr(value, part)
         return value
-    return rest[0]
+    raise ImportError(f"cannot import {qualified}")
 
 
 def _args(value: Any, env: dict[str, Node]) -> Any:

@@ -11,6 +11,7 @@ that `torch.export.save`/`load`, `.module()` and AOTInductor accept.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 from torch.export import ExportedProgram
 from torch.export.graph_signature import (
@@ -29,6 +30,15 @@ from .errors import NotRemovableError
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 
 
+def program_blocks(program: ExportedProgram, granularity: str) -> list:
+    """`find_blocks` on an ExportedProgram's graph (its nodes are the program's own)."""
+    from .blocks import find_blocks
+
+    placeholders = [n for n in program.graph_module.graph.nodes if n.op == "placeholder"]
+    with _weights_marked(placeholders, program.graph_signature.input_specs):
+        return find_blocks(program.graph_module, granularity)
+
+
 def prune_program(program: ExportedProgram, names: list[str]) -> ExportedProgram:
     """A new ExportedProgram without the named residual blocks; `program` is left as it was."""
     from .rewrite import remove_blocks  # rewrite dispatches here: import late
@@ -36,14 +46,8 @@ def prune_program(program: ExportedProgram, names: list[str]) -> ExportedProgram
     gm = _copy_graph_module(program.graph_module)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     specs = list(program.graph_signature.input_specs)
-    for node, spec in zip(placeholders, specs):
-        if spec.kind in _WEIGHT_KINDS:
-            node.meta[WEIGHT_META] = True
-    try:
+    with _weights_marked(placeholders, specs):
         removed = remove_blocks(gm, names)
-    finally:
-        for node in placeholders:
-            node.meta.pop(WEIGHT_META, None)
     kept_specs = _drop_unused_inputs(gm, placeholders, specs)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -64,6 +68,19 @@ def prune_program(program: ExportedProgram, names: list[str]) -> ExportedProgram
     pruned.graph_module.meta.update(program.graph_module.meta)
     pruned.graph_module.meta["lorp_fx_removed"] = [*program.graph_module.meta.get("lorp_fx_removed", []), *removed]
     return pruned
+
+
+@contextmanager
+def _weights_marked(placeholders: list, specs: list[InputSpec]):
+    """Mark the parameter inputs as weights for block finding, and unmark them afterwards."""
+    for node, spec in zip(placeholders, specs):
+        if spec.kind in _WEIGHT_KINDS:
+            node.meta[WEIGHT_META] = True
+    try:
+        yield
+    finally:
+        for node in placeholders:
+            node.meta.pop(WEIGHT_META, None)
 
 
 def _copy_graph_module(gm: GraphModule) -> GraphModule:
