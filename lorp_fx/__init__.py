@@ -10,6 +10,7 @@ from .compensate import CompensationError, compensate
 from .errors import (
     BudgetError,
     CalibrationError,
+    FixedArgumentError,
     InputMismatchError,
     LoRPError,
     NoResidualBlocksError,
@@ -29,6 +30,7 @@ __all__ = [
     "BudgetError",
     "CalibrationError",
     "CompensationError",
+    "FixedArgumentError",
     "InputMismatchError",
     "LayerStatistics",
     "LoRPCallback",

@@ -190,14 +190,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule
     return gm
 
 
-# transformers options that default to a config value when left out (name -> config attribute)
-_CONFIG_OPTIONS = {
-    "return_dict": "return_dict",
-    "output_attentions": "output_attentions",
-    "output_hidden_states": "output_hidden_states",
-    "output_router_logits": "output_router_logits",
-    "use_cache": "use_cache",
-}
+# transformers options that take the config's value when left out of a call
+_CONFIG_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states", "output_router_logits", "use_cache")
 
 
 def _config_defaults(model: nn.Module, passed: dict) -> dict[str, Any]:
@@ -206,8 +200,8 @@ def _config_defaults(model: nn.Module, passed: dict) -> dict[str, Any]:
     if not _is_transformers_model(model) or config is None:
         return {}
     found = {}
-    for name, attribute in _CONFIG_OPTIONS.items():
-        value = getattr(config, attribute, None)
+    for name in _CONFIG_OPTIONS:
+        value = getattr(config, name, None)
         if name not in passed and isinstance(value, bool):
             found[name] = value
     return found
