@@ -120,7 +120,7 @@ def plain_without(model: OptionsNet, remove: list[int]) -> OptionsNet:
     return reference
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(plain_cases())
 def test_pruned_plain_graph_called_like_the_trace_equals_eager_deletion(case):
     model, call, remove = case
@@ -137,7 +137,7 @@ def test_pruned_plain_graph_called_like_the_trace_equals_eager_deletion(case):
     torch.testing.assert_close(torch.utils._pytree.tree_leaves(pruned(call["x"], **rest)), torch.utils._pytree.tree_leaves(mine))
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(plain_cases(), st.data())
 def test_a_changed_fixed_argument_is_refused_by_name(case, data):
     model, call, remove = case
