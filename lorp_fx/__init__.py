@@ -16,8 +16,11 @@ from .config import PruneConfig
 from .errors import (
     BudgetError,
     CalibrationError,
+    CallError,
     CompensationError,
     ConfigError,
+    FixedArgumentError,
+    GGUFError,
     InputMismatchError,
     LoRPError,
     ModelLoadError,
@@ -49,7 +52,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
     __version__ = "0+unknown"
 
 __all__ = [
-    "BudgetError", "CalibrationError", "Compensated", "CompensationError", "ConfigError", "DEFAULT_METHOD",
+    "BudgetError", "CalibrationError", "CallError", "Compensated", "CompensationError", "ConfigError", "DEFAULT_METHOD", "FixedArgumentError", "GGUFError",
     "FAMILIES", "Family", "GapFit", "InputMismatchError", "LayerStatistics", "LoRPCallback", "LoRPError",
     "ModelLoadError", "NoResidualBlocksError", "NotRemovableError", "OutputDirError", "PlanError", "PruneBlocks",
     "PruneConfig", "PruneResult", "PruningPlan", "ResidualBlock", "ResidualObserver", "SELECTORS", "SelectorError",

@@ -56,16 +56,20 @@ def check_budget(n_blocks: int, n_remove: int, eligible: int | None = None, what
         )
 
 
-def check_stack_budget(stack_sizes: Mapping[str, int], removed: Collection[str], what: str = "layers") -> None:
-    """The rule for named removals: every stack (`path` -> layer count) keeps at least one of its
-    layers `path.i`, and at least `MIN_KEPT` stay in all."""
-    total_removed = 0
-    for path, size in stack_sizes.items():
-        gone = sum(1 for name in removed if name.rpartition(".")[0] == path)
-        total_removed += gone
-        if gone >= size:
+def check_kept(stream_sizes: Mapping[str, int], removed: Mapping[str, int], what: str = "layers") -> None:
+    """The rule per stream: `stream_sizes` (stream -> block count) minus `removed` (stream -> blocks
+    removed) keeps at least one block in each stream and at least `MIN_KEPT` in all."""
+    for stream, size in stream_sizes.items():
+        if removed.get(stream, 0) >= size:
             raise BudgetError(
-                f"cannot remove all {size} {what} of {path}: a pruned model keeps at least one in each stack"
+                f"cannot remove all {size} {what} of {stream}: a pruned model keeps at least one in each stack"
             )
-    if total_removed:
-        check_budget(sum(stack_sizes.values()), total_removed, what=what)
+    total = sum(removed.values())
+    if total:
+        check_budget(sum(stream_sizes.values()), total, what=what)
+
+
+def check_stack_budget(stack_sizes: Mapping[str, int], removed: Collection[str], what: str = "layers") -> None:
+    """The rule for named removals: layer `path.i` belongs to the stack at `path`."""
+    counts = {path: sum(1 for name in removed if name.rpartition(".")[0] == path) for path in stack_sizes}
+    check_kept(stack_sizes, counts, what)

@@ -13,12 +13,20 @@ class ConfigError(LoRPError, ValueError):
     """An option or configuration value that is not allowed."""
 
 
+class CallError(LoRPError, TypeError):
+    """A call with arguments of the wrong kind or number (where Python itself would raise TypeError)."""
+
+
 class TraceError(LoRPError):
     """The model could not be turned into a torch.fx graph."""
 
 
 class InputMismatchError(LoRPError):
     """The example or calibration inputs do not fit the model."""
+
+
+class FixedArgumentError(InputMismatchError):
+    """A call of a traced graph with a non-tensor argument other than the one it was traced with."""
 
 
 class NoResidualBlocksError(LoRPError):

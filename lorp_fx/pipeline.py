@@ -29,7 +29,6 @@ from .budget import check_budget
 from .compensation import CompensationError, Compensator, GapFit, check_compensable
 from .config import PruneConfig
 from .errors import ConfigError, InputMismatchError
-from .families import family_of
 from .loss import calibration_loss, next_token_loss
 from .observe import collect_statistics
 from .output import save_pretrained_atomic

@@ -62,3 +62,8 @@ def residual_states(draw):
     mask[:, 0] = True  # every sequence keeps a token
     cuts = sorted(draw(st.sets(st.integers(1, max(1, b - 1)), max_size=b - 1))) if b > 1 else []
     return states, mask.astype(np.int64), cuts
+
+
+def legal_removals(depth: int):
+    """Sets of block indices whose removal follows the budget rule (lorp_fx/budget.py: at least 2 blocks stay)."""
+    return st.sets(st.integers(0, depth - 1), max_size=max(depth - 2, 0))

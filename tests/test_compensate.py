@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from lorp_fx.errors import LoRPError
 from lorp_fx.output import save_pretrained_atomic
 from lorp_fx.plan import PruningPlan
 from lorp_fx.surgery import count_parameters, remove_layers
-from tiny_models import TINY, VOCAB, tiny_model, trace_inputs
+from tiny_models import VOCAB, tiny_model, trace_inputs
 
 # family -> removals: scattered runs, a run at the end of the stack, sublayers, both T5 stacks.
 REMOVALS = {

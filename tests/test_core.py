@@ -190,16 +190,19 @@ def test_unknown_block_name_lists_the_real_ones():
         lorp_fx.prune(gm, ["model.layers.9"])
 
 
-def test_removing_every_layer_is_refused():
-    model = tiny_model("llama", layers=2)
-    gm = lorp_fx.trace(model, trace_inputs("llama"))
-    with pytest.raises(lorp_fx.BudgetError, match="keep at least one layer"):
+def test_the_budget_rule_holds_in_the_graph_pass():
+    """The one rule of lorp_fx/budget.py: at least two blocks stay, and one in every stream."""
+    gm = lorp_fx.trace(tiny_model("llama", layers=3), trace_inputs("llama"))
+    with pytest.raises(lorp_fx.BudgetError, match="all 3 layer blocks"):
+        lorp_fx.prune(gm, ["model.layers.0", "model.layers.1", "model.layers.2"])
+    with pytest.raises(lorp_fx.BudgetError, match="at least 2 must stay"):
         lorp_fx.prune(gm, ["model.layers.0", "model.layers.1"])
+    assert len(lorp_fx.find_blocks(lorp_fx.prune(gm, ["model.layers.1"]))) == 2
 
 
 def test_a_single_string_is_refused():
     gm = lorp_fx.trace(tiny_model("llama", layers=2), trace_inputs("llama"))
-    with pytest.raises(TypeError, match="remove=\\[name\\]"):
+    with pytest.raises(lorp_fx.CallError, match="remove=\\[name\\]"):
         lorp_fx.prune(gm, "model.layers.0")
 
 

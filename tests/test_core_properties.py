@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 import lorp_fx
+from strategies import legal_removals
 
 
 class Branch(nn.Module):
@@ -63,7 +64,7 @@ def networks_and_removals(draw):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     model = ResidualNet(depth, width, post_norm, sublayers).eval()
-    remove = draw(st.sets(st.integers(0, depth - 1), max_size=depth - 1))
+    remove = draw(legal_removals(depth))
     batch, length = draw(st.integers(1, 3)), draw(st.integers(1, 5))
     x = torch.randn(batch, length, 3, generator=torch.Generator().manual_seed(seed))
     return model, remove, x

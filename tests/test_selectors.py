@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from lorp_fx.errors import BudgetError, UnknownBlockError
 from lorp_fx.errors import SelectorError

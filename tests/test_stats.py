@@ -2,7 +2,7 @@
 
 import numpy as np
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 
 from lorp_fx import SimilarityAccumulator
 from lorp_fx.errors import CalibrationError
