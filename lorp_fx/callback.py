@@ -226,10 +226,10 @@ class LoRPCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """A calibrating stage that saw no batch (Lightning skips an empty loop without a hook) says so."""
         if stage == self.stage and self._plan is None and not self._failed:
-            where = "a validation loop after the sanity check" if stage == "fit" else f"the {stage} loop"
+            where = "any validation loop after the sanity check" if stage == "fit" else f"the {self.stage} loop"
             raise CalibrationError(
-                f"no calibration batch was seen in {where}; pass a dataloader with at least one batch "
-                f"of calibration data (LoRPCallback calibrates in stage={self.stage!r})"
+                f"no calibration batch was seen in {where}: the calibration loader is empty or missing; pass a "
+                f"dataloader with at least one batch of calibration data (LoRPCallback calibrates in stage={self.stage!r})"
             )
 
     def state_dict(self) -> dict[str, Any]:

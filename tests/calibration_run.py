@@ -62,8 +62,8 @@ class Calibrated(L.LightningModule):
         if hasattr(output, "loss") and output.loss is not None:
             return output.loss
         logits = output.logits if hasattr(output, "logits") else output
-        if "input_ids" in fields:
-            ids = fields["input_ids"]
+        ids = fields.get("decoder_input_ids", fields.get("input_ids"))  # the tokens the logits follow
+        if ids is not None:
             return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         return torch.nn.functional.cross_entropy(logits, fields["y"])
 
@@ -130,6 +130,31 @@ def trainer(*callbacks, **options):
         accelerator="cpu", callbacks=list(callbacks), logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, **options,
     )
+
+
+def eager_statistics(model, data, masked: bool = True):
+    """The reference the callback must match: statistics from forward hooks on a causal LM's eager
+    layers, run on `data` in batches of 2 with (`masked`) or without its attention mask."""
+    import lorp_fx
+
+    states = []
+    layers = model.model.layers
+
+    def record_input(module, args, kwargs):
+        states.append(kwargs.get("hidden_states", args[0] if args else None))
+
+    hooks = [layer.register_forward_pre_hook(record_input, with_kwargs=True) for layer in layers]
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, o: states.append(o[0] if isinstance(o, tuple) else o)))
+    accumulator = lorp_fx.SimilarityAccumulator(len(layers) + 1)
+    with torch.no_grad():
+        for batch in loader(data):
+            states.clear()
+            mask = batch["attention_mask"] if masked else None
+            model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False)
+            accumulator.update(torch.stack(states), mask)
+    for hook in hooks:
+        hook.remove()
+    return accumulator.statistics([str(i) for i in range(len(layers) + 1)], [], [])
 
 
 class WriteEveryRank(L.Callback):
