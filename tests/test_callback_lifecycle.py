@@ -49,6 +49,18 @@ def test_stage_fit_calibrates_on_the_first_real_validation_loop_never_on_sanity_
     assert {id(p) for p in model.parameters()} <= trained  # in place: the optimizer holds the kept weights
 
 
+@pytest.mark.parametrize("stage", ["test", "predict"])
+def test_test_and_predict_stages_calibrate_in_their_own_loops(stage):
+    model = tiny_model("llama", layers=4)
+    module = Calibrated(model, call="mixed")
+    cb = LoRPCallback(n_remove=1, method="shortgpt", stage=stage, apply=True)
+    run = trainer(cb)
+    run.validate(module, dataloaders=loader())  # another stage: nothing happens
+    assert cb.plan is None and module.model is model
+    getattr(run, stage)(module, dataloaders=loader(form="tuple"))
+    assert cb.plan.statistics.token_count == TOKENS and model.config.num_hidden_layers == 3
+
+
 def test_an_unknown_stage_is_refused():
     with pytest.raises(lorp_fx.ConfigError, match="stage must be one of"):
         LoRPCallback(n_remove=1, stage="train")
@@ -157,9 +169,9 @@ def test_apply_on_a_plain_network_hands_back_the_pruned_graph_which_pickles_and_
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False).model
         torch.testing.assert_close(loaded(x), expected)
-        if any(isinstance(m, torch.nn.Dropout) for m in graph.modules()):
-            graph.train()
-            assert not torch.equal(graph(x), graph(x))  # the kept dropout follows .train()
+        assert any(isinstance(m, torch.nn.Dropout) for m in graph.modules())  # the last block: protected
+        graph.train()
+        assert not torch.equal(graph(x), graph(x))  # the kept dropout follows .train()
 
 
 class ShapeBranching(torch.nn.Module):
