@@ -1,10 +1,13 @@
 """Step 3 of the pipeline: watch the residual stream while a network runs, and keep only sums.
 
-`ResidualObserver` stands in for a network. On its first call it traces the network
-with the inputs it was given (`trace`), finds its blocks (`find_blocks`) and adds a
-recording node after every residual point of a copy of the graph. Every call then
-runs that copy, hands the states of the batch to a `SimilarityAccumulator` per
-residual stream and drops them: memory holds O(P^2) sums and one batch's states.
+`ResidualObserver` stands in for a network and takes any call the network takes
+(`NetworkCall` names its arguments). On its first call it traces the network with
+those inputs (`trace`), finds its blocks (`find_blocks`) and adds a recording node
+after every residual point of a copy of the graph. Every call then runs that copy,
+hands the states of the batch to a `SimilarityAccumulator` per residual stream and
+drops them: memory holds O(P^2) sums and one batch's states. States of any shape
+are read as token vectors (`stats.token_vectors`); a stream whose blocks hold a
+convolution is read channels-first.
 """
 
 from __future__ import annotations
