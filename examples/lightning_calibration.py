@@ -4,8 +4,9 @@
 
 A LightningModule around a `transformers` causal LM computes its next-token loss in
 `validation_step`, unchanged. The callback watches the residual stream during the
-first `validate`, chooses layers, and (apply=True) swaps in the pruned graph, so the
-second `validate` measures the pruned model on the same text.
+first `validate`, chooses layers, and (apply=True) hands back the eager model without
+them (still a `transformers` model: it generates and saves), so the second `validate`
+measures the pruned model on the same text.
 """
 
 import argparse

@@ -1,14 +1,18 @@
 """Step 3 of the pipeline: watch the residual stream while a network runs, and keep only sums.
 
-`ResidualObserver` stands in for a network. On its first call it traces the network
-with the inputs it was given (`trace`), finds its blocks (`find_blocks`) and adds a
-recording node after every residual point of a copy of the graph. Every call then
-runs that copy, hands the states of the batch to a `SimilarityAccumulator` per
-residual stream and drops them: memory holds O(P^2) sums and one batch's states.
+`ResidualObserver` stands in for a network and takes any call the network takes
+(`NetworkCall` names its arguments). On its first call it traces the network with
+those inputs (`trace`), finds its blocks (`find_blocks`) and adds a recording node
+after every residual point of a copy of the graph. Every call then runs that copy,
+hands the states of the batch to a `SimilarityAccumulator` per residual stream and
+drops them: memory holds O(P^2) sums and one batch's states. States of any shape
+are read as token vectors (`stats.token_vectors`); a stream whose blocks hold a
+convolution is read channels-first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +20,14 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .batches import stream_mask, with_model_defaults
+from .batches import stream_mask
 from .blocks import ResidualBlock, find_blocks
 from .errors import CalibrationError, InputMismatchError
+from .network_call import NetworkCall
 from .rewrite import prune
 from .stats import LayerStatistics, SimilarityAccumulator
 from .trace import trace
+
 
 class _Recorder(nn.Module):
     """The call_module target that the instrumented graph hands each residual state to."""
@@ -40,30 +46,41 @@ class _Recorder(nn.Module):
 class _Stream:
     points: list[int]  # indices into the recorded states, in depth order
     accumulator: SimilarityAccumulator
+    channels_first: bool  # a convolutional stream: features in dim 1 (see `stats.token_vectors`)
 
 
 class ResidualObserver(nn.Module):
     """A drop-in for `network` that collects residual-stream statistics as it runs.
 
-    Attributes other than `forward` (such as `config`) are looked up on the network.
-    Non-tensor keyword arguments are fixed into the traced graph; a call with a new
-    set of them traces again. For `transformers` models that take `use_cache`, it
-    defaults to False: a calibration pass needs no cache.
+    It takes whatever call the network takes: positional, keyword or both
+    (`NetworkCall` names the arguments by the network's signature). Attributes other
+    than `forward` (such as `config`) are looked up on the network. Non-tensor
+    arguments are fixed into the traced graph; a call with other ones traces again.
+    For `transformers` models that take `use_cache`, it defaults to False: a
+    calibration pass needs no cache. `on_call(call, output)`, when given, sees every
+    call as it happens (the callback checks the budget and the loss on the first).
     """
 
-    def __init__(self, network: nn.Module, granularity: str = "layer"):
+    def __init__(
+        self,
+        network: nn.Module,
+        granularity: str = "layer",
+        on_call: Callable[[NetworkCall, Any], None] | None = None,
+    ):
         super().__init__()
         self.network = network
         self.granularity = granularity
+        self.on_call = on_call
         self.graph: GraphModule | None = None  # the clean traced graph (what `prune` works on)
         self.blocks: list[ResidualBlock] = []
         self._observed: GraphModule | None = None
-        self._signature: tuple | None = None
+        self._key: tuple | None = None
         self._recorder = _Recorder()
         self._streams: list[_Stream] = []
         self._point_names: list[str] = []
         self._block_points: list[tuple[int, int]] = []
         self.calls = 0
+        self.training = network.training  # its own flag only: train() would reset every submodule
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -74,33 +91,26 @@ class ResidualObserver(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args, **kwargs):
-        kwargs = with_model_defaults(self.network, kwargs)
-        tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-        signature = (len(args), tuple(sorted(tensors)), tuple((k, repr(v)) for k, v in sorted(kwargs.items()) if k not in tensors))
-        if signature != self._signature:
-            self._prepare(args, kwargs, signature)
+        call = NetworkCall.bind(self.network, args, kwargs)
+        if call.key() != self._key:
+            self._prepare(call)
         self._recorder.states.clear()
-        output = self._observed(*args, **(tensors if self._exported else kwargs))
-        self._accumulate(kwargs)
-        self._recorder.states.clear()
+        try:
+            output = call.run(self._observed)
+            self._accumulate(call)
+        finally:
+            self._recorder.states.clear()
         self.calls += 1
+        if self.on_call is not None:
+            self.on_call(call, output)
         return output
 
-    @property
-    def _exported(self) -> bool:
-        return self.graph is not None and self.graph.meta.get("lorp_fx_frontend") == "export"
-
-    def _prepare(self, args: tuple, kwargs: dict, signature: tuple) -> None:
-        example = kwargs if not args else (args if not kwargs else None)
-        if example is None:
-            raise InputMismatchError(
-                "call the network with keyword arguments only, or positional arguments only, while calibrating"
-            )
-        graph = trace(self.network, example)
+    def _prepare(self, call: NetworkCall) -> None:
+        graph = trace(self.network, call.example())
         blocks = find_blocks(graph, self.granularity)
         if self.graph is not None and [b.name for b in blocks] != [b.name for b in self.blocks]:
             raise InputMismatchError("the network shows different residual blocks for different inputs")
-        self.graph, self.blocks, self._signature = graph, blocks, signature
+        self.graph, self.blocks, self._key = graph, blocks, call.key()
         self._observed = self._instrument(graph)
 
     def _instrument(self, graph: GraphModule) -> GraphModule:
@@ -127,17 +137,25 @@ class ResidualObserver(nn.Module):
                 observed.graph.call_module("lorp_recorder", (node, index))
         observed.recompile()
         if not self._streams:
-            self._streams = [_Stream(ids, SimilarityAccumulator(len(ids))) for ids in streams]
+            convolutional = [False] * len(streams)
+            for block in blocks:
+                convolutional[block.stream] |= any(_is_convolution(observed, node) for node in block.nodes)
+            self._streams = [
+                _Stream(ids, SimilarityAccumulator(len(ids)), conv) for ids, conv in zip(streams, convolutional)
+            ]
             self._block_points = block_points
             self._point_names = _point_names(blocks, block_points, len(points))
         return observed
 
-    def _accumulate(self, kwargs: dict) -> None:
+    def _accumulate(self, call: NetworkCall) -> None:
         states = self._recorder.states
         for stream_index, stream in enumerate(self._streams):
             points = [states[i] for i in stream.points]
             _check_finite(points, [self._point_names[i] for i in stream.points])
-            stream.accumulator.update(points, stream_mask(kwargs, points[0], decoder=stream_index > 0))
+            # A padding mask (batch, seq) belongs to sequence states (batch, seq, d) only.
+            sequence = points[0].dim() == 3 and not stream.channels_first
+            mask = stream_mask(call.inputs, points[0], decoder=stream_index > 0) if sequence else None
+            stream.accumulator.update(points, mask, channels_first=stream.channels_first)
 
     # ------------------------------------------------------------------ results
 
@@ -159,9 +177,9 @@ class ResidualObserver(nn.Module):
             stats = stream.accumulator.statistics(["?"] * len(stream.points), [], [])
             grid = torch.tensor(stream.points)
             rows, cols = grid[:, None], grid[None, :]
-            similarity[rows, cols] = torch.as_tensor(stats.similarity.copy())
-            angular[rows, cols] = torch.as_tensor(stats.angular.copy())
-            last[rows, cols] = torch.as_tensor(stats.last_token_angular.copy())
+            similarity[rows, cols] = torch.tensor(stats.similarity)  # copies: the statistics' arrays are read-only
+            angular[rows, cols] = torch.tensor(stats.angular)
+            last[rows, cols] = torch.tensor(stats.last_token_angular)
             tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
         return LayerStatistics(
             points=list(self._point_names),
@@ -185,6 +203,19 @@ def _point_names(blocks: list[ResidualBlock], block_points: list[tuple[int, int]
     return names
 
 
+_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+
+
+def _is_convolution(graph: GraphModule, node) -> bool:
+    """A convolution node: `nn.Conv*` modules (symbolic_trace) or conv functions and aten ops (torch.export)."""
+    if node.op == "call_module":
+        return isinstance(graph.get_submodule(node.target), nn.modules.conv._ConvNd)
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return name.split(".")[0] in _CONVOLUTIONS
+    return False
+
+
 def _check_finite(states: list[torch.Tensor], names: list[str]) -> None:
     for state, name in zip(states, names):
         if not bool(torch.isfinite(state).all()):
@@ -203,7 +234,8 @@ def collect_statistics(
     progress: bool = True,
     description: str = "calibrating",
 ) -> tuple[LayerStatistics, GraphModule]:
-    """Run `network` on `batches` (dicts of keyword arguments) under a `ResidualObserver`.
+    """Run `network` on `batches` under a `ResidualObserver`: a dict is a call by keyword, a tuple or
+    list a positional call, a tensor the one positional argument.
 
     The plain-Python path to what `LoRPCallback` collects inside `Trainer.validate`;
     returns the statistics and the traced graph (for `prune`).
@@ -213,5 +245,10 @@ def collect_statistics(
     observer = ResidualObserver(network, granularity)
     with torch.no_grad():
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):
-            observer(**batch)
+            if isinstance(batch, dict):
+                observer(**batch)
+            elif isinstance(batch, (tuple, list)):
+                observer(*batch)
+            else:
+                observer(batch)
     return observer.statistics(), observer.graph

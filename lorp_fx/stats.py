@@ -9,6 +9,11 @@ block and the output of the last one. For every pair of points (i, j) we keep
 
 Only sums and counts are stored (O(P^2) memory), so batches can be added in any
 order, split in any way, or summed across processes, and the result is the same.
+
+A *token* is one feature vector of the residual stream (`token_vectors`): a
+position of a sequence model's (batch, seq, d) state, an example of an MLP's
+(batch, d) state, a pixel of a conv net's (batch, C, H, W) state (its C channels).
+Each example is a *sequence* of tokens, and its last token is its last position.
 """
 
 from __future__ import annotations
@@ -126,12 +131,30 @@ class LayerStatistics:
         )
 
 
+def token_vectors(state: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+    """A residual state as (batch, positions, features): the vectors whose cosines the statistics average.
+
+    The first dim is the batch and the feature dim is the last one: (batch, d) has one
+    token per example, (batch, seq, d) one per position, (batch, H, W, C) one per pixel.
+    `channels_first` streams (convolutions: PyTorch's (batch, C, *spatial) layout) have
+    their features in dim 1, and a token is the C-vector at one spatial position.
+    """
+    if state.dim() == 0:
+        raise CalibrationError("a residual state is a scalar; the statistics need vectors (batch, ..., features)")
+    if state.dim() == 1:  # one unbatched vector
+        return state.reshape(1, 1, -1)
+    if channels_first and state.dim() > 2:
+        state = state.movedim(1, -1)
+    return state.reshape(state.shape[0], -1, state.shape[-1])
+
+
 class SimilarityAccumulator:
     """Streaming sums behind `LayerStatistics`.
 
-    `update` takes one batch of residual states stacked as (P, batch, seq, d) and an
-    optional attention mask (batch, seq); masked tokens are ignored and the last
-    token of each sequence is its last unmasked one. Sums are kept in float64 on the
+    `update` takes one batch of residual states, P tensors of one shape (see
+    `token_vectors`) or a stacked (P, batch, seq, d) tensor, and an optional
+    attention mask (batch, positions); masked tokens are ignored and the last token
+    of each sequence is its last unmasked one. Sums are kept in float64 on the
     states' device, whatever the model's dtype, so bf16 models match a float64
     reference to well under 1e-3.
     """
@@ -153,19 +176,32 @@ class SimilarityAccumulator:
             setattr(self, name, getattr(self, name).to(device))
 
     @torch.no_grad()
-    def update(self, states: torch.Tensor | Sequence[torch.Tensor], attention_mask: torch.Tensor | None = None) -> None:
-        """Add one batch: `states` is (P, batch, seq, d), or a list of P (batch, seq, d) tensors."""
+    def update(
+        self,
+        states: torch.Tensor | Sequence[torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        *,
+        channels_first: bool = False,
+    ) -> None:
+        """Add one batch: `states` is (P, batch, seq, d), or a list of P states of any one shape
+        (`token_vectors` says what a token is; `channels_first` for convolutional streams)."""
         if isinstance(states, torch.Tensor):
             if states.dim() == 3:  # (P, tokens, d): one unbatched sequence
                 states = states.unsqueeze(1)
             states = list(states)
         if len(states) != self.n_points:
             raise CalibrationError(f"expected states of {self.n_points} residual points, got {len(states)}")
+        states = [token_vectors(state, channels_first) for state in states]
         batch, seq = states[0].shape[:2]
         device = states[0].device
         self._to(device)
         if attention_mask is None:
             mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        elif attention_mask.numel() != batch * seq:
+            raise CalibrationError(
+                f"the attention mask has shape {tuple(attention_mask.shape)}, but the residual states have "
+                f"{batch} x {seq} tokens; pass a (batch, positions) mask of the states' tokens, or none"
+            )
         else:
             mask = attention_mask.to(device).bool().reshape(batch, seq)
         lengths = mask.sum(dim=1)

@@ -1,4 +1,8 @@
-"""LoRPCallback through Trainer.validate: statistics, plans, failures and several processes."""
+"""LoRPCallback through Trainer.validate: statistics, plans, failures and several processes.
+
+Calling conventions and batch forms: test_callback_conventions.py; stages, reuse,
+state and apply=True: test_callback_lifecycle.py.
+"""
 
 import json
 import os
@@ -6,45 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 
 import lorp_fx
-from calibration_run import CausalLM, calibration_data
+from calibration_run import Calibrated, calibration_data, eager_statistics, loader, trainer
 from lorp_fx import LoRPCallback, PruningPlan
 from tiny_models import example_inputs, tiny_model
 
 HERE = Path(__file__).parent
-
-
-def trainer(*callbacks):
-    return L.Trainer(
-        accelerator="cpu", callbacks=list(callbacks), logger=False, enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-
-
-def loader(data=None, batch_size=2):
-    return torch.utils.data.DataLoader(data if data is not None else calibration_data(), batch_size=batch_size)
-
-
-def eager_statistics(model, data):
-    """S from forward hooks on the eager layers: the reference the graph observation must match."""
-    states = []
-    layers = model.model.layers
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k: states.append(k.get("hidden_states", a[0] if a else None)), with_kwargs=True) for layer in layers]
-    hooks.append(layers[-1].register_forward_hook(lambda m, a, o: states.append(o[0] if isinstance(o, tuple) else o)))
-    accumulator = lorp_fx.SimilarityAccumulator(len(layers) + 1)
-    with torch.no_grad():
-        for batch in loader(data):
-            states.clear()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            accumulator.update(torch.stack(states), batch["attention_mask"])
-    for hook in hooks:
-        hook.remove()
-    return accumulator.statistics([str(i) for i in range(len(layers) + 1)], [], [])
+CausalLM = Calibrated  # keyword calls from dict batches: input_ids, attention_mask, use_cache=False
 
 
 def test_validate_collects_the_eager_statistics_and_plans():
@@ -78,18 +54,6 @@ def test_the_plan_round_trips_through_json_and_prunes(tmp_path):
     assert len(lorp_fx.find_blocks(pruned)) == 4
 
 
-def test_apply_replaces_the_network_so_a_second_validate_measures_the_pruned_model():
-    model = tiny_model("llama", layers=6)
-    cb = LoRPCallback(n_remove=2, method="shortgpt", apply=True)
-    module = CausalLM(model)
-    t = trainer(cb)
-    t.validate(module, dataloaders=loader())
-    assert isinstance(module.model, torch.fx.GraphModule)
-    assert len(lorp_fx.find_blocks(module.model)) == 4
-    t.validate(module, dataloaders=loader())  # measures; no second calibration
-    assert len(lorp_fx.find_blocks(module.model)) == 4
-
-
 def test_same_data_same_plan_and_sleb_uses_the_calibration_loss():
     plans = []
     for _ in range(2):
@@ -107,15 +71,6 @@ def test_sublayer_granularity():
     assert all(name.endswith((".self_attn", ".mlp")) for name in cb.plan.remove)
 
 
-class Seq2Seq(L.LightningModule):
-    def __init__(self, network):
-        super().__init__()
-        self.model = network
-
-    def validation_step(self, batch, batch_idx):
-        return self.model(**batch).logits.mean()
-
-
 @pytest.mark.parametrize("family", ["t5", "mixtral", "qwen2_moe", "gpt2"])
 def test_other_families_calibrate(family):
     model = tiny_model(family, layers=4)
@@ -124,7 +79,7 @@ def test_other_families_calibrate(family):
         inputs = example_inputs(family, batch=1, seq=8, seed=seed)
         data.append({k: v[0] for k, v in inputs.items()})
     cb = LoRPCallback(n_remove=1, method="shortgpt")
-    trainer(cb).validate(Seq2Seq(model), dataloaders=loader(data))
+    trainer(cb).validate(Calibrated(model, call="unpack"), dataloaders=loader(data))
     stats = cb.plan.statistics
     assert list(stats.blocks) == [b.name for b in lorp_fx.find_blocks(cb.graph_module)]
     assert np.allclose(np.diag(stats.similarity), 1.0)
