@@ -11,11 +11,13 @@ others accept too.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+import re
+from collections.abc import Collection, Mapping, Sequence
 
 from .errors import BudgetError
 
 MIN_KEPT = 2
+_INDEX = re.compile(r"(^|\.)\d+(\.|$)")
 
 
 def budget_from_ratio(n_blocks: int, ratio: float) -> int:
@@ -69,3 +71,34 @@ def check_stack_budget(stack_sizes: Mapping[str, int], removed: Collection[str],
             )
     if total_removed:
         check_budget(sum(stack_sizes.values()), total_removed, what=what)
+
+
+def check_stream_budget(streams: Sequence[Sequence[str]], removed: Collection[str], what: str = "blocks") -> None:
+    """The rule for named removals from blocks grouped by residual stream (`LayerStatistics.streams()`):
+    at least one removed, at least one kept in every stream, at least `MIN_KEPT` kept in all."""
+    removed = set(removed)
+    for stream in streams:
+        if stream and removed.issuperset(stream):
+            raise BudgetError(
+                f"cannot remove all {len(stream)} {what} of the stream {stream[0]} .. {stream[-1]}: "
+                "a pruned model keeps at least one in each stream"
+            )
+    check_budget(sum(len(stream) for stream in streams), len(removed), what=what)
+
+
+def stack_of(name: str) -> str:
+    """The stack a block belongs to: its name before the first index (`model.layers.3.mlp` -> `model.layers`)."""
+    match = _INDEX.search(name)
+    return name[: match.start()] if match else ""
+
+
+def check_named_budget(blocks: Sequence[str], removed: Collection[str], what: str = "layers") -> None:
+    """`check_stream_budget` with the streams read off the names (each stack is a stream): for the graph pass,
+    which knows block names but not statistics. Nothing to check when nothing of `blocks` is removed."""
+    chosen = [name for name in removed if name in set(blocks)]
+    if not chosen:
+        return
+    streams: dict[str, list[str]] = {}
+    for name in blocks:
+        streams.setdefault(stack_of(name), []).append(name)
+    check_stream_budget(list(streams.values()), chosen, what=what)
