@@ -154,11 +154,12 @@ def recipe_of(args: argparse.Namespace) -> dict:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .pipeline import prune_model
-    from .preflight import preflight
+    from .preflight import check_numbers, preflight
     from .report import summary_lines
 
     if args.out is None:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
+    check_numbers(args)  # named by their flags, before PruneConfig names them by field
     config = prune_config(args)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
     tokenizer = ready.tokenizer

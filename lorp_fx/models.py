@@ -27,9 +27,12 @@ of its quantization state, so it behaves (and saves) like any `transformers` mod
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,11 +300,20 @@ def load_weights(source: ModelSource, dtype: torch.dtype | str = torch.float32, 
         model, info = _load_gguf(Path(source.location), dtype)
     else:
         try:
-            model, info = model_class(source.config).from_pretrained(
-                source.location, dtype=dtype, trust_remote_code=False, weights_only=True, output_loading_info=True
-            )
+            with _quiet_loading_report():
+                # ignore_mismatched_sizes: report a tensor of the wrong shape (refused below, by name) instead of
+                # raising an error that points at a table in the log
+                model, info = model_class(source.config).from_pretrained(
+                    source.location, dtype=dtype, trust_remote_code=False, weights_only=True,
+                    output_loading_info=True, ignore_mismatched_sizes=True,
+                )
         except ModelLoadError:
             raise
+        except pickle.UnpicklingError as error:
+            raise ModelLoadError(
+                f"the weights in {source.location} hold Python objects besides tensors, and lorp-fx loads pickled "
+                "weights only with torch.load(weights_only=True), which refuses them: convert the checkpoint to safetensors"
+            ) from error
         except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
             raise ModelLoadError(f"could not load a model from {source.kind} {source.location}: {_one_line(error)}") from error
     check_loading_info(info, source)
@@ -335,13 +347,14 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, GgufConfig
 
     try:
-        # Dequantize while loading: with the optional `kernels` package installed,
-        # transformers would otherwise keep packed GGUF linear layers, which
-        # neither hidden-state hooks nor save_pretrained handle.
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
-            trust_remote_code=False, output_loading_info=True,
-        )
+        with _quiet_loading_report():
+            # Dequantize while loading: with the optional `kernels` package installed,
+            # transformers would otherwise keep packed GGUF linear layers, which
+            # neither hidden-state hooks nor save_pretrained handle.
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+                trust_remote_code=False, output_loading_info=True,
+            )
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(
             f"could not load GGUF file {path}: {_one_line(error)} (transformers loads only some GGUF architectures)"
@@ -354,6 +367,18 @@ def _load_gguf(path: Path, dtype: torch.dtype):
     return model, info
 
 
+@contextlib.contextmanager
+def _quiet_loading_report():
+    """Silence transformers' table of missing and unexpected tensors: `check_loading_info` names them in one line."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # no terminal colour codes
     return f"{type(error).__name__}: {text[0] if text else ''}"

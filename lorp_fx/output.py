@@ -99,7 +99,8 @@ def check_output_location(out_dir, overwrite: bool, protect: Iterable = ()) -> P
     if out_dir is None or not str(out_dir).strip():
         raise OutputDirError("the output directory is empty (an unset shell variable?); name the directory to write")
     given = Path(os.path.expanduser(str(out_dir)))
-    if given.is_symlink() and not given.exists():
+    _check_lengths(given.absolute())  # first: a name too long makes every other system call fail
+    if os.path.islink(given) and not os.path.exists(given):
         raise OutputDirError(f"output path {given} is a symbolic link to {os.readlink(given)}, which does not exist; "
                              "remove the link or point it at a directory")
     out = _resolve(given, "output path")
@@ -185,9 +186,16 @@ def _check_creatable(out: Path) -> None:
         if existing != out:
             raise OutputDirError(f"cannot create output directory {out}: {existing} is a file, not a directory")
         return  # out itself is a file: check_output_location says so
+    writable_in = existing if existing != out else out.parent
+    if not os.access(writable_in, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write to {writable_in}: permission denied (or a read-only file system)")
+
+
+def _check_lengths(out: Path) -> None:
+    """Every component within the file system's name limit, the last with room for the temporary name."""
+    existing = next(p for p in out.parents if os.path.lexists(p))
     limit = _pathconf(existing, "PC_NAME_MAX", 255)
-    missing = [out.name] if existing == out else [p.name for p in (out, *out.parents) if not os.path.lexists(p)]
-    for name in missing:
+    for name in [p.name for p in (out, *out.parents) if p != existing and existing in p.parents]:
         if len(os.fsencode(name)) > limit:
             raise OutputDirError(f"output path component {name[:40]}... is {len(os.fsencode(name))} bytes; "
                                  f"the file system allows {limit}: choose a shorter name")
@@ -197,9 +205,6 @@ def _check_creatable(out: Path) -> None:
                              f"needs it to be at most {room} (the file system's {limit} less room for its temporary name)")
     if len(os.fsencode(str(out))) + atomic.NAME_OVERHEAD >= _pathconf(existing, "PC_PATH_MAX", 4096):
         raise OutputDirError(f"output path {str(out)[:60]}... is too long for the file system; choose a shorter one")
-    writable_in = existing if existing != out else out.parent
-    if not os.access(writable_in, os.W_OK | os.X_OK):
-        raise OutputDirError(f"cannot write to {writable_in}: permission denied (or a read-only file system)")
 
 
 def _pathconf(path: Path, name: str, default: int) -> int:

@@ -75,10 +75,10 @@ class PruningPlan:
             raise PlanError(f"a pruning plan is a JSON object with the fields {', '.join(_FIELDS)}; got a {_kind(data)}")
         unknown = sorted(set(map(str, data)) - set(_FIELDS))
         if unknown:
-            raise PlanError(f"plan field(s) {', '.join(unknown)} unknown; a plan has {', '.join(_FIELDS)}")
+            raise PlanError(f"plan field(s) {', '.join(map(repr, unknown))} unknown; a plan has {', '.join(_FIELDS)}")
         for required in ("remove", "method"):
             if required not in data:
-                raise PlanError(f"plan field {required!r} is missing; a plan needs at least remove and method")
+                raise PlanError(f"plan field '{required}' is missing; a plan needs at least remove and method")
         statistics = _statistics(data.get("statistics"))
         plan = cls(
             remove=_names(data["remove"], "remove"),
@@ -101,7 +101,7 @@ class PruningPlan:
                             ("clusters", [b for c in self.clusters or [] for b in c])):
             strangers = [n for n in names if n not in blocks]
             if strangers:
-                raise PlanError(f"plan field {what!r} names {strangers[0]!r}, which is not one of the plan's blocks "
+                raise PlanError(f"plan field '{what}' names {strangers[0]!r}, which is not one of the plan's blocks "
                                 f"({', '.join(self.statistics.blocks[:3])}, ...)")
         if self.remove:
             streams = [[self.statistics.blocks[b] for b in stream] for stream in self.statistics.streams()]
@@ -146,21 +146,21 @@ def _kind(value) -> str:
 
 def _text(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise PlanError(f"plan field {name!r} must be a non-empty string, got {value!r}")
+        raise PlanError(f"plan field '{name}' must be a non-empty string, got {value!r}")
     return value
 
 
 def _names(value, name: str) -> list[str]:
     if isinstance(value, str):
-        raise PlanError(f"plan field {name!r} must be a list of block names, got the string {value!r}; "
-                        f'write ["{value}"]')
+        raise PlanError(f"plan field '{name}' must be a list of block names, got the string {value!r}; "
+                        f"write {json.dumps([value])}")
     if not isinstance(value, (list, tuple)):
-        raise PlanError(f"plan field {name!r} must be a list of block names, got a {_kind(value)}")
+        raise PlanError(f"plan field '{name}' must be a list of block names, got a {_kind(value)}")
     for item in value:
         _text(item, f"{name}[]")
     duplicates = sorted({n for n in value if list(value).count(n) > 1})
     if duplicates:
-        raise PlanError(f"plan field {name!r} names {duplicates[0]!r} more than once")
+        raise PlanError(f"plan field '{name}' names {duplicates[0]!r} more than once")
     return list(value)
 
 
@@ -174,7 +174,7 @@ def _number(value, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise PlanError(f"plan field {name!r} must be a number (not NaN) or null, got {value!r}")
+        raise PlanError(f"plan field '{name}' must be a number (not NaN) or null, got {value!r}")
     return float(value)
 
 
@@ -216,7 +216,8 @@ def _statistics(value) -> LayerStatistics | None:
     try:
         stats = LayerStatistics.from_dict(value)
     except (TypeError, ValueError) as error:
-        raise PlanError(f"plan field 'statistics' is malformed ({error})") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise PlanError(f"plan field 'statistics' is malformed ({type(error).__name__}: {first_line})") from None
     _check_statistics_shapes(stats)
     return stats
 
