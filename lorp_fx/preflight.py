@@ -4,7 +4,7 @@
     model = load_weights(ready.source, args.dtype, ready.tokenizer)
 
 1. numbers: seeds, batch sizes, window counts and lengths (`NUMBERS`);
-2. input files: calibration, eval and recipe files exist and are readable files;
+2. input files: calibration and eval files exist and are readable files;
 3. the model: found, its configuration read (no weights), no code of its own, an
    architecture that matches its model_type (`models.resolve_model`);
 4. the output: resolved, not an input, creatable, replaceable only if lorp-fx wrote
@@ -52,11 +52,12 @@ def preflight(args) -> Ready:
     check_numbers(args)
     calibration = [check_text_file(p, "calibration file") for p in _listed(getattr(args, "calib_file", None))]
     evaluation = [check_text_file(p, "eval file") for p in _listed(getattr(args, "eval_file", None))]
-    recipe = getattr(args, "config", None)
     source = resolve_model(args.model)
     out = None
     if hasattr(args, "out"):
-        inputs = [*source.paths, *calibration, *evaluation, *([recipe] if recipe else [])]
+        # (The recipe is not protected: it is read whole before any work, and rerunning the recipe.yaml of an
+        # output into that same output with --overwrite is a natural thing to do.)
+        inputs = [*source.paths, *calibration, *evaluation]
         out = check_output_location(args.out, getattr(args, "overwrite", False), protect=inputs)
     check_layer_budget(source, args)
     check_lengths(source, args, evaluation)

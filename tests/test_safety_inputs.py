@@ -400,3 +400,15 @@ def test_a_confident_model_still_gets_its_pruned_output_saved(tmp_path, capsys, 
     assert code == 0, err
     evaluation = json.loads((out / "report.json").read_text())["evaluation"]
     assert math.isinf(evaluation["ppl_before"]) and "inf" in stdout
+
+
+def test_the_library_refuses_windows_beyond_the_positions_too():
+    from lorp_fx import PruneConfig, prune_model
+    from lorp_fx.errors import ConfigError
+
+    model = tiny_model("gpt2", layers=4)
+    with pytest.raises(ConfigError, match="longer than the model's 64 positions"):
+        prune_model(model, torch.randint(4, 90, (2, 65)), PruneConfig(remove=1, method="shortgpt"), progress=False)
+    with pytest.raises(ConfigError, match="evaluation windows of 80 tokens"):
+        prune_model(model, torch.randint(4, 90, (2, 16)), PruneConfig(remove=1, method="shortgpt"),
+                    evaluation=torch.randint(4, 90, (2, 80)), progress=False)
