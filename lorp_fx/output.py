@@ -106,7 +106,7 @@ def check_output_location(out_dir, overwrite: bool, protect: Iterable = ()) -> P
     out = _resolve(given, "output path")
     _check_not_an_input(out, given, protect)
     _check_creatable(out)
-    atomic.recover(out, is_lorp_fx_output)  # a crashed earlier run: restore or remove what it left
+    atomic.recover(out, _replaceable)  # a crashed earlier run: restore or remove what it left
     if out.is_dir() and _non_empty(out):
         if not overwrite:
             raise OutputDirError(f"output directory {out} exists and is not empty; choose another"
@@ -136,6 +136,13 @@ def is_lorp_fx_output(directory: str | os.PathLike) -> bool:
     return isinstance(data, dict) and isinstance(data.get(MARKER), dict)
 
 
+def _replaceable(path: Path) -> bool:
+    """What an overwrite may delete: a lorp-fx output, or an empty directory (nothing in it to lose)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return is_lorp_fx_output(path) or not any(path.iterdir())
+
+
 def stamp_report(directory: Path) -> None:
     """Add the marker to `directory`/report.json (creating it if absent): lorp-fx wrote this directory."""
     from . import __version__
@@ -145,7 +152,7 @@ def stamp_report(directory: Path) -> None:
     if report.exists():
         try:
             data = json.loads(report.read_text(encoding="utf-8"))
-        except ValueError:
+        except (OSError, ValueError):
             data = None
         if not isinstance(data, dict):
             raise OutputDirError(f"{REPORT} is where lorp-fx marks its output directories and must hold a JSON object")
@@ -241,7 +248,7 @@ def _write_extra_file(root: Path, name: str, content: bytes | str) -> None:
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     try:
         if overwrite and os.path.lexists(out_dir):
-            atomic.replace_directory(tmp, out_dir, is_replaceable=is_lorp_fx_output)
+            atomic.replace_directory(tmp, out_dir, is_replaceable=_replaceable)
         else:
             atomic.rename_exclusive(tmp, out_dir)
     except FileExistsError:

@@ -76,11 +76,16 @@ def test_a_save_without_a_report_is_marked_too(tmp_path):
     assert is_lorp_fx_output(out) and set(json.loads((out / "report.json").read_text())) == {MARKER}
 
 
-def test_save_into_an_existing_empty_directory(tmp_path):
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("rename", ["renameat2", "portable"])
+def test_save_into_an_existing_empty_directory(tmp_path, monkeypatch, overwrite, rename):
+    if rename == "portable":
+        monkeypatch.setenv("LORP_FX_PORTABLE_RENAME", "1")
     model, _, _ = build("gpt2")
     (tmp_path / "run").mkdir()
-    save_pretrained_atomic(model, None, tmp_path / "run")
+    save_pretrained_atomic(model, None, tmp_path / "run", overwrite=overwrite)
     assert (tmp_path / "run" / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
