@@ -11,7 +11,7 @@ others accept too.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from .errors import BudgetError
 
@@ -73,3 +73,13 @@ def check_stack_budget(stack_sizes: Mapping[str, int], removed: Collection[str],
     """The rule for named removals: layer `path.i` belongs to the stack at `path`."""
     counts = {path: sum(1 for name in removed if name.rpartition(".")[0] == path) for path in stack_sizes}
     check_kept(stack_sizes, counts, what)
+
+
+def check_stream_budget(streams: Sequence[Sequence[str]], removed: Collection[str], what: str = "blocks") -> None:
+    """The rule for named removals from blocks grouped by residual stream (`LayerStatistics.streams()` names)."""
+    removed = set(removed)
+    if not removed:
+        check_budget(sum(len(s) for s in streams), 0, what=what)  # at least one must go
+    sizes = {f"the stream {s[0]} .. {s[-1]}": len(s) for s in streams if s}
+    counts = {f"the stream {s[0]} .. {s[-1]}": len(removed.intersection(s)) for s in streams if s}
+    check_kept(sizes, counts, what)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import COMPENSATIONS, GRANULARITIES, PruneConfig, read_recipe
 from .errors import ConfigError, LoRPError
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, load_weights
 from .selectors import DEFAULT_METHOD, SELECTORS
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--eval-file", type=Path, help="text to measure perplexity on, before and after")
     prune.add_argument("--eval-samples", type=int, default=40)
     prune.add_argument("--eval-seq-len", type=int, default=512)
-    prune.add_argument("--out", type=Path, help="output directory (a transformers checkpoint); required")
+    prune.add_argument("--out", help="output directory (a transformers checkpoint); required")
     prune.add_argument("--overwrite", action="store_true", help="replace an output directory lorp-fx wrote before")
     prune.add_argument("--no-gguf", action="store_true", help="a model read from a .gguf file: do not also write a pruned .gguf")
     prune.add_argument("--gguf-requantize", default="original", choices=["original", "q8_0"],
@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_arguments(analyze)
     _calibration_arguments(analyze)
     analyze.add_argument("--granularity", default="layer", choices=GRANULARITIES)
-    analyze.add_argument("--out", type=Path, required=True)
-    analyze.add_argument("--overwrite", action="store_true")
+    analyze.add_argument("--out", required=True, help="output directory")
+    analyze.add_argument("--overwrite", action="store_true", help="replace an output directory lorp-fx wrote before")
     analyze.set_defaults(run=run_analyze, config=None)
 
     evaluate = commands.add_parser("eval", help="perplexity of a model or a pruned checkpoint")
@@ -124,7 +124,7 @@ def _with_recipe(args: argparse.Namespace, argv) -> argparse.Namespace:
     given = _given_on_command_line(argv)
     for key, value in recipe.items():
         if key not in given:
-            setattr(args, key, Path(value) if key in ("out", "eval_file") and value is not None else value)
+            setattr(args, key, Path(value) if key == "eval_file" and value is not None else value)
     if isinstance(args.calib_file, (str, Path)):
         args.calib_file = [args.calib_file]
     if args.calib_file is not None:
@@ -157,19 +157,19 @@ def recipe_of(args: argparse.Namespace) -> dict:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from .data import text_windows
-    from .output import check_output_dir
     from .pipeline import prune_model
+    from .preflight import check_numbers, preflight
     from .report import summary_lines
 
     if args.out is None:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
+    check_numbers(args)  # named by their flags, before PruneConfig names them by field
     config = prune_config(args)
-    check_output_dir(args.out, args.overwrite)  # fail before the long work, not after
-    gguf = None if args.no_gguf else _gguf_source(args.model)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    evaluation = text_windows(tokenizer, [args.eval_file], args.eval_samples, args.eval_seq_len) if args.eval_file else None
-    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=evaluation, gguf=gguf)
+    ready = preflight(args)  # every check before the weights load; one line and exit 2
+    gguf = None if args.no_gguf else _gguf_source(ready.source)
+    tokenizer = ready.tokenizer
+    model = load_weights(ready.source, args.dtype, tokenizer)
+    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=ready.evaluation, gguf=gguf)
     result.report["model"] = str(args.model)
     result.report["dtype"] = args.dtype
     result.report["seed"] = args.seed
@@ -178,33 +178,33 @@ def run_prune(args: argparse.Namespace) -> int:
     import yaml
 
     recipe = yaml.safe_dump(recipe_of(args), sort_keys=True)
-    result.save(args.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe},
+    result.save(ready.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe},
                 gguf_requantize=args.gguf_requantize)
     print()
     print("\n".join(summary_lines(result.report, args.out)))
     return 0
 
 
-def _gguf_source(model: str):
-    """The validated GGUF file a model name points to (the embedded default is one), else None."""
+def _gguf_source(source):
+    """The validated GGUF file a model comes from (the embedded default is one), else None."""
     from .gguf_output import open_source
-    from .models import gguf_path_of
 
-    path = gguf_path_of(model)
-    return None if path is None else open_source(path)
+    return open_source(source.location) if source.kind == "gguf" else None
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     from .batches import token_batches
     from .observe import collect_statistics
-    from .output import check_output_dir, save_pretrained_atomic
+    from .output import save_pretrained_atomic
     from .pipeline import calibration_windows, encoder_decoder, heatmap_file
     from .plan import PruningPlan
+    from .preflight import preflight
     from .report import span
     from .selectors import paper_clusters
 
-    check_output_dir(args.out, args.overwrite)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    ready = preflight(args)  # every check before the weights load; one line and exit 2
+    tokenizer = ready.tokenizer
+    model = load_weights(ready.source, args.dtype, tokenizer)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     windows, source = calibration_windows(model, args.calib_file, config, tokenizer, progress=True)
     batches = token_batches(windows, args.batch_size, encoder_decoder(model))
@@ -220,7 +220,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     }
     files = {"report.json": json.dumps(report, indent=1), "statistics.json": json.dumps(stats.to_dict())}
     files.update(heatmap_file(plan))
-    save_pretrained_atomic(None, None, args.out, extra_files=files, overwrite=args.overwrite)
+    save_pretrained_atomic(None, None, ready.out, extra_files=files, overwrite=args.overwrite, protect=ready.source.paths)
     print(f"RLS {rls:.3f} -> {len(clusters)} clusters: " + "; ".join(span(c) for c in clusters))
     lowest = sorted(influence, key=influence.get)[:5]
     print("lowest Block Influence: " + ", ".join(f"{b} ({influence[b]:.3f})" for b in lowest))
@@ -229,13 +229,14 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import text_windows
     from .evaluate import perplexity
+    from .preflight import preflight
     from .surgery import count_layers, count_parameters
 
-    _gguf_source(args.model)  # a pruned .gguf evaluates like any model, once transformers can read it
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    windows = text_windows(tokenizer, args.eval_file, args.eval_samples, args.eval_seq_len)
+    ready = preflight(args)  # every check before the weights load; one line and exit 2
+    _gguf_source(ready.source)  # a pruned .gguf evaluates like any model, once transformers can read it
+    model = load_weights(ready.source, args.dtype, ready.tokenizer)
+    windows = ready.evaluation
     ppl = perplexity(model, windows, batch_size=args.batch_size)
     print(f"{args.model}: {count_layers(model)} layers, {count_parameters(model):,} parameters, "
           f"perplexity {ppl:.2f} on {windows.numel():,} tokens")

@@ -50,14 +50,29 @@ def text_windows(tokenizer, paths, n_samples: int, seq_len: int) -> torch.Tensor
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_samples, seq_len)
 
 
+def check_text_file(path, what: str = "text file") -> Path:
+    """`path` as a Path if it is a readable regular file; CalibrationError naming the problem otherwise.
+
+    Cheap (no reading): the command line checks every input file before any work.
+    """
+    if path is None or not str(path).strip():
+        raise CalibrationError(f"the {what} name is empty; name a text file")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CalibrationError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise CalibrationError(f"{what} {path} is a directory; name a text file")
+    if not os.access(path, os.R_OK):
+        raise CalibrationError(f"cannot read {what} {path}: permission denied")
+    return path
+
+
 def _read_texts(paths: list) -> str:
     parts = []
     for path in paths:
-        path = Path(path).expanduser()
+        path = check_text_file(path)
         try:
             text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CalibrationError(f"text file {path} does not exist") from None
         except (OSError, UnicodeDecodeError) as error:
             raise CalibrationError(f"cannot read text file {path}: {error}") from None
         if parts and not parts[-1].endswith("\n"):

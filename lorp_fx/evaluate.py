@@ -12,21 +12,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InputMismatchError
+from .errors import ConfigError, InputMismatchError
 
 
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
-    """exp(mean token NLL) over all predicted tokens of `windows` (n, seq_len).
+    """exp(mean token NLL) over all predicted tokens of `windows` (n, seq_len); inf where that overflows.
 
     Each window is scored on its own (no context carried between windows) and its
     first token is not predicted, so n * (seq_len - 1) tokens count. `model` is a
     `transformers` causal LM, or any callable taking `input_ids=` (such as a
     GraphModule from `lorp_fx.trace`) that returns logits, an object with
     `.logits`, a dict with "logits", or a tuple whose first item is the logits.
+    A confidently wrong model can have a mean NLL beyond what exp() can hold
+    (about 709 nats): its perplexity is reported as inf, not an error.
     """
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise InputMismatchError(f"windows must be a (n, seq_len >= 2) tensor of token ids, got shape {tuple(windows.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    _check_embeddings(model, windows)
     device = _device(model)
     total_nll, count = 0.0, 0
     with _eval_mode(model):
@@ -37,7 +42,15 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
             total_nll += nll.item()
             count += batch[:, 1:].numel()
-    return math.exp(total_nll / count)
+    return exp_or_inf(total_nll / count)
+
+
+def exp_or_inf(mean_nll: float) -> float:
+    """exp(mean_nll), or inf where the float range ends (math.exp raises OverflowError there)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
@@ -54,6 +67,17 @@ def _logits(model, batch: torch.Tensor) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise InputMismatchError(f"the model returned {type(out).__name__}, which holds no logits")
+
+
+def _check_embeddings(model, windows: torch.Tensor) -> None:
+    """Token ids beyond the input embeddings fail inside the model with an IndexError: say what it means first."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embeddings, "num_embeddings", None)
+    if windows.numel() and isinstance(size, int) and (int(windows.max()) >= size or int(windows.min()) < 0):
+        raise InputMismatchError(
+            f"the windows hold token id {int(windows.max())} but the model has {size} embeddings: "
+            "the tokenizer and the model do not match"
+        )
 
 
 def _check_vocabulary(batch: torch.Tensor, logits: torch.Tensor) -> None:

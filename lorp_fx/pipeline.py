@@ -171,8 +171,22 @@ def check_model(model: nn.Module, config: PruneConfig, calibration: Calibration,
         if encoder_decoder(model):
             raise ConfigError("evaluation measures causal-LM perplexity; it does not apply to encoder-decoder models")
         _check_windows(model, evaluation, "evaluation")
+    _check_positions(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) else config.seq_len, "calibration")
+    if evaluation is not None:
+        _check_positions(model, evaluation.shape[1], "evaluation")
     if SELECTORS[config.method].required and "loss_fn" in SELECTORS[config.method].required and encoder_decoder(model):
         raise ConfigError(f"method {config.method!r} judges candidates by causal-LM loss, which an encoder-decoder has not; choose a statistics method")
+
+
+def _check_positions(model: nn.Module, length: int, what: str) -> None:
+    """Windows longer than the position embeddings cover fail inside the model (GPT-2) or quietly leave the
+    trained range (RoPE): refused, as the command line does before the weights load."""
+    from .models import max_positions
+
+    positions = max_positions(getattr(model, "config", None))
+    if positions is not None and length > positions:
+        raise ConfigError(f"{what} windows of {length} tokens are longer than the model's {positions} positions "
+                          f"(max_position_embeddings); use windows of at most {positions} tokens")
 
 
 def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:

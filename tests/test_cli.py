@@ -142,22 +142,35 @@ def test_a_budget_that_leaves_fewer_than_two_layers(tmp_path, capsys, text_file)
 def test_a_calibration_file_too_short(tmp_path, capsys):
     model_dir, short = save_tiny(tmp_path, "llama"), tmp_path / "short.txt"
     short.write_text("w1 w2 w3")
-    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", short, "--out", tmp_path / "o"], capsys)
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", short, "--seq-len", 16,
+                        "--out", tmp_path / "o"], capsys)
     assert_clean_failure(code, err, "has 3 tokens")
     assert not (tmp_path / "o").exists()
 
 
 def test_a_non_empty_output_directory_is_refused_unless_overwrite(tmp_path, capsys, text_file):
     model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = ["prune", "--model", model_dir, "--remove", 1, "--method", "shortgpt", "--calib-file", text_file,
             "--calib-samples", 2, "--seq-len", 16, "--out", out]
     code, _, err = run(args, capsys)
+    assert code == 0, err
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(args, capsys)
     assert_clean_failure(code, err, "not empty")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, err = run(args + ["--overwrite"], capsys)
-    assert code == 0, err and not (out / "keep.txt").exists()
+    code, _, err = run(args + ["--overwrite"], capsys)  # lorp-fx wrote it: replaced whole
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+
+
+def test_overwrite_refuses_a_directory_lorp_fx_did_not_write(tmp_path, capsys, text_file):
+    model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run(["prune", "--model", model_dir, "--remove", 1, "--calib-file", text_file, "--seq-len", 16,
+                        "--out", out, "--overwrite"], capsys)
+    assert_clean_failure(code, err, "not written by lorp-fx", "even with overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_an_output_path_that_cannot_be_a_directory(tmp_path, capsys, text_file):
@@ -182,6 +195,61 @@ def test_a_gguf_that_transformers_cannot_load(tmp_path, capsys):
     fake.write_bytes(b"GGUF" + b"\0" * 64)
     code, _, err = run(["prune", "--model", fake, "--remove", 1, "--out", tmp_path / "o"], capsys)
     assert_clean_failure(code, err)
+
+
+# ----------------------------------------------------------------------------- the user's data is safe
+
+
+def snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("command", ["prune", "analyze"])
+@pytest.mark.parametrize("target", ["model", "model-parent", "calibration-parent", "current", "empty"])
+def test_an_output_that_would_destroy_an_input_is_refused_even_with_overwrite(tmp_path, capsys, monkeypatch, command, target):
+    inputs = tmp_path / "inputs"
+    model_dir = save_tiny(inputs / "models", "llama")
+    data = inputs / "data"
+    data.mkdir()
+    text = data / "calibration.txt"
+    text.write_text(TEXT)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    out = {"model": model_dir, "model-parent": model_dir.parent, "calibration-parent": data, "current": ".",
+           "empty": ""}[target]
+    before = snapshot(tmp_path)
+    args = [command, "--model", model_dir, "--calib-file", text, "--seq-len", 16, "--out", out, "--overwrite"]
+    code, _, err = run(args + (["--remove", 1] if command == "prune" else []), capsys)
+    assert_clean_failure(code, err, "empty" if target == "empty" else "refused even with overwrite")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_unset_out_variable_in_a_recipe_is_refused(tmp_path, capsys, text_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text('remove: 1\nout: ""\noverwrite: true\n')
+    code, _, err = run(["prune", "--config", recipe, "--model", save_tiny(tmp_path, "llama"), "--calib-file", text_file,
+                        "--seq-len", 16], capsys)
+    assert_clean_failure(code, err, "empty")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_prune_and_analyze_outputs_replace_each_other_with_overwrite(tmp_path, capsys, text_file):
+    model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
+    common = ["--model", model_dir, "--calib-file", text_file, "--calib-samples", 2, "--seq-len", 16, "--out", out]
+    code, _, err = run(["prune", "--remove", 1, "--method", "shortgpt", *common], capsys)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["lorp_fx"]["format"] == 1
+    code, _, err = run(["analyze", *common, "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "similarity.png", "statistics.json"]
+    assert "lorp_fx" in json.loads((out / "report.json").read_text())
+    code, _, err = run(["prune", "--remove", 1, "--method", "shortgpt", *common, "--overwrite"], capsys)
+    assert code == 0, err and (out / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 # ----------------------------------------------------------------------------- the real model

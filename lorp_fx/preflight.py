@@ -1,0 +1,120 @@
+"""Every check the command line makes before any work, in order of cost.
+
+    ready = preflight(args)          # one line and exit 2 for anything wrong, before the weights load
+    model = load_weights(ready.source, args.dtype, ready.tokenizer)
+
+1. numbers: seeds, batch sizes, window counts and lengths (`NUMBERS`);
+2. input files: calibration and eval files exist and are readable files;
+3. the model: found, its configuration read (no weights), no code of its own, an
+   architecture that matches its model_type (`models.resolve_model`);
+4. the output: resolved, not an input, creatable, replaceable only if lorp-fx wrote
+   it (`output.check_output_location`); a crashed earlier run is cleaned up first;
+5. the budget against the model's layers, sequence lengths against its positions,
+   both read from its configuration;
+6. the tokenizer (no weights), then the calibration and eval files cut into windows:
+   too short, or token ids beyond the model's vocabulary, fail here. The eval windows
+   are kept: the command measures on them.
+
+Options a command does not have (eval has no --out) are skipped, so every command
+calls the same function.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .budget import budget_from_ratio, check_budget
+from .data import check_text_file, text_windows
+from .errors import ConfigError, InputMismatchError
+from .models import ModelSource, load_tokenizer, resolve_model
+from .output import check_output_location
+
+# option -> smallest allowed value
+NUMBERS = {"seed": 0, "batch_size": 1, "calib_samples": 1, "seq_len": 2, "loss_windows": 1, "eval_samples": 1, "eval_seq_len": 2}
+
+
+@dataclass
+class Ready:
+    """What the checks found: the model's source and tokenizer, the resolved output, the eval windows."""
+
+    source: ModelSource
+    tokenizer: object
+    out: Path | None = None
+    evaluation: torch.Tensor | None = None
+
+
+def preflight(args) -> Ready:
+    """Check `args` (an argparse namespace of prune, analyze or eval) in the order of the module docstring."""
+    check_numbers(args)
+    calibration = [check_text_file(p, "calibration file") for p in _listed(getattr(args, "calib_file", None))]
+    evaluation = [check_text_file(p, "eval file") for p in _listed(getattr(args, "eval_file", None))]
+    source = resolve_model(args.model)
+    out = None
+    if hasattr(args, "out"):
+        # (The recipe is not protected: it is read whole before any work, and rerunning the recipe.yaml of an
+        # output into that same output with --overwrite is a natural thing to do.)
+        inputs = [*source.paths, *calibration, *evaluation]
+        out = check_output_location(args.out, getattr(args, "overwrite", False), protect=inputs)
+    check_layer_budget(source, args)
+    check_lengths(source, args, evaluation)
+    tokenizer = load_tokenizer(source)
+    if calibration:
+        check_vocabulary(source, text_windows(tokenizer, calibration, args.calib_samples, args.seq_len), "calibration")
+    windows = None
+    if evaluation:
+        windows = text_windows(tokenizer, evaluation, args.eval_samples, args.eval_seq_len)
+        check_vocabulary(source, windows, "eval")
+    return Ready(source, tokenizer, out, windows)
+
+
+def check_numbers(args) -> None:
+    """ConfigError naming the flag for a number below its minimum, or not a whole number."""
+    for name, minimum in NUMBERS.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value!r}")
+
+
+def check_lengths(source: ModelSource, args, evaluation: list) -> None:
+    """ConfigError for a window longer than the model's position embeddings cover (read from its config)."""
+    if source.positions is None:
+        return  # relative positions (T5): no fixed limit
+    lengths = {"--seq-len": getattr(args, "seq_len", None)}
+    if evaluation:
+        lengths["--eval-seq-len"] = getattr(args, "eval_seq_len", None)
+    for flag, length in lengths.items():
+        if length is not None and length > source.positions:
+            raise ConfigError(f"{flag} {length} is longer than the {source.positions} positions of model {source.name} "
+                              f"(its max_position_embeddings): pass {flag} {source.positions} or less")
+
+
+def check_layer_budget(source: ModelSource, args) -> None:
+    """BudgetError for a layer budget the model's layer count (from its config) cannot meet."""
+    if getattr(args, "granularity", "layer") != "layer" or source.layers is None:
+        return
+    remove, ratio = getattr(args, "remove", None), getattr(args, "ratio", None)
+    if remove is None and ratio is None:
+        return
+    check_budget(source.layers, remove if remove is not None else budget_from_ratio(source.layers, ratio), what="layers")
+
+
+def check_vocabulary(source: ModelSource, windows: torch.Tensor, what: str) -> None:
+    """InputMismatchError when the tokenizer produced an id the model has no embedding for."""
+    if source.vocab_size is None or not windows.numel():
+        return
+    largest = int(windows.max())
+    if largest >= source.vocab_size:
+        raise InputMismatchError(f"the tokenizer produces token id {largest} in the {what} text but the model has "
+                                 f"{source.vocab_size} embeddings: tokenizer and model do not match")
+
+
+def _listed(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
