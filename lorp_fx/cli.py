@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import COMPENSATIONS, GRANULARITIES, PruneConfig, read_recipe
 from .errors import ConfigError, LoRPError
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL
 from .selectors import DEFAULT_METHOD, SELECTORS
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="choose and remove redundant layers, save a smaller checkpoint")
     prune.add_argument("--config", type=Path, help="a YAML recipe of these options (command-line flags override it)")
     _model_arguments(prune)
+    _device_arguments(prune, processes=True)
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--remove", type=int, metavar="K", help="number of blocks to remove")
     budget.add_argument("--ratio", type=float, metavar="R", help="fraction of the blocks to remove")
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="statistics, RLS, clusters and heatmap; removes nothing")
     _model_arguments(analyze)
+    _device_arguments(analyze)
     _calibration_arguments(analyze)
     analyze.add_argument("--granularity", default="layer", choices=GRANULARITIES)
     analyze.add_argument("--out", type=Path, required=True)
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-file", type=Path, required=True, nargs="+")
     evaluate.add_argument("--eval-samples", type=int, default=40)
     evaluate.add_argument("--eval-seq-len", type=int, default=512)
-    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _device_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.set_defaults(run=run_eval, config=None)
     return parser
@@ -94,9 +96,36 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL,
         help=f"a transformers directory, a .gguf file, a hub id, or {DEFAULT_MODEL} (default: the embedded GGUF)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0, help="for self-calibration and the random selector")
     parser.add_argument("--batch-size", type=int, default=4)
+
+
+def _device_arguments(parser: argparse.ArgumentParser, processes: bool = False) -> None:
+    """Where the run computes (lorp_fx/devices.py checks every value before any work; docs/scaling.md)."""
+    from .devices import DEVICE_MAPS, DTYPES, STRATEGIES
+
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on a GPU, float32 on the CPU")
+    if not processes:
+        return
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="calibrate in N processes through Lightning (one per GPU, or N CPU processes); rank zero writes")
+    parser.add_argument("--strategy", default="ddp", choices=STRATEGIES, help="Lightning strategy for --devices (default ddp)")
+    parser.add_argument("--device-map", choices=DEVICE_MAPS,
+                        help="spread a model too large for one device over the GPUs, the CPU and disk (accelerate)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: what each device may hold, e.g. 0=20GiB,cpu=30GiB")
+    parser.add_argument("--offload-dir", type=Path, help="with --device-map: where weights that fit nowhere else go (default: a temporary folder)")
+
+
+def placement_of(args: argparse.Namespace):
+    """The checked device placement the command line asks for (before anything is loaded)."""
+    from .devices import resolve_placement
+
+    return resolve_placement(
+        args.device, args.dtype, devices=getattr(args, "devices", None), device_map=getattr(args, "device_map", None),
+        max_memory=getattr(args, "max_memory", None),
+        offload_dir=None if getattr(args, "offload_dir", None) is None else str(args.offload_dir),
+    )
 
 
 def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,19 +183,30 @@ def recipe_of(args: argparse.Namespace) -> dict:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .data import text_windows
+    from .devices import load_placed
     from .output import check_output_dir
     from .pipeline import prune_model
     from .report import summary_lines
 
     if args.out is None:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
+    placement = placement_of(args)
     config = prune_config(args)
     check_output_dir(args.out, args.overwrite)  # fail before the long work, not after
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    evaluation = text_windows(tokenizer, [args.eval_file], args.eval_samples, args.eval_seq_len) if args.eval_file else None
-    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=evaluation)
+    if args.devices is not None and args.eval_file is not None:
+        raise ConfigError("--eval-file is not measured under --devices; evaluate the written checkpoint with lorp-fx eval")
+    model, tokenizer = load_placed(args.model, placement, processes=args.devices is not None)
+    if args.devices is not None:
+        from .distributed import prune_distributed
+
+        result = prune_distributed(model, tokenizer, args.calib_file, config, placement, args.devices, args.strategy)
+        if result is None:  # not rank zero: rank zero writes
+            return 0
+    else:
+        evaluation = text_windows(tokenizer, [args.eval_file], args.eval_samples, args.eval_seq_len) if args.eval_file else None
+        result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=evaluation)
     result.report["model"] = str(args.model)
-    result.report["dtype"] = args.dtype
+    result.report["dtype"] = str(placement.dtype).removeprefix("torch.")
     result.report["seed"] = args.seed
     if result.report["evaluation"]:
         result.report["evaluation"]["file"] = str(args.eval_file)
@@ -175,8 +215,15 @@ def run_prune(args: argparse.Namespace) -> int:
     recipe = yaml.safe_dump(recipe_of(args), sort_keys=True)
     result.save(args.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe})
     print()
-    print("\n".join(summary_lines(result.report, args.out)))
+    print("\n".join(summary_lines(result.report, args.out) + [cost_line(result.report)]))
     return 0
+
+
+def cost_line(report: dict) -> str:
+    """The run's cost in passes (one plain forward over the calibration tokens) and seconds, step by step."""
+    passes, unit = report.get("timings_in_passes") or {}, report.get("pass_unit") or {}
+    steps = ", ".join(f"{k} {v:.2f}" for k, v in passes.items() if k != "total")
+    return f"  cost  {passes.get('total', float('nan')):.2f} passes ({steps}); one pass = {unit.get('seconds', float('nan')):.1f} s"
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -188,11 +235,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .report import span
     from .selectors import paper_clusters
 
+    placement = placement_of(args)
     check_output_dir(args.out, args.overwrite)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    from .devices import load_placed
+
+    model, tokenizer = load_placed(args.model, placement)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     windows, source = calibration_windows(model, args.calib_file, config, tokenizer, progress=True)
-    batches = token_batches(windows, args.batch_size, encoder_decoder(model))
+    from .devices import model_device
+    from .pipeline import on_device
+
+    batches = on_device(token_batches(windows, args.batch_size, encoder_decoder(model)), model_device(model))
     stats, _ = collect_statistics(model, batches, granularity=args.granularity)
     rls, clusters = paper_clusters(stats)
     influence = {b: float(v) for b, v in zip(stats.blocks, stats.block_influence())}
@@ -218,7 +271,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .surgery import count_layers, count_parameters
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    from .devices import load_placed
+
+    model, tokenizer = load_placed(args.model, placement_of(args))
     windows = text_windows(tokenizer, args.eval_file, args.eval_samples, args.eval_seq_len)
     ppl = perplexity(model, windows, batch_size=args.batch_size)
     print(f"{args.model}: {count_layers(model)} layers, {count_parameters(model):,} parameters, "

@@ -62,3 +62,11 @@ class ModelLoadError(LoRPError):
 
 class OutputDirError(LoRPError):
     """An output location that cannot or must not be written."""
+
+
+class DeviceError(LoRPError, ValueError):
+    """A device, dtype or process count this machine cannot give."""
+
+
+class DistributedError(LoRPError):
+    """A rank of a multi-process run failed, so the run stopped and wrote nothing."""

@@ -142,9 +142,9 @@ class HookObserver:
             stats = accumulator.statistics(["?"] * len(points), [], [])
             grid = torch.tensor(points)
             rows, cols = grid[:, None], grid[None, :]
-            similarity[rows, cols] = torch.from_numpy(stats.similarity)
-            angular[rows, cols] = torch.from_numpy(stats.angular)
-            last[rows, cols] = torch.from_numpy(stats.last_token_angular)
+            similarity[rows, cols] = torch.tensor(stats.similarity)
+            angular[rows, cols] = torch.tensor(stats.angular)
+            last[rows, cols] = torch.tensor(stats.last_token_angular)
             tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
         return LayerStatistics(
             points=[reader.name for reader in self.readers],
