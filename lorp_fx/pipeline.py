@@ -219,6 +219,8 @@ def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: b
                               f"at granularity {config.granularity} does not allow; use granularity layer")
         return None, None
     example = trace_example(model, config, tokenizer)
+    if _takes_cache(model):
+        example["use_cache"] = False
     if offloaded:
         from .offload import skeleton_graph
 
@@ -226,7 +228,7 @@ def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: b
     else:
         from .trace import trace
 
-        graph = trace(model, {**example, "use_cache": False} if _takes_cache(model) else example)
+        graph = trace(model, example)
     try:
         return graph, HookObserver(model, find_blocks(graph, config.granularity), config.granularity)
     except ConfigError:
