@@ -122,7 +122,8 @@ def placement_of(args: argparse.Namespace):
     from .devices import resolve_placement
 
     return resolve_placement(
-        args.device, args.dtype, devices=getattr(args, "devices", None), device_map=getattr(args, "device_map", None),
+        args.device, args.dtype, devices=getattr(args, "devices", None), strategy=getattr(args, "strategy", "ddp"),
+        device_map=getattr(args, "device_map", None),
         max_memory=getattr(args, "max_memory", None),
         offload_dir=None if getattr(args, "offload_dir", None) is None else str(args.offload_dir),
     )
@@ -183,7 +184,7 @@ def recipe_of(args: argparse.Namespace) -> dict:
 
 def run_prune(args: argparse.Namespace) -> int:
     from .data import text_windows
-    from .devices import load_placed
+    from .devices import load_placed, release_memory
     from .output import check_output_dir
     from .pipeline import prune_model
     from .report import summary_lines
@@ -196,6 +197,7 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.devices is not None and args.eval_file is not None:
         raise ConfigError("--eval-file is not measured under --devices; evaluate the written checkpoint with lorp-fx eval")
     model, tokenizer = load_placed(args.model, placement, processes=args.devices is not None)
+    release_memory(placement.device)  # what loading freed (a GGUF file's dequantisation buffers) goes back
     if args.devices is not None:
         from .distributed import prune_distributed
 

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .batches import with_model_defaults
-from .devices import synchronize
+from .devices import release_memory, synchronize
 
 
 class Stopwatch:
-    """Seconds spent per named step (a step timed twice adds up); waits for the device before each reading."""
+    """Seconds spent per named step (a step timed twice adds up); waits for the device before each reading,
+    and gives freed memory back after each step."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device or torch.device("cpu")
@@ -35,6 +36,7 @@ class Stopwatch:
         finally:
             synchronize(self.device)
             self.seconds[f"{step}_s"] = self.seconds.get(f"{step}_s", 0.0) + time.perf_counter() - start
+            release_memory(self.device)
 
     def rounded(self) -> dict[str, float]:
         return {k: round(v, 2) for k, v in self.seconds.items()}

@@ -97,8 +97,8 @@ def self_calibration(
     share, under several processes): window i is the same whoever makes it.
 
     Speed: up to `batch_size` windows are sampled together (all 32 by default, one
-    batched pass of seq_len steps) with a static KV cache, allocated once and
-    written in place. Each step draws exactly as `torch.multinomial` over the
+    batched pass of seq_len steps) with a KV cache allocated once and written in
+    place (`_static_cache`). Each step draws exactly as `torch.multinomial` over the
     nucleus-masked distribution always did here (so the windows are those of the
     one-window-at-a-time sampler), but finds the nucleus from a partial sort (top-k)
     instead of sorting the whole vocabulary.
@@ -159,17 +159,69 @@ def _sample_batch(model, start: int, generators, seq_len: int, temperature: floa
 
 
 def _static_cache(model, seq_len: int):
-    """A KV cache of `seq_len` positions allocated once and written in place (None: the model's default cache).
+    """A KV cache whose full-attention layers hold `seq_len` positions allocated once and written in place
+    (None: the model's default cache).
 
     A growing cache concatenates every layer's keys and values at every step, which
-    costs more than the step itself at a few hundred tokens.
+    costs more than the step itself at a few hundred tokens; a static cache of fixed
+    length makes attention read, mask and (grouped-query heads) copy all `seq_len`
+    positions at every step. Here each layer writes into its preallocated buffer and
+    hands attention a view of the positions written so far: no concatenation, no
+    mask, no copies. (Sliding-window layers keep their own cache.)
     """
     try:
-        from transformers import StaticCache
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
-        return StaticCache(config=model.config, max_cache_len=seq_len)
-    except Exception:  # noqa: BLE001 - a model without a static-cache layout samples with its default cache
+        cache = DynamicCache(config=model.config)
+        cache.layers = [_PreallocatedLayer(seq_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        return cache
+    except Exception:  # noqa: BLE001 - a model without that cache layout samples with its default cache
         return None
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer that writes into a buffer of `capacity` positions and returns the written part."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            batch, heads, _, key_dim = key_states.shape
+            self.device = key_states.device
+            self._keys = key_states.new_empty(batch, heads, self.capacity, key_dim)
+            self._values = value_states.new_empty(batch, value_states.shape[1], self.capacity, value_states.shape[-1])
+            self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
+            self.length = end
+            self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+    return PreallocatedLayer
+
+
+def _PreallocatedLayer(capacity: int):
+    global _PREALLOCATED
+    if _PREALLOCATED is None:
+        _PREALLOCATED = _preallocated_layer_class()
+    return _PREALLOCATED(capacity)
+
+
+_PREALLOCATED = None
 
 
 def input_device(model) -> torch.device:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -182,10 +181,14 @@ def parse_max_memory(text: str | None) -> dict | None:
     return limits
 
 
-def resolve_placement(device: str = "auto", dtype: str = "auto", *, devices: int | None = None, device_map: str | None = None,
-                      max_memory: str | None = None, offload_dir: str | None = None) -> Placement:
+def resolve_placement(device: str = "auto", dtype: str = "auto", *, devices: int | None = None, strategy: str = "ddp",
+                      device_map: str | None = None, max_memory: str | None = None, offload_dir: str | None = None) -> Placement:
     """Every device option checked together, before a model is loaded."""
     resolved = resolve_device(device)
+    if strategy not in STRATEGIES:
+        raise DeviceError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if devices is not None and strategy == "fsdp" and resolved.type != "cuda":
+        raise DeviceError(f"--strategy fsdp runs on CUDA GPUs only (Lightning refuses FSDP on {resolved.type}); use --strategy ddp here")
     if device_map is not None:
         if device_map not in DEVICE_MAPS:
             raise DeviceError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
@@ -289,9 +292,34 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def device_clock(device: torch.device) -> float:
-    synchronize(device)
-    return time.perf_counter()
+def release_memory(device: torch.device) -> None:
+    """Give freed memory back: the device's cached blocks, and the C heap's free pages (glibc keeps them).
+
+    Between steps, so that a step's freed activations (the sampling KV cache, a batch's
+    logits) do not stay resident under the next step's peak.
+    """
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def weight_bytes(model: nn.Module) -> int:

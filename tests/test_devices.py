@@ -136,6 +136,7 @@ def nothing_loads(monkeypatch):
     (["--devices", "0"], "whole number"),
     (["--device-map", "auto", "--devices", "2"], "does not combine"),
     (["--max-memory", "cpu=1GiB"], "only apply with --device-map"),
+    (["--devices", "2", "--strategy", "fsdp"], "fsdp runs on CUDA GPUs only"),
 ])
 def test_bad_device_options_exit_2_with_one_line_before_loading(tmp_path, capsys, no_gpu, nothing_loads, arguments, words):
     status = main(["prune", "--model", "smollm2-135m", "--remove", "1", "--out", str(tmp_path / "out"), *arguments])
