@@ -96,10 +96,15 @@ class HookObserver:
             states = [self.states[i] for i in points]
             _check_finite(states, [self.readers[i].name for i in points])
             mask = None if batch is None else stream_mask(batch, states[0], decoder=stream_index > 0)
-            if last_tokens:
-                accumulator.update(states, mask)
-            else:
-                _update_tokens_only(accumulator, states, mask)
+            # A few sequences at a time: the accumulator stacks all points of the tokens it is given.
+            rows = max(1, SimilarityAccumulator.CHUNK_TOKENS // max(1, int(states[0].shape[1])))
+            for first in range(0, int(states[0].shape[0]), rows):
+                part = [state[first : first + rows] for state in states]
+                part_mask = None if mask is None else mask[first : first + rows]
+                if last_tokens:
+                    accumulator.update(part, part_mask)
+                else:
+                    _update_tokens_only(accumulator, part, part_mask)
         self.states = {}
         self.calls += 1
 
