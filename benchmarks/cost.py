@@ -195,8 +195,8 @@ def markdown(records: dict, info: dict, args) -> str:
     lines = [f"# What `lorp-fx prune` costs: {args.tag}", "",
              "Written by `benchmarks/cost.py` from one run; do not edit the numbers by hand.", "",
              common.machine_markdown(info), "",
-             "One **pass** is one plain forward of the model over all the calibration tokens (32 x 256 here), "
-             "measured by the command itself in the same run (one batch of 4 x 256 timed, scaled by the token count; "
+             "One **pass** is one plain forward of the model over all the calibration tokens, "
+             "measured by the command itself in the same run (its first batch timed, scaled by the token count; "
              "`lorp_fx/costs.py`). Loading the model is excluded; everything after it (saving included) counts. "
              f"Targets (issue 17): at most {TARGET_PASSES:g} passes; peak RSS at most {TARGET_WEIGHTS}x the weights "
              "plus the O(P^2) statistics and one batch of activations.", ""]
@@ -225,7 +225,8 @@ def _run_section(name: str, r: dict) -> list[str]:
     budget = TARGET_WEIGHTS * weights_mib + batch_mib
     return [
         f"## `{name}`: `lorp-fx {' '.join(r['argv'])}`", "",
-        f"Removed {', '.join(report['removed'])} ({report['method']}); calibration: {report['calibration']['source']}; "
+        f"Removed {', '.join(report['removed'])} ({report['method']}); calibration: {report['calibration']['windows']} x "
+        f"{report['calibration']['seq_len']} tokens, {report['calibration']['source']}; "
         f"statistics: {report['calibration']['statistics']}; device {report['device']['device']}, {report['device']['dtype']}; "
         f"torch threads {r['torch_threads']}.", "",
         common.table(["step", "seconds", "passes", "peak RSS over baseline, MiB"], rows), "",
