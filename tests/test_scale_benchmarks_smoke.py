@@ -35,10 +35,10 @@ def test_cost_runs_the_command_and_writes_passes_and_memory(tmp_path, monkeypatc
 
 def test_scaling_writes_each_sweep(tmp_path, monkeypatch):
     scaling = load("scaling")
-    monkeypatch.setattr(scaling, "SWEEPS", {"depth": [dict(layers=2, hidden=32, windows=4, seq_len=8)]})
+    monkeypatch.setattr(scaling, "SWEEPS", {"depth": [dict(layers=4, hidden=32, windows=4, seq_len=8)]})
     monkeypatch.setattr(scaling, "LARGE", {"two-layer": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=512)})
     monkeypatch.setattr(sys, "argv", ["scaling.py", "--out-dir", str(tmp_path)])
     scaling.main()
     text = (tmp_path / "scaling-tiny.md").read_text()
-    assert "## depth" in text and "| 2 | 32 | 4 x 8 |" in text and "| two-layer | 2 |" in text
+    assert "## depth" in text and "| 4 | 32 | 4 x 8 |" in text and "| two-layer | 2 |" in text
