@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import COMPENSATIONS, GRANULARITIES, PruneConfig, read_recipe
 from .errors import ConfigError, LoRPError
-from .models import DEFAULT_MODEL, load_weights
+from .models import DEFAULT_MODEL
 from .selectors import DEFAULT_METHOD, SELECTORS
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="choose and remove redundant layers, save a smaller checkpoint")
     prune.add_argument("--config", type=Path, help="a YAML recipe of these options (command-line flags override it)")
     _model_arguments(prune)
+    _device_arguments(prune, processes=True)
     budget = prune.add_mutually_exclusive_group()
     budget.add_argument("--remove", type=int, metavar="K", help="number of blocks to remove")
     budget.add_argument("--ratio", type=float, metavar="R", help="fraction of the blocks to remove")
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="statistics, RLS, clusters and heatmap; removes nothing")
     _model_arguments(analyze)
+    _device_arguments(analyze)
     _calibration_arguments(analyze)
     analyze.add_argument("--granularity", default="layer", choices=GRANULARITIES)
     analyze.add_argument("--out", required=True, help="output directory")
@@ -87,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-file", type=Path, required=True, nargs="+")
     evaluate.add_argument("--eval-samples", type=int, default=40)
     evaluate.add_argument("--eval-seq-len", type=int, default=512)
-    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _device_arguments(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.set_defaults(run=run_eval, config=None)
     return parser
@@ -98,9 +100,37 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default=DEFAULT_MODEL,
         help=f"a transformers directory, a .gguf file, a hub id, or {DEFAULT_MODEL} (default: the embedded GGUF)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0, help="for self-calibration and the random selector")
     parser.add_argument("--batch-size", type=int, default=4)
+
+
+def _device_arguments(parser: argparse.ArgumentParser, processes: bool = False) -> None:
+    """Where the run computes (lorp_fx/devices.py checks every value before any work; docs/scaling.md)."""
+    from .devices import DEVICE_MAPS, DTYPES, STRATEGIES
+
+    parser.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on a GPU, float32 on the CPU")
+    if not processes:
+        return
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="calibrate in N processes through Lightning (one per GPU, or N CPU processes); rank zero writes")
+    parser.add_argument("--strategy", default="ddp", choices=STRATEGIES, help="Lightning strategy for --devices (default ddp)")
+    parser.add_argument("--device-map", choices=DEVICE_MAPS,
+                        help="spread a model too large for one device over the GPUs, the CPU and disk (accelerate)")
+    parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: what each device may hold, e.g. 0=20GiB,cpu=30GiB")
+    parser.add_argument("--offload-dir", type=Path, help="with --device-map: where weights that fit nowhere else go (default: a temporary folder)")
+
+
+def placement_of(args: argparse.Namespace):
+    """The checked device placement the command line asks for (before anything is loaded)."""
+    from .devices import resolve_placement
+
+    return resolve_placement(
+        args.device, args.dtype, devices=getattr(args, "devices", None), strategy=getattr(args, "strategy", "ddp"),
+        device_map=getattr(args, "device_map", None),
+        max_memory=getattr(args, "max_memory", None),
+        offload_dir=None if getattr(args, "offload_dir", None) is None else str(args.offload_dir),
+    )
 
 
 def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +187,7 @@ def recipe_of(args: argparse.Namespace) -> dict:
 
 
 def run_prune(args: argparse.Namespace) -> int:
+    from .devices import load_placed, release_memory
     from .pipeline import prune_model
     from .preflight import check_numbers, preflight
     from .report import summary_lines
@@ -165,13 +196,25 @@ def run_prune(args: argparse.Namespace) -> int:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
     check_numbers(args)  # named by their flags, before PruneConfig names them by field
     config = prune_config(args)
+    placement = placement_of(args)
+    if args.devices is not None and args.eval_file is not None:
+        raise ConfigError("--eval-file is not measured under --devices; evaluate the written checkpoint with lorp-fx eval")
     ready = preflight(args)  # every check before the weights load; one line and exit 2
     gguf = None if args.no_gguf else _gguf_source(ready.source)
     tokenizer = ready.tokenizer
-    model = load_weights(ready.source, args.dtype, tokenizer)
-    result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=ready.evaluation, gguf=gguf)
+    model = load_placed(ready.source, tokenizer, placement, processes=args.devices is not None)
+    release_memory(placement.device)  # what loading freed (a GGUF file's dequantisation buffers) goes back
+    if args.devices is not None:
+        from .distributed import prune_distributed
+
+        result = prune_distributed(model, tokenizer, args.calib_file, config, placement, args.devices, args.strategy,
+                                   gguf=gguf)
+        if result is None:  # not rank zero: rank zero writes
+            return 0
+    else:
+        result = prune_model(model, args.calib_file, config, tokenizer=tokenizer, evaluation=ready.evaluation, gguf=gguf)
     result.report["model"] = str(args.model)
-    result.report["dtype"] = args.dtype
+    result.report["dtype"] = str(placement.dtype).removeprefix("torch.")
     result.report["seed"] = args.seed
     if result.report["evaluation"]:
         result.report["evaluation"]["file"] = str(args.eval_file)
@@ -181,7 +224,7 @@ def run_prune(args: argparse.Namespace) -> int:
     result.save(ready.out, tokenizer, overwrite=args.overwrite, extra_files={"recipe.yaml": recipe},
                 gguf_requantize=args.gguf_requantize)
     print()
-    print("\n".join(summary_lines(result.report, args.out)))
+    print("\n".join(summary_lines(result.report, args.out) + [cost_line(result.report)]))
     return 0
 
 
@@ -190,6 +233,13 @@ def _gguf_source(source):
     from .gguf_output import open_source
 
     return open_source(source.location) if source.kind == "gguf" else None
+
+
+def cost_line(report: dict) -> str:
+    """The run's cost in passes (one plain forward over the calibration tokens) and seconds, step by step."""
+    passes, unit = report.get("timings_in_passes") or {}, report.get("pass_unit") or {}
+    steps = ", ".join(f"{k} {v:.2f}" for k, v in passes.items() if k != "total")
+    return f"  cost  {passes.get('total', float('nan')):.2f} passes ({steps}); one pass = {unit.get('seconds', float('nan')):.1f} s"
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -202,12 +252,18 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .report import span
     from .selectors import paper_clusters
 
+    from .devices import load_placed
+
+    placement = placement_of(args)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
     tokenizer = ready.tokenizer
-    model = load_weights(ready.source, args.dtype, tokenizer)
+    model = load_placed(ready.source, tokenizer, placement)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     windows, source = calibration_windows(model, args.calib_file, config, tokenizer, progress=True)
-    batches = token_batches(windows, args.batch_size, encoder_decoder(model))
+    from .devices import model_device
+    from .pipeline import on_device
+
+    batches = on_device(token_batches(windows, args.batch_size, encoder_decoder(model)), model_device(model))
     stats, _ = collect_statistics(model, batches, granularity=args.granularity)
     rls, clusters = paper_clusters(stats)
     influence = {b: float(v) for b, v in zip(stats.blocks, stats.block_influence())}
@@ -233,9 +289,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from .preflight import preflight
     from .surgery import count_layers, count_parameters
 
+    from .devices import load_placed
+
+    placement = placement_of(args)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
     _gguf_source(ready.source)  # a pruned .gguf evaluates like any model, once transformers can read it
-    model = load_weights(ready.source, args.dtype, ready.tokenizer)
+    model = load_placed(ready.source, ready.tokenizer, placement)
     windows = ready.evaluation
     ppl = perplexity(model, windows, batch_size=args.batch_size)
     print(f"{args.model}: {count_layers(model)} layers, {count_parameters(model):,} parameters, "

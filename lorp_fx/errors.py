@@ -74,3 +74,11 @@ class OutputDirError(LoRPError):
 
 class GGUFError(LoRPError):
     """A GGUF file that cannot be read, or a pruning of it that the runtime would misread."""
+
+
+class DeviceError(LoRPError, ValueError):
+    """A device, dtype or process count this machine cannot give."""
+
+
+class DistributedError(LoRPError):
+    """A rank of a multi-process run failed, so the run stopped and wrote nothing."""

@@ -3,11 +3,15 @@
     result = lorp_fx.prune_model(model, windows, lorp_fx.PruneConfig(remove=6), tokenizer=tokenizer)
     result.save("pruned/", tokenizer)
 
-Steps: check everything first -> calibration windows (given, read from files, or
-sampled from the model) -> residual-stream statistics on the traced graph ->
-selection (loss-judged methods measure candidates on the first `loss_windows`
-windows) -> layer surgery with compensation -> report. The command line is a thin
-shell over this.
+Steps: check everything first -> trace the graph and find its blocks -> calibration
+windows (given, read from files, or sampled from the model) -> residual-stream
+statistics (read by module hooks: while sampling, or in one pass that stops at the
+last residual point) -> selection (loss-judged methods measure candidates on the
+first `loss_windows` windows) -> layer surgery with compensation -> report. The
+model runs where it is (any device, or spread by accelerate: see offload.py). The
+report gives every step's time in seconds and in passes: one plain forward pass over
+all the calibration tokens, timed in the same run. The command line is a thin shell
+over this.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +28,14 @@ import torch
 from torch import nn
 
 from .batches import token_batches
+from .blocks import find_blocks
 from .budget import check_budget
 from .compensation import CompensationError, Compensator, GapFit, check_compensable
 from .config import PruneConfig
-from .errors import ConfigError, InputMismatchError
+from .costs import Stopwatch, plain_pass
+from .devices import is_offloaded, model_device
+from .errors import ConfigError, InputMismatchError, LoRPError
+from .hook_observer import HookObserver, collect_hook_statistics
 from .loss import calibration_loss, next_token_loss
 from .observe import collect_statistics
 from .output import save_pretrained_atomic
@@ -100,17 +107,32 @@ def prune_model(
     * `gguf`: the `GGUFSource` the model was read from (`gguf_output.open_source`); the
       removal is then checked against the GGUF runtime's layer rules right after
       selection, and `PruneResult.save` also writes a pruned GGUF file.
-    * The model is pruned in place with `config.inplace`, else a copy is.
+    * The model is pruned in place with `config.inplace`, else a copy is. It runs on
+      the device it is on; a model spread by accelerate (`hf_device_map`) is pruned
+      through hooks (offload.py).
     """
     check_model(model, config, calibration, tokenizer, evaluation)
-    clock = Stopwatch()
+    offloaded = is_offloaded(model)
+    if offloaded:
+        from .offload import check_offload_granularity
+
+        check_offload_granularity(config.granularity)
+    clock = Stopwatch(model_device(model))
+    with clock("trace"):
+        graph, observer = traced_blocks(model, config, tokenizer, offloaded)
     with clock("calibration_text"):
-        windows, source = calibration_windows(model, calibration, config, tokenizer, progress)
-    batches = token_batches(windows, config.batch_size, encoder_decoder(model))
+        windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
+                                              observer=observer if calibration is None else None)
+    batches = on_device(token_batches(windows, config.batch_size, encoder_decoder(model)), model_device(model))
     with clock("statistics"):
-        stats, graph = collect_statistics(model, batches, granularity=config.granularity, progress=progress)
+        stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None, config, progress)
+    with clock("pass_unit"):
+        unit = plain_pass(model, batches)
     with clock("selection"):
-        plan = select_blocks(stats, graph, batches[: loss_batch_count(config)], config, progress)
+        loss_batches = batches[: loss_batch_count(config)]
+        # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
+        plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
+                             config, progress, eager_model=model if offloaded else None)
     if gguf is not None:
         from .gguf_output import check_removal
 
@@ -121,12 +143,23 @@ def prune_model(
             before = {"ppl_before": _perplexity(model, evaluation, config, progress)}
     parameters_before, layers_before = count_parameters(model), count_layers(model)
     with clock("compensation"):
-        pruned, fits, names, compensation, fx_difference = remove_and_compensate(model, graph, plan, batches, config, progress)
+        pruned, fits, names, compensation, fx_difference = remove_and_compensate(
+            model, None if offloaded else graph, plan, batches, config, progress)
     if evaluation is not None:
         with clock("evaluation"):
             before["ppl_after"] = _perplexity(pruned, evaluation, config, progress)
             before["tokens"] = int(evaluation.numel())
-    report = {
+    report = build_report(plan, stats, windows, source, statistics_source, compensation, before, fx_difference,
+                          (parameters_before, layers_before), pruned, clock, unit, config)
+    return PruneResult(pruned, plan, fits, clock.seconds, report, names, None if offloaded else graph, gguf)
+
+
+def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, source: str, statistics_source: str,
+                 compensation: dict, evaluation: dict, fx_difference, before: tuple[int, int], pruned: nn.Module,
+                 clock: Stopwatch, unit: dict, config: PruneConfig) -> dict:
+    """report.json: the plan and its evidence, the calibration, compensation, evaluation, device and cost."""
+    parameters_before, layers_before = before
+    return {
         "method": plan.method,
         "granularity": plan.granularity,
         "removed": list(plan.remove),
@@ -139,14 +172,17 @@ def prune_model(
         "scores": plan.scores,
         "points": list(stats.points),
         "similarity": stats.similarity.tolist(),
-        "calibration": {"source": source, "tokens": stats.token_count, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])},
+        "calibration": {"source": source, "tokens": stats.token_count, "windows": int(windows.shape[0]),
+                        "seq_len": int(windows.shape[1]), "statistics": statistics_source},
         "compensation": compensation,
-        "evaluation": before or None,
+        "evaluation": evaluation or None,
         "fx_graph_max_abs_logit_difference": fx_difference,
+        "device": device_description(pruned),
         "timings": clock.rounded(),
+        "timings_in_passes": clock.in_passes(unit["seconds"]),
+        "pass_unit": unit,
         "config": config.to_dict(),
     }
-    return PruneResult(pruned, plan, fits, clock.seconds, report, names, graph, gguf)
 
 
 # --------------------------------------------------------------------------- checks
@@ -211,14 +247,84 @@ def encoder_decoder(model: nn.Module) -> bool:
 # --------------------------------------------------------------------------- steps
 
 
-def calibration_windows(model, calibration: Calibration, config: PruneConfig, tokenizer, progress: bool) -> tuple[torch.Tensor, str]:
-    """(windows, a phrase naming where they came from)."""
+def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: bool):
+    """(the traced graph, a HookObserver of its blocks), or (None, None) where hooks cannot read the blocks
+    (a sublayer of a family families.py does not describe): the graph observer then traces as it calibrates.
+
+    The graph is traced on 2 windows of the calibration shape (token values do not
+    matter to a trace), so the windows need not exist yet: self-calibration can be
+    watched as it samples. An offloaded model is traced as a meta-device copy.
+    """
+    if not hook_statistics_possible(model, config.granularity):
+        if offloaded:
+            raise ConfigError(f"--device-map needs module hooks to read the residual stream, which {type(model).__name__} "
+                              f"at granularity {config.granularity} does not allow; use granularity layer")
+        return None, None
+    example = trace_example(model, config, tokenizer)
+    if _takes_cache(model):
+        example["use_cache"] = False
+    if offloaded:
+        from .offload import skeleton_graph
+
+        graph = skeleton_graph(model, example)
+    else:
+        from .trace import trace
+
+        graph = trace(model, example)
+    try:
+        return graph, HookObserver(model, find_blocks(graph, config.granularity), config.granularity)
+    except ConfigError:
+        if offloaded:
+            raise
+        return graph, None
+
+
+def hook_statistics_possible(model: nn.Module, granularity: str) -> bool:
+    """Whole layers can always be hooked; sublayers where families.py names each unit's entry."""
+    if granularity == "layer":
+        return True
+    try:
+        from .compensation.structure import stacks_of
+
+        stacks_of(model)
+        return True
+    except LoRPError:
+        return False
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    from .batches import accepts_argument
+
+    return accepts_argument(model, "use_cache")
+
+
+def trace_example(model: nn.Module, config: PruneConfig, tokenizer) -> dict:
+    """Two windows of `config.seq_len` tokens on the model's input device, as calibration batches look."""
+    token = 0
+    if tokenizer is not None:
+        token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None), 0)
+    ids = torch.full((2, config.seq_len), int(token), dtype=torch.long, device=model_device(model))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if encoder_decoder(model):
+        example["decoder_input_ids"] = ids
+    return example
+
+
+def calibration_windows(model, calibration: Calibration, config: PruneConfig, tokenizer, progress: bool,
+                        observer: HookObserver | None = None) -> tuple[torch.Tensor, str]:
+    """(windows, a phrase naming where they came from). With `observer`, self-calibration is watched as it samples."""
     from .data import self_calibration, text_windows
 
     if isinstance(calibration, torch.Tensor):
         windows, source = calibration, f"given token windows {tuple(calibration.shape)}"
     elif calibration is None:
-        windows = self_calibration(model, tokenizer, config.calib_samples, config.seq_len, seed=config.seed, progress=progress)
+        sampling = {"seed": config.seed, "progress": progress, "batch_size": sampling_batch_size(model, config)}
+        if observer is None:
+            windows = self_calibration(model, tokenizer, config.calib_samples, config.seq_len, **sampling)
+        else:
+            with observer.attached():
+                windows = self_calibration(model, tokenizer, config.calib_samples, config.seq_len, **sampling,
+                                           after_step=lambda last: observer.add(last_tokens=last))
         source = f"self-generated by the model (seed {config.seed}, temperature 1.0, top-p 0.95)"
     else:
         paths = [calibration] if isinstance(calibration, (str, os.PathLike)) else list(calibration)
@@ -228,16 +334,84 @@ def calibration_windows(model, calibration: Calibration, config: PruneConfig, to
     return windows, source
 
 
+def sampling_batch_size(model: nn.Module, config: PruneConfig) -> int:
+    """Windows sampled together: all of them, unless their KV cache would outgrow the memory the run may add.
+
+    The run may hold 0.3x the weights beyond them plus one batch of activations (the
+    float32 logits of `batch_size` windows dominate those). Where the cache of all
+    windows is larger (a small model with a wide cache: SmolLM2's 32 x 256 windows
+    need 377 MB beside 513 MB of weights), they are sampled in as few equal rounds as
+    fit; each round costs nearly as much per step as one of all windows.
+    """
+    from .devices import weight_bytes
+
+    cache = kv_bytes_per_token(model) * config.seq_len * config.calib_samples
+    vocabulary = model.get_input_embeddings().num_embeddings
+    allowance = 0.3 * weight_bytes(model) + 4 * config.batch_size * config.seq_len * vocabulary
+    rounds = max(1, -(-int(cache) // max(1, int(allowance))))
+    return -(-config.calib_samples // rounds)
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of keys and values one token leaves in the cache, over all layers (from the config)."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dtype_bytes = next(model.parameters()).element_size()
+    return 2 * count_layers(model) * kv_heads * head_dim * dtype_bytes
+
+
+def on_device(batches: list[dict], device: torch.device) -> list[dict]:
+    """The batches' tensors on `device` (token ids: a few kilobytes per batch)."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
+
+
+def residual_statistics(model, batches: list[dict], graph, observer: HookObserver | None, sampled: bool,
+                        config: PruneConfig, progress: bool) -> tuple[LayerStatistics, torch.fx.GraphModule, str]:
+    """(statistics, graph, how they were read): gathered while sampling, one hooked pass, or the graph observer."""
+    if observer is not None and sampled and observer.calls:
+        return observer.statistics(), graph, "module hooks while the calibration text was sampled (no extra pass)"
+    if observer is not None:  # one window per forward call: a quarter of a batch's states and activations held
+        stats = collect_hook_statistics(model, observer.blocks, one_window_each(batches), granularity=config.granularity,
+                                        progress=progress)
+        return stats, graph, "module hooks, one pass stopped at the last residual point"
+    stats, graph = collect_statistics(model, batches, granularity=config.granularity, progress=progress)
+    return stats, graph, "the traced graph (ResidualObserver), one full pass"
+
+
+def one_window_each(batches: list[dict]) -> list[dict]:
+    """The windows of `batches`, one batch each: what the passes that keep per-token results run on.
+
+    Statistics and compensation are sums over tokens (the same sums, in another
+    order), and the calibration loss is the mean over batches of each batch's mean
+    token loss, which over windows of equal length (calibration windows have no
+    padding) is the same mean. What one forward call holds at once is then a window's
+    share: its logits (50 MB instead of 200 for SmolLM2's 49,152-word vocabulary at
+    4 x 256 tokens) or the residual states of every point it reads. Measured on
+    SmolLM2: the same time, compensation's peak +153 MiB instead of +228.
+    """
+    return [{k: v[row : row + 1] if isinstance(v, torch.Tensor) and v.dim() >= 1 else v for k, v in batch.items()}
+            for batch in batches for row in range(int(batch["input_ids"].shape[0]))]
+
+
 def loss_batch_count(config: PruneConfig) -> int:
     """Batches holding the first `loss_windows` windows (SLEB's 8 x 256 tokens by default)."""
     return max(1, -(-config.loss_windows // config.batch_size))
 
 
-def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool) -> PruningPlan:
-    """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar."""
+def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool,
+                  eager_model: nn.Module | None = None) -> PruningPlan:
+    """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar
+    (measured on the graph, or on `eager_model` with layers skipped by hooks when the graph cannot run)."""
     options = {**config.selector_options, **options_for(config.method, seed=config.seed)}
     if SELECTORS[config.method].judges_by_loss:
-        loss_fn = calibration_loss(graph, loss_batches)
+        if eager_model is not None:
+            from .offload import eager_calibration_loss
+
+            loss_fn = eager_calibration_loss(eager_model, loss_batches)
+        else:
+            loss_fn = calibration_loss(graph, loss_batches)
         if loss_fn is not None:
             options["loss_fn"] = loss_fn
     with counted(options.get("loss_fn"), f"{config.method}: calibration-loss measurements", progress) as loss_fn:
@@ -267,12 +441,12 @@ def counted(loss_fn, description: str, progress: bool):
 @torch.no_grad()
 def fx_agreement(graph, plan: PruningPlan, pruned: nn.Module, batch: dict) -> float | None:
     """Max |logits| difference between the fx-pruned graph and the eager surgery on one window (a self-check)."""
-    if plan.granularity != "layer":
+    if plan.granularity != "layer" or graph is None:
         return None
     one = {k: v[:1] for k, v in batch.items()}
-    graph_logits = prune_graph(graph, plan)(**one).logits
+    difference = prune_graph(graph, plan)(**one).logits
     eager_logits = pruned(**one, use_cache=False).logits
-    return float((graph_logits - eager_logits).abs().max())
+    return float(difference.sub_(eager_logits).abs_().max())  # in place: two logit tensors held, not four
 
 
 def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool):
@@ -281,12 +455,17 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     Compensation reads the dense model before the surgery (which may be in place) and
     folds its maps after the fx self-check. `auto` falls back to none, with the reason,
     where the family cannot take a folded map; an explicit method fails instead.
+    Without a graph (an offloaded model) there is no fx self-check, and the fold units'
+    weights are made resident first so that maps fold into them.
     """
     method = "cosine" if config.compensate == "auto" else config.compensate
     compensator, compensation = None, {"method": "none"}
     if method != "none":
         try:
-            compensator = Compensator(model, plan, batches, method, progress=progress)
+            if is_offloaded(model):
+                _make_fold_units_resident(model, plan)
+            # One window per forward call: the captured states of every gap point are a window's, not a batch's.
+            compensator = Compensator(model, plan, one_window_each(batches), method, progress=progress)
         except CompensationError as error:
             if config.compensate != "auto":
                 raise
@@ -298,6 +477,25 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     if compensator is not None:
         compensation = {"method": method, "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits]}
     return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+def _make_fold_units_resident(model, plan: PruningPlan) -> None:
+    from .compensation.structure import find_gaps, removed_units, stacks_of
+    from .offload import make_resident
+
+    stacks = stacks_of(model)
+    for gap in find_gaps(stacks, removed_units(stacks, list(plan.remove))):
+        make_resident(gap.fold_unit.module)
+
+
+def device_description(model: nn.Module) -> dict:
+    """Where the run computed: the device and dtype, and the device map of a model spread by accelerate."""
+    parameter = next(model.parameters())
+    where = {"device": str(model_device(model)), "dtype": str(parameter.dtype).removeprefix("torch.")}
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
+        where["device_map"] = {k: str(v) for k, v in device_map.items()}
+    return where
 
 
 def _perplexity(model, windows: torch.Tensor, config: PruneConfig, progress: bool) -> float:
@@ -316,24 +514,6 @@ def heatmap_file(plan: PruningPlan) -> dict[str, bytes]:
     except LoRPError as error:  # matplotlib is an extra: say so, keep going
         print(f"lorp-fx: note: no heatmap ({error})", file=sys.stderr)
         return {}
-
-
-class Stopwatch:
-    """Seconds spent per named step (a step timed twice adds up)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, step: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[f"{step}_s"] = self.seconds.get(f"{step}_s", 0.0) + time.perf_counter() - start
-
-    def rounded(self) -> dict[str, float]:
-        return {k: round(v, 2) for k, v in self.seconds.items()}
 
 
 __all__ = ["PruneResult", "prune_model", "next_token_loss"]

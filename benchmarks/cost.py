@@ -1,0 +1,275 @@
+"""What `lorp-fx prune` costs, in passes and in memory: each run is the real command in a fresh process.
+
+    python benchmarks/cost.py                       # SmolLM2-135M: the CLI defaults and the issue's WikiText run
+    python benchmarks/cost.py --runs defaults       # one of them
+    python benchmarks/cost.py --threads 1           # one torch thread (a shared machine)
+
+Runs (`--runs`, comma-separated):
+
+* `defaults`: `lorp-fx prune --remove 6 --out ...`, everything else at its default:
+  the model samples its own 32 x 256 calibration windows (the README's main job);
+* `wikitext9`: `lorp-fx prune --remove 9 --calib-file valid.txt --out ...` (the
+  issue's measurement: 32 x 256 WikiText-2 validation windows).
+
+Each run is `lorp_fx.cli.main` in a child process, instrumented from outside:
+
+* RSS after importing torch, transformers and lorp_fx (the baseline); the peak and
+  the RSS of loading the model (GGUF dequantisation) and its time, excluded from
+  the run's cost; then the peak RSS of everything after loading, and of each step
+  (the kernel's peak counter, VmHWM, is reset at each step boundary through
+  /proc/self/clear_refs; Linux only);
+* before the run, on the loaded model: the RSS one plain forward of one batch adds
+  (the "one batch of activations" of the memory target) and, as a cross-check of
+  the pass unit the run measures itself, the median of 3 plain forwards of one batch;
+* the report the command writes (timings in seconds and in passes), and the wall
+  time from the end of loading to the end of the command (saving included).
+
+Writes `benchmarks/results/cost-<tag>.md` (and `--json`). A "## Notes" section after
+the marker comment of an existing file is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+RUNS = {
+    "defaults": ["--remove", "6"],
+    "wikitext9": ["--remove", "9", "--calib-file", "{valid}"],
+}
+TARGET_PASSES = 5.0
+TARGET_WEIGHTS = 1.3
+
+
+def log(message: str) -> None:
+    print(f"[cost {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- the child: one instrumented CLI run
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def child(argv: list[str], out: Path, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    import transformers  # noqa: F401
+
+    import lorp_fx
+    import lorp_fx.cli
+    import lorp_fx.devices
+    import lorp_fx.pipeline
+
+    record: dict = {"baseline_kb": _status_kb("VmRSS"), "steps": {}, "torch_threads": torch.get_num_threads()}
+    original_load = lorp_fx.devices.load_placed
+
+    def load_and_measure(*args, **kwargs):
+        start = time.perf_counter()
+        model = original_load(*args, **kwargs)
+        record["load_s"] = time.perf_counter() - start
+        record["load_peak_kb"] = _status_kb("VmHWM")
+        record["after_load_kb"] = _status_kb("VmRSS")
+        record["weights_bytes"] = lorp_fx.devices.weight_bytes(model)
+        record.update(_before_the_run(model))
+        _reset_peak()
+        record["run_start"] = time.perf_counter()
+        return model
+
+    class MeasuredStopwatch(lorp_fx.pipeline.Stopwatch):
+        def __call__(self, step):
+            return _measured_step(super().__call__(step), step, record)
+
+    original_save = lorp_fx.pipeline.PruneResult.save
+
+    def measured_save(self, *args, **kwargs):
+        with _measured_step(_nothing(), "save", record):
+            start = time.perf_counter()
+            path = original_save(self, *args, **kwargs)
+            record["save_s"] = time.perf_counter() - start
+        return path
+
+    lorp_fx.devices.load_placed = load_and_measure
+    lorp_fx.pipeline.Stopwatch = MeasuredStopwatch
+    lorp_fx.pipeline.PruneResult.save = measured_save
+    status = lorp_fx.cli.main(argv)
+    record["run_wall_s"] = time.perf_counter() - record.pop("run_start")
+    record["run_peak_kb"] = max([_status_kb("VmHWM")] + [s["peak_kb"] for s in record["steps"].values()])
+    record["status"] = status
+    out.write_text(json.dumps(record))
+
+
+def _before_the_run(model) -> dict:
+    """The RSS one plain forward of one batch adds, and the median of 3 such forwards' times."""
+    import torch
+
+    from lorp_fx.batches import with_model_defaults
+    from lorp_fx.devices import model_device, synchronize
+
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 256), generator=torch.Generator().manual_seed(0))
+    batch = with_model_defaults(model, {"input_ids": ids.to(model_device(model)), "attention_mask": torch.ones_like(ids).to(model_device(model))})
+    times = []
+    rss = _status_kb("VmRSS")
+    _reset_peak()
+    with torch.no_grad():
+        for _ in range(3):
+            synchronize(model_device(model))
+            start = time.perf_counter()
+            model(**batch)
+            synchronize(model_device(model))
+            times.append(time.perf_counter() - start)
+    return {"batch_activations_kb": _status_kb("VmHWM") - rss, "batch_forward_s": times}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _measured_step:
+    """Wraps a step's context: resets the peak counter on entry, records the step's peak RSS on exit."""
+
+    def __init__(self, inner, step: str, record: dict):
+        self.inner, self.step, self.record = inner, step, record
+
+    def __enter__(self):
+        steps = self.record["steps"]
+        steps.setdefault("(between steps)", {"peak_kb": 0})
+        steps["(between steps)"]["peak_kb"] = max(steps["(between steps)"]["peak_kb"], _status_kb("VmHWM"))
+        _reset_peak()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        result = self.inner.__exit__(*exc)
+        entry = self.record["steps"].setdefault(self.step, {"peak_kb": 0})
+        entry["peak_kb"] = max(entry["peak_kb"], _status_kb("VmHWM"))
+        _reset_peak()
+        return result
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def run_one(name: str, args, workdir: Path) -> dict:
+    valid = (common.ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt")
+    argv = ["prune", "--model", args.model, *[a.format(valid=valid) for a in RUNS[name]], *args.extra.split(), "--out", str(workdir / name)]
+    out = workdir / f"{name}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(out), "--threads", str(args.threads or 0), "--", *argv]
+    env = {**os.environ, "PYTHONPATH": str(common.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log(f"{name}: lorp-fx {' '.join(argv)}")
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    record = json.loads(out.read_text())
+    record["argv"] = argv
+    record["report"] = json.loads((workdir / name / "report.json").read_text())
+    record["stdout_tail"] = done.stdout.strip().splitlines()[-12:]
+    log(f"{name}: {record['report']['timings_in_passes'].get('total')} passes, peak {(record['run_peak_kb'] - record['baseline_kb']) / 1024:.0f} MiB over baseline")
+    return record
+
+
+def markdown(records: dict, info: dict, args) -> str:
+    lines = [f"# What `lorp-fx prune` costs: {args.tag}", "",
+             "Written by `benchmarks/cost.py` from one run; do not edit the numbers by hand.", "",
+             common.machine_markdown(info), "",
+             "One **pass** is one plain forward of the model over all the calibration tokens, "
+             "measured by the command itself in the same run (its first batch timed, scaled by the token count; "
+             "`lorp_fx/costs.py`). Loading the model is excluded; everything after it (saving included) counts. "
+             f"Targets (issue 17): at most {TARGET_PASSES:g} passes; peak RSS at most {TARGET_WEIGHTS}x the weights "
+             "plus the O(P^2) statistics and one batch of activations.", ""]
+    for name, r in records.items():
+        lines += _run_section(name, r)
+    return "\n".join(lines) + "\n"
+
+
+def _run_section(name: str, r: dict) -> list[str]:
+    report, passes = r["report"], r["report"]["timings_in_passes"]
+    unit = report["pass_unit"]["seconds"]
+    base = r["baseline_kb"]
+    weights_mib = r["weights_bytes"] / 2**20
+    batch_mib = r["batch_activations_kb"] / 1024
+    peak_mib = (r["run_peak_kb"] - base) / 1024
+    cross = statistics.median(r["batch_forward_s"]) * report["pass_unit"]["tokens"] / (4 * 256)
+    wall_passes = r["run_wall_s"] / unit
+    rows = []
+    for key, seconds in report["timings"].items():
+        step = key.removesuffix("_s")
+        peak = r["steps"].get(step, {}).get("peak_kb")
+        rows.append([step, common.fmt_seconds(seconds), f"{passes.get(step, 0):.2f}",
+                     "" if peak is None else f"{(peak - base) / 1024:.0f}"])
+    rows.append(["save", common.fmt_seconds(r.get("save_s")), f"{r.get('save_s', 0) / unit:.2f}",
+                 f"{(r['steps'].get('save', {}).get('peak_kb', base) - base) / 1024:.0f}"])
+    budget = TARGET_WEIGHTS * weights_mib + batch_mib
+    return [
+        f"## `{name}`: `lorp-fx {' '.join(r['argv'])}`", "",
+        f"Removed {', '.join(report['removed'])} ({report['method']}); calibration: {report['calibration']['windows']} x "
+        f"{report['calibration']['seq_len']} tokens, {report['calibration']['source']}; "
+        f"statistics: {report['calibration']['statistics']}; device {report['device']['device']}, {report['device']['dtype']}; "
+        f"torch threads {r['torch_threads']}.", "",
+        common.table(["step", "seconds", "passes", "peak RSS over baseline, MiB"], rows), "",
+        f"- **whole run after loading: {wall_passes:.2f} passes** ({r['run_wall_s']:.0f} s wall, saving and printing included); "
+        f"the report's steps sum to {passes.get('total', float('nan')):.2f} passes (target <= {TARGET_PASSES:g}).",
+        f"- pass unit: {unit:.1f} s ({report['pass_unit']['measured']}); cross-check before the run: median of 3 plain "
+        f"forwards of one 4 x 256 batch, scaled: {cross:.1f} s ({cross / unit:.2f}x the run's unit).",
+        f"- loading (excluded): {r['load_s']:.0f} s; peak RSS while loading {(r['load_peak_kb'] - base) / 1024:.0f} MiB over "
+        f"baseline, {(r['after_load_kb'] - base) / 1024:.0f} MiB once loaded.",
+        f"- **peak RSS after loading: {peak_mib:.0f} MiB over baseline = {peak_mib / weights_mib:.2f}x the weights** "
+        f"({weights_mib:.0f} MiB, {str(report['device']['dtype'])}); one plain forward of one 4 x 256 batch adds {batch_mib:.0f} MiB; "
+        f"target {TARGET_WEIGHTS}x weights + one batch = {budget:.0f} MiB: {'met' if peak_mib <= budget else 'NOT met'}.",
+        f"- baseline (torch, transformers, lorp_fx imported): {base / 1024:.0f} MiB.", "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="defaults,wikitext9")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tag", default="smollm2")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the runs (default: torch's)")
+    parser.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--extra", default="", help="more lorp-fx prune arguments for every run (e.g. for a tiny model)")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child is not None:
+        child([a for a in rest if a != "--"], args.child, args.threads)
+        return
+    info = common.machine()
+    records = {}
+    with tempfile.TemporaryDirectory(prefix="lorp-cost-") as tmp:
+        for name in args.runs.split(","):
+            records[name] = run_one(name, args, Path(tmp))
+    path = args.out_dir / f"cost-{args.tag}.md"
+    text = markdown(records, info, args)
+    notes = common.kept_notes(path)
+    common.write_text(path, text + ("\n" + notes if notes else ""))
+    if args.json:
+        common.write_text(args.json, json.dumps({"machine": info, "runs": records}, indent=1, default=str))
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

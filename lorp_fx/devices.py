@@ -1,0 +1,332 @@
+"""Where a run computes: device, dtype, process count and device map, resolved and checked before any work.
+
+    placement = resolve_placement(device="auto", dtype="auto")   # CUDA in bfloat16 where there is a GPU, else CPU float32
+    model = place(model, placement)
+
+Every check raises `DeviceError` with one line naming the problem and the fix (the
+CLI prints it and exits 2). Nothing here creates a tensor on a fixed device: the
+probes run on the device being checked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import DeviceError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STRATEGIES = ("ddp", "fsdp")
+DEVICE_MAPS = ("auto",)
+_DEVICE = re.compile(r"^(cpu|mps|cuda)(?::(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved device and dtype, and how a model is laid out on it.
+
+    `device_map` "auto" spreads one model over the GPUs, the CPU and `offload_dir`
+    (accelerate), within `max_memory` ({"cpu": "2GiB", 0: "20GiB"}).
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    device_map: str | None = None
+    max_memory: dict | None = None
+    offload_dir: str | None = None
+
+    def describe(self) -> str:
+        where = f"{self.device}" if self.device_map is None else f"device map {self.device_map} over {self.max_memory or 'all memory'}"
+        return f"{where}, {str(self.dtype).removeprefix('torch.')}"
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": the first CUDA GPU, else MPS, else the CPU; an explicit device must exist and be usable."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    match = _DEVICE.match(name)
+    if match is None:
+        raise DeviceError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise DeviceError(f"device {name} does not exist: the CPU is one device; use --device cpu")
+        return torch.device("cpu")
+    if kind == "mps":
+        if not _mps_available():
+            raise DeviceError("device mps is not available (it needs Apple silicon and a torch built with MPS); use --device cpu or auto")
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else " is built without CUDA")
+        raise DeviceError(f"device {name} is not available: {build} and sees no CUDA GPU; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    number = int(index or 0)
+    if number >= count:
+        raise DeviceError(f"device {name} does not exist: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", number)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bfloat16 on a GPU that runs it (float16 on one that does not), float32 on the CPU.
+
+    An explicit dtype must run on the device: a few operations a transformer uses
+    are tried there first (a CUDA GPU before Ampere has no bfloat16, for example).
+    """
+    name = str(name).strip().lower()
+    if name not in DTYPES:
+        raise DeviceError(f"unknown dtype {name!r}; choose {', '.join(DTYPES)}")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if _cuda_bf16(device) else torch.float16
+        if device.type == "mps":
+            return torch.bfloat16 if _runs(device, torch.bfloat16) else torch.float32
+        return torch.float32
+    dtype = getattr(torch, name)
+    if device.type == "cuda" and dtype == torch.bfloat16 and not _cuda_bf16(device):
+        raise DeviceError(f"dtype bfloat16 does not run on {device} ({_cuda_name(device)}); use --dtype float16 or float32")
+    if not _runs(device, dtype):
+        raise DeviceError(f"dtype {name} does not run on {device}; use --dtype float32 (or auto)")
+    return dtype
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch: no including_emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def _cuda_name(device: torch.device) -> str:
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    except Exception:  # noqa: BLE001 - only a description
+        return "this GPU"
+
+
+def _runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a linear layer, softmax, RMS norm and an embedding lookup run in `dtype` on `device`."""
+    try:
+        x = torch.ones(2, 8, dtype=dtype, device=device)
+        weight = torch.ones(8, 8, dtype=dtype, device=device)
+        y = torch.nn.functional.linear(x, weight).softmax(-1) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        torch.nn.functional.embedding(torch.zeros(2, dtype=torch.long, device=device), weight)
+        return bool(torch.isfinite(y).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+# --------------------------------------------------------------------------- processes and device maps
+
+
+def check_process_count(devices: int, device: torch.device) -> None:
+    """`--devices N`: N processes, one per GPU, or one per CPU core on the CPU."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise DeviceError(f"--devices must be a whole number of processes >= 1, got {devices!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if devices > count:
+            raise DeviceError(f"--devices {devices} asks for more GPUs than this machine has ({count}); use --devices {count} or fewer")
+    elif device.type == "mps":
+        if devices > 1:
+            raise DeviceError("--devices: MPS is a single device, so only one process can use it; use --devices 1")
+    else:
+        cores = available_cores()
+        if devices > cores:
+            raise DeviceError(f"--devices {devices} asks for more CPU processes than this machine has cores ({cores}); use --devices {cores} or fewer")
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"0=20GiB,cpu=30GiB" -> {0: "20GiB", "cpu": "30GiB"}: what each device may hold under --device-map."""
+    if text is None:
+        return None
+    limits: dict = {}
+    for part in str(text).split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip().lower()
+        if not sep or not _SIZE.match(size):
+            raise DeviceError(f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=30GiB")
+        if key.isdigit():
+            limits[int(key)] = size.strip()
+        elif key in ("cpu", "mps", "disk"):
+            limits[key] = size.strip()
+        else:
+            raise DeviceError(f"--max-memory device {key!r} is not a GPU index, cpu or mps; write e.g. 0=20GiB,cpu=30GiB")
+    return limits
+
+
+def resolve_placement(device: str = "auto", dtype: str = "auto", *, devices: int | None = None, strategy: str = "ddp",
+                      device_map: str | None = None, max_memory: str | None = None, offload_dir: str | None = None) -> Placement:
+    """Every device option checked together, before a model is loaded."""
+    resolved = resolve_device(device)
+    if strategy not in STRATEGIES:
+        raise DeviceError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if devices is not None and strategy == "fsdp" and resolved.type != "cuda":
+        raise DeviceError(f"--strategy fsdp runs on CUDA GPUs only (Lightning refuses FSDP on {resolved.type}); use --strategy ddp here")
+    if device_map is not None:
+        if device_map not in DEVICE_MAPS:
+            raise DeviceError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+        if devices is not None:
+            raise DeviceError("--device-map spreads one model over devices inside one process; it does not combine with --devices")
+    elif max_memory is not None or offload_dir is not None:
+        raise DeviceError("--max-memory and --offload-dir only apply with --device-map auto")
+    if devices is not None:
+        check_process_count(devices, resolved)
+    return Placement(resolved, resolve_dtype(dtype, resolved), device_map, parse_max_memory(max_memory), offload_dir)
+
+
+# --------------------------------------------------------------------------- models on devices
+
+
+def place(model: nn.Module, placement: Placement) -> nn.Module:
+    """The model in the placement's dtype, on its device or spread by its device map (in place where possible)."""
+    if placement.device_map is None:
+        return model.to(device=placement.device, dtype=placement.dtype)
+    return dispatch(model.to(placement.dtype), placement)
+
+
+def load_placed(source, tokenizer, placement: Placement, *, processes: bool = False) -> nn.Module:
+    """The model of a checked `models.ModelSource`, loaded in the placement's dtype and put where it says.
+
+    Loading keeps `models.load_weights`' rules (no remote code, tensors only, every
+    tensor accounted for). With `processes` (several Lightning ranks) the model stays
+    on the CPU: Lightning moves it to each rank's device. With a device map, a
+    transformers checkpoint is loaded straight into place (weights that fit nowhere go
+    to disk as they are read); a GGUF file is dequantized in CPU memory first, then spread.
+    """
+    from .models import load_weights
+
+    if placement.device_map is not None and source.kind != "gguf":
+        return _load_dispatched(source, tokenizer, placement)
+    model = load_weights(source, placement.dtype, tokenizer)
+    if processes:
+        return model
+    return place(model, placement)
+
+
+def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
+    import tempfile
+
+    from .errors import ModelLoadError
+    from .models import check_loading_info, model_class
+
+    offload_dir = placement.offload_dir or tempfile.mkdtemp(prefix="lorp-fx-offload-")
+    try:
+        model, info = model_class(source.config).from_pretrained(
+            source.location, dtype=placement.dtype, device_map=placement.device_map, max_memory=placement.max_memory,
+            offload_folder=offload_dir, trust_remote_code=False, weights_only=True, output_loading_info=True,
+        )
+    except Exception as error:  # noqa: BLE001 - one line for any loading failure
+        lines = str(error).strip().splitlines()
+        raise ModelLoadError(f"could not load {source.location} with --device-map {placement.device_map}: "
+                             f"{type(error).__name__}: {lines[0] if lines else ''}") from error
+    check_loading_info(info, source)
+    model.eval()
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.pad_token_id is None and tokenizer is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
+    """accelerate's device map: layers on the GPUs, then the CPU, then `offload_dir` on disk, within max_memory."""
+    import tempfile
+
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    device_map = infer_auto_device_map(model, max_memory=placement.max_memory, no_split_module_classes=no_split,
+                                       dtype=placement.dtype)
+    offload_dir = placement.offload_dir
+    if "disk" in device_map.values() and offload_dir is None:
+        offload_dir = tempfile.mkdtemp(prefix="lorp-fx-offload-")
+    model = dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when accelerate keeps some weights off the model (meta tensors filled in by hooks as layers run)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: its input embedding's device (also for a model spread over devices)."""
+    from .data import input_device
+
+    return input_device(model)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock reads the work's time, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed memory back: the device's cached blocks, and the C heap's free pages (glibc keeps them).
+
+    Between steps, so that a step's freed activations (the sampling KV cache, a batch's
+    logits) do not stay resident under the next step's peak.
+    """
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (offloaded ones too), each shared tensor once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total

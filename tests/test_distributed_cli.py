@@ -1,0 +1,59 @@
+"""`lorp-fx prune --devices 2` (two gloo CPU processes through Lightning) against one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from saved_models import report, saved_tiny, similarity
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+# 12 windows in batches of 4: rank 0 calibrates batches 0 and 2, rank 1 batch 1; the
+# loss windows (the first 8) are batch 0 on rank 0 and batch 1 on rank 1.
+ARGS = ["--remove", "2", "--calib-samples", "12", "--seq-len", "24", "--device", "cpu", "--dtype", "float32"]
+
+
+def lorp_fx(*arguments, env=None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "lorp_fx.cli", "prune", *map(str, arguments)], capture_output=True,
+                          text=True, env=environment, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_tiny(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def single(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    done = lorp_fx("--model", model_dir, *ARGS, "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_two_processes_give_the_single_process_plan_statistics_and_weights(model_dir, single, tmp_path):
+    """Self-calibrated: each rank samples its own windows; the plan, S and the compensated weights agree."""
+    out = tmp_path / "out"
+    done = lorp_fx("--model", model_dir, *ARGS, "--devices", "2", "--out", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert report(out)["removed"] == report(single)["removed"]
+    assert report(out)["calibration"]["tokens"] == report(single)["calibration"]["tokens"] == 12 * 24
+    assert np.abs(similarity(out) - similarity(single)).max() < 1e-5
+    assert report(out)["distributed"] == {"devices": 2, "strategy": "ddp", "loss_batches_per_rank": [1, 1]}
+    ours, theirs = load_file(out / "model.safetensors"), load_file(single / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_that_fails_stops_the_others_and_nothing_is_written(model_dir, tmp_path, rank):
+    out = tmp_path / "out"
+    done = lorp_fx("--model", model_dir, *ARGS, "--devices", "2", "--out", out, env={"LORP_FX_TEST_FAIL_RANK": str(rank)})
+    assert done.returncode != 0
+    assert f"rank {rank} failed on purpose" in done.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written temporary either

@@ -1,0 +1,71 @@
+"""The whole CLI in bfloat16 against float32, and with weights offloaded to disk against none."""
+
+import numpy as np
+import pytest
+from saved_models import calibration_text, report, saved_tiny, similarity
+from safetensors.torch import load_file
+
+from lorp_fx.cli import main
+
+ARGS = ["--remove", "2", "--calib-samples", "8", "--seq-len", "24", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    return saved_tiny(root), calibration_text(root)
+
+
+@pytest.fixture(scope="module")
+def float32_run(files, tmp_path_factory):
+    model_dir, text = files
+    out = tmp_path_factory.mktemp("float32") / "out"
+    assert main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--dtype", "float32", "--out", str(out)]) == 0
+    return out
+
+
+def test_bfloat16_gives_the_float32_plan_and_similarity(files, float32_run, tmp_path):
+    model_dir, text = files
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--dtype", "bfloat16", "--out", str(out)]) == 0
+    assert report(out)["dtype"] == "bfloat16" and report(float32_run)["dtype"] == "float32"
+    assert report(out)["removed"] == report(float32_run)["removed"]
+    assert np.abs(similarity(out) - similarity(float32_run)).max() < 1e-2
+    assert all(str(t.dtype) == "torch.bfloat16" for t in load_file(out / "model.safetensors").values())
+
+
+def test_a_model_offloaded_to_disk_gives_the_plan_and_weights_of_one_in_memory(files, float32_run, tmp_path):
+    """max_memory of 100 KB keeps the embedding and one layer in memory; five layers and the head go to disk."""
+    model_dir, text = files
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--dtype", "float32",
+                 "--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-dir", str(tmp_path / "offload"),
+                 "--out", str(out)]) == 0
+    placed = report(out)["device"]["device_map"]
+    assert "disk" in placed.values() and placed["model.layers.5"] == "disk"
+    assert report(out)["removed"] == report(float32_run)["removed"]
+    assert np.abs(similarity(out) - similarity(float32_run)).max() < 1e-5
+    assert report(out)["compensation"]["gaps"]  # folded into weights that were offloaded
+    ours, theirs = load_file(out / "model.safetensors"), load_file(float32_run / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+
+
+def test_offload_refuses_sublayers_in_one_line(files, tmp_path, capsys):
+    model_dir, text = files
+    status = main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--granularity", "sublayer",
+                   "--device-map", "auto", "--max-memory", "cpu=100KB", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "layer" in err[-1] and err[-1].startswith("lorp-fx: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_report_gives_every_step_in_passes(float32_run):
+    got = report(float32_run)
+    passes, seconds, unit = got["timings_in_passes"], got["timings"], got["pass_unit"]
+    assert unit["seconds"] > 0 and unit["tokens"] == 8 * 24
+    rounding = 0.006 / unit["seconds"] + 0.002  # report.json rounds seconds to 0.01 and passes to 0.001
+    for step, value in seconds.items():
+        assert passes[step.removesuffix("_s")] == pytest.approx(value / unit["seconds"], abs=rounding)
+    assert passes["total"] == pytest.approx(sum(passes[s] for s in passes if s != "total"), abs=0.001 * len(passes))
+    assert got["calibration"]["statistics"].startswith("module hooks")

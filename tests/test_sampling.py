@@ -1,0 +1,53 @@
+"""Self-calibration in one batched pass draws what the one-window-at-a-time sampler drew."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from lorp_fx.data import _full_nucleus, _nucleus, self_calibration
+
+
+@torch.no_grad()
+def reference_windows(model, tokenizer, n, seq_len, seed=0, temperature=1.0, top_p=0.95):
+    """The sampler as it was: one window at a time, a growing cache, the nucleus from a full sort."""
+    seeds = np.random.SeedSequence(seed).spawn(n)
+    rows = []
+    for s in seeds:
+        generator = torch.Generator().manual_seed(int(s.generate_state(1, np.uint64)[0]))
+        tokens, cache = torch.tensor([[tokenizer.bos_token_id]]), None
+        step = tokens
+        for _ in range(seq_len - 1):
+            out = model(input_ids=step, cache=cache, use_cache=True)
+            cache = out.cache
+            probs = _full_nucleus(torch.softmax(out.logits[:, -1].float() / temperature, dim=-1), top_p)
+            step = torch.multinomial(probs[0], 1, generator=generator)[None]
+            tokens = torch.cat([tokens, step], dim=1)
+        rows.append(tokens)
+    return torch.cat(rows)
+
+
+def test_batched_static_cache_sampling_draws_the_reference_windows():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    expected = reference_windows(model, tokenizer, 5, 14)
+    assert torch.equal(self_calibration(model, tokenizer, 5, 14, progress=False), expected)
+    assert torch.equal(self_calibration(model, tokenizer, 5, 14, batch_size=2, progress=False), expected)
+
+
+def test_a_share_of_the_windows_is_those_windows():
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    everything = self_calibration(model, tokenizer, 6, 10, progress=False)
+    share = self_calibration(model, tokenizer, 6, 10, windows=[4, 1, 5], progress=False)
+    assert torch.equal(share, everything[[4, 1, 5]])
+    with pytest.raises(Exception, match="window indices"):
+        self_calibration(model, tokenizer, 6, 10, windows=[6], progress=False)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
+def test_the_partial_sort_nucleus_is_the_full_sort_nucleus(top_p):
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(6, 5000, generator=generator) * 4  # nucleus within the first candidates
+    flat = torch.randn(6, 5000, generator=generator) * 0.1  # nucleus of thousands: the full sort
+    for logits in (peaked, flat, torch.cat([peaked, flat])):
+        probs = torch.softmax(logits, dim=-1)
+        assert torch.equal(_nucleus(probs.clone(), top_p), _full_nucleus(probs.clone(), top_p))
