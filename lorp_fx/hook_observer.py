@@ -27,7 +27,7 @@ from torch import nn
 from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock
 from .errors import CalibrationError, ConfigError
-from .stats import LayerStatistics, SimilarityAccumulator
+from .stats import LayerStatistics, SimilarityAccumulator, combine_streams
 
 
 class _Stop(Exception):
@@ -138,31 +138,8 @@ class HookObserver:
         """The statistics so far, laid out as the graph observer lays them out."""
         if not self.calls:
             raise CalibrationError("no calibration batch was seen: there is no calibration text to measure")
-        total = len(self.readers)
-        similarity = torch.zeros(total, total, dtype=torch.float64)
-        angular = torch.full((total, total), 0.5, dtype=torch.float64)
-        last = torch.full((total, total), 0.5, dtype=torch.float64)
-        tokens = sequences = 0
-        for points, accumulator in self.streams:
-            stats = accumulator.statistics(["?"] * len(points), [], [])
-            grid = torch.tensor(points)
-            rows, cols = grid[:, None], grid[None, :]
-            similarity[rows, cols] = torch.tensor(stats.similarity)
-            angular[rows, cols] = torch.tensor(stats.angular)
-            last[rows, cols] = torch.tensor(stats.last_token_angular)
-            tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
-        return LayerStatistics(
-            points=[reader.name for reader in self.readers],
-            blocks=[b.name for b in self.blocks],
-            block_points=list(self.block_points),
-            similarity=similarity.numpy(),
-            angular=angular.numpy(),
-            last_token_angular=last.numpy(),
-            token_count=tokens,
-            sequence_count=sequences,
-            block_kinds=[b.kind for b in self.blocks],
-            removable=[b.removable for b in self.blocks],
-        )
+        points = [reader.name for reader in self.readers]
+        return combine_streams(self.streams, points, self.blocks, self.block_points)
 
 
 def collect_hook_statistics(model: nn.Module, blocks: list[ResidualBlock], batches: list[dict], *, granularity: str = "layer",

@@ -25,7 +25,7 @@ from .blocks import ResidualBlock, find_blocks
 from .errors import CalibrationError, InputMismatchError
 from .network_call import NetworkCall
 from .rewrite import prune
-from .stats import LayerStatistics, SimilarityAccumulator
+from .stats import LayerStatistics, SimilarityAccumulator, combine_streams
 from .trace import trace
 
 
@@ -168,31 +168,8 @@ class ResidualObserver(nn.Module):
             raise CalibrationError(
                 "no calibration batch was seen: the calibration loader is empty or never called the network"
             )
-        total = len(self._point_names)
-        similarity = torch.zeros(total, total, dtype=torch.float64)
-        angular = torch.full((total, total), 0.5, dtype=torch.float64)
-        last = torch.full((total, total), 0.5, dtype=torch.float64)
-        tokens = sequences = 0
-        for stream in self._streams:
-            stats = stream.accumulator.statistics(["?"] * len(stream.points), [], [])
-            grid = torch.tensor(stream.points)
-            rows, cols = grid[:, None], grid[None, :]
-            similarity[rows, cols] = torch.tensor(stats.similarity)  # copies: the statistics' arrays are read-only
-            angular[rows, cols] = torch.tensor(stats.angular)
-            last[rows, cols] = torch.tensor(stats.last_token_angular)
-            tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
-        return LayerStatistics(
-            points=list(self._point_names),
-            blocks=[b.name for b in self.blocks],
-            block_points=list(self._block_points),
-            similarity=similarity.numpy(),
-            angular=angular.numpy(),
-            last_token_angular=last.numpy(),
-            token_count=tokens,
-            sequence_count=sequences,
-            block_kinds=[b.kind for b in self.blocks],
-            removable=[b.removable for b in self.blocks],
-        )
+        streams = [(stream.points, stream.accumulator) for stream in self._streams]
+        return combine_streams(streams, self._point_names, self.blocks, self._block_points)
 
 
 def _point_names(blocks: list[ResidualBlock], block_points: list[tuple[int, int]], count: int) -> list[str]:

@@ -268,3 +268,38 @@ class SimilarityAccumulator:
             block_kinds=block_kinds or [],
             removable=removable or [],
         )
+
+
+def combine_streams(streams: Sequence[tuple[Sequence[int], SimilarityAccumulator]], points: list[str], blocks: list,
+                    block_points: list[tuple[int, int]]) -> LayerStatistics:
+    """One LayerStatistics over every residual point from per-stream accumulators.
+
+    `streams` pairs each stream's point indices with its accumulator; `blocks` are
+    ResidualBlocks. Pairs of points in different streams (T5's encoder and decoder)
+    get cosine 0 and angular distance 0.5: they were never compared.
+    """
+    total = len(points)
+    similarity = torch.zeros(total, total, dtype=torch.float64)
+    angular = torch.full((total, total), 0.5, dtype=torch.float64)
+    last = torch.full((total, total), 0.5, dtype=torch.float64)
+    tokens = sequences = 0
+    for indices, accumulator in streams:
+        stats = accumulator.statistics(["?"] * len(indices), [], [])
+        grid = torch.tensor(list(indices))
+        rows, cols = grid[:, None], grid[None, :]
+        similarity[rows, cols] = torch.tensor(stats.similarity)  # copies: the statistics' arrays are read-only
+        angular[rows, cols] = torch.tensor(stats.angular)
+        last[rows, cols] = torch.tensor(stats.last_token_angular)
+        tokens, sequences = max(tokens, stats.token_count), max(sequences, stats.sequence_count)
+    return LayerStatistics(
+        points=list(points),
+        blocks=[b.name for b in blocks],
+        block_points=list(block_points),
+        similarity=similarity.numpy(),
+        angular=angular.numpy(),
+        last_token_angular=last.numpy(),
+        token_count=tokens,
+        sequence_count=sequences,
+        block_kinds=[b.kind for b in blocks],
+        removable=[b.removable for b in blocks],
+    )
