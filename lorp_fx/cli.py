@@ -246,13 +246,14 @@ def run_analyze(args: argparse.Namespace) -> int:
     from .batches import token_batches
     from .observe import collect_statistics
     from .output import save_pretrained_atomic
-    from .pipeline import calibration_windows, encoder_decoder, heatmap_file
+    from .calibration import calibration_windows, encoder_decoder, on_device
+    from .pipeline import heatmap_file
     from .plan import PruningPlan
     from .preflight import preflight
     from .report import span
     from .selectors import paper_clusters
 
-    from .devices import load_placed
+    from .devices import load_placed, model_device
 
     placement = placement_of(args)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
@@ -260,9 +261,6 @@ def run_analyze(args: argparse.Namespace) -> int:
     model = load_placed(ready.source, tokenizer, placement)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     windows, source = calibration_windows(model, args.calib_file, config, tokenizer, progress=True)
-    from .devices import model_device
-    from .pipeline import on_device
-
     batches = on_device(token_batches(windows, args.batch_size, encoder_decoder(model)), model_device(model))
     stats, _ = collect_statistics(model, batches, granularity=args.granularity)
     rls, clusters = paper_clusters(stats)

@@ -141,7 +141,8 @@ class _RankLoss:
 def prune_distributed(model, tokenizer, calibration, config: PruneConfig, placement: Placement, devices: int,
                       strategy: str = "ddp", progress: bool = True, gguf=None):
     """Run on every rank. Returns rank zero's PruneResult, and None on the other ranks (`gguf`: see prune_model)."""
-    from .pipeline import calibration_windows, check_model, encoder_decoder
+    from .calibration import calibration_windows, encoder_decoder
+    from .pipeline import check_model
 
     check_model(model, config, calibration, tokenizer, None)
     windows = None
@@ -188,7 +189,8 @@ def _stop_other_ranks(trainer) -> None:
 
 
 def _finish_on_rank_zero(model, lorp, windows, source, config, placement, clock, devices, strategy, progress, gguf):
-    from .pipeline import PruneResult, build_report, encoder_decoder, on_device, remove_and_compensate
+    from .calibration import encoder_decoder, on_device
+    from .pipeline import PruneResult, build_report, remove_and_compensate
     from .surgery import count_layers, count_parameters
 
     plan = lorp.plan
