@@ -231,12 +231,11 @@ def load_placed(source, tokenizer, placement: Placement, *, processes: bool = Fa
 
 
 def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
-    import tempfile
 
     from .errors import ModelLoadError
     from .models import check_loading_info, model_class
 
-    offload_dir = placement.offload_dir or tempfile.mkdtemp(prefix="lorp-fx-offload-")
+    offload_dir = placement.offload_dir or temporary_offload_dir()
     try:
         model, info = model_class(source.config).from_pretrained(
             source.location, dtype=placement.dtype, device_map=placement.device_map, max_memory=placement.max_memory,
@@ -254,10 +253,19 @@ def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
     return model
 
 
-def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
-    """accelerate's device map: layers on the GPUs, then the CPU, then `offload_dir` on disk, within max_memory."""
+def temporary_offload_dir() -> str:
+    """A folder for offloaded weights that is removed when the process exits (it can hold a model's worth of weights)."""
+    import atexit
+    import shutil
     import tempfile
 
+    path = tempfile.mkdtemp(prefix="lorp-fx-offload-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
+    """accelerate's device map: layers on the GPUs, then the CPU, then `offload_dir` on disk, within max_memory."""
     from accelerate import dispatch_model, infer_auto_device_map
 
     no_split = getattr(model, "_no_split_modules", None) or []
@@ -265,7 +273,7 @@ def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
                                        dtype=placement.dtype)
     offload_dir = placement.offload_dir
     if "disk" in device_map.values() and offload_dir is None:
-        offload_dir = tempfile.mkdtemp(prefix="lorp-fx-offload-")
+        offload_dir = temporary_offload_dir()
     model = dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
     model.hf_device_map = dict(device_map)
     return model

@@ -1,5 +1,6 @@
 """Devices, dtypes, process counts and device maps: resolved as documented, refused in one line before any work."""
 
+import os
 import re
 from pathlib import Path
 
@@ -168,3 +169,15 @@ def test_no_tensor_is_put_on_a_named_device_in_the_package():
 
 def test_device_errors_are_lorp_errors():
     assert issubclass(DeviceError, LoRPError)
+
+
+def test_a_temporary_offload_folder_is_gone_when_the_process_exits(tmp_path):
+    import subprocess
+    import sys
+
+    script = "from lorp_fx.devices import temporary_offload_dir as t; import pathlib; p = pathlib.Path(t()); " \
+             "(p / 'weights.dat').write_bytes(b'x' * 1000); print(p)"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path and not folder.exists()
