@@ -295,8 +295,8 @@ class CandidateLoss:
         return fits
 
     def compensation_report(self, removed: Iterable[str]) -> dict:
-        """Whether compensating `removed` helps: its compensated loss (maps fitted on the other
-        windows, so held out when fit_on='others') against the uncompensated loss."""
+        """Whether compensating `removed` is not harmful: its compensated loss (maps fitted on the
+        other windows, so held out when fit_on='others') against the uncompensated loss."""
         removed = list(removed)
         compensated, plain = self.loss(removed), self.loss(removed, compensate=False)
         return {
@@ -304,7 +304,7 @@ class CandidateLoss:
             "compensated_loss": compensated,
             "uncompensated_loss": plain,
             "held_out": self.fit_on == "others",
-            "apply": bool(self.compensation) and compensated < plain,
+            "apply": bool(self.compensation) and compensated <= plain,  # not worse than no compensation
             "gaps_without_map": [
                 [self.runner.units[u].name for u in range(a, b + 1)]
                 for a, b in self.gaps(self.runner.units_of(removed)) if self._fit(a, b) is None

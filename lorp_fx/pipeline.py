@@ -6,8 +6,10 @@
 Steps: check everything first -> calibration windows (given, read from files, or
 sampled from the model) -> residual-stream statistics on the traced graph ->
 selection (loss-judged methods measure candidates on the first `loss_windows`
-windows) -> layer surgery with compensation -> report. The command line is a thin
-shell over this.
+windows; with compensation on, by the loss of the *compensated* model, its maps
+fitted on the other windows: `candidate_loss.CandidateLoss`) -> layer surgery with
+compensation, applied only where it does not make that held-out calibration loss
+worse -> report. The command line is a thin shell over this.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from torch import nn
 
 from .batches import token_batches
 from .budget import check_budget
-from .compensation import CompensationError, Compensator, GapFit, check_compensable
+from .candidate_loss import CandidateLoss, eager_fits
+from .compensation import CompensationError, Compensator, GapFit, apply_compensation, check_compensable
 from .config import PruneConfig
-from .errors import ConfigError, InputMismatchError
+from .errors import CalibrationError, ConfigError, InputMismatchError
 from .loss import calibration_loss, next_token_loss
 from .observe import collect_statistics
 from .output import save_pretrained_atomic
@@ -110,7 +113,8 @@ def prune_model(
     with clock("statistics"):
         stats, graph = collect_statistics(model, batches, granularity=config.granularity, progress=progress)
     with clock("selection"):
-        plan = select_blocks(stats, graph, batches[: loss_batch_count(config)], config, progress)
+        judge = candidate_judge(model, graph, batches, config)
+        plan = select_blocks(stats, graph, batches[: loss_batch_count(config)], config, progress, judge)
     if gguf is not None:
         from .gguf_output import check_removal
 
@@ -121,7 +125,7 @@ def prune_model(
             before = {"ppl_before": _perplexity(model, evaluation, config, progress)}
     parameters_before, layers_before = count_parameters(model), count_layers(model)
     with clock("compensation"):
-        pruned, fits, names, compensation, fx_difference = remove_and_compensate(model, graph, plan, batches, config, progress)
+        pruned, fits, names, compensation, fx_difference = remove_and_compensate(model, graph, plan, batches, config, progress, judge)
     if evaluation is not None:
         with clock("evaluation"):
             before["ppl_after"] = _perplexity(pruned, evaluation, config, progress)
@@ -233,11 +237,42 @@ def loss_batch_count(config: PruneConfig) -> int:
     return max(1, -(-config.loss_windows // config.batch_size))
 
 
-def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool) -> PruningPlan:
-    """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar."""
+def compensation_method(config: PruneConfig) -> str | None:
+    """The compensation method `config` asks for ("auto" is cosine), or None."""
+    method = "cosine" if config.compensate == "auto" else config.compensate
+    return None if method == "none" else method
+
+
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> CandidateLoss | None:
+    """The calibration loss candidates and the final compensation are judged by: compensated when
+    compensation is on and the family takes it, plain otherwise; None where there is nothing to
+    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+    method = compensation_method(config)
+    if method is not None:
+        try:
+            check_compensable(model)
+        except CompensationError:  # "auto" on a family without compensation (an explicit one failed earlier)
+            method = None
+    if method is None and not SELECTORS[config.method].judges_by_loss:
+        return None
+    if calibration_loss(graph, batches[:1]) is None:
+        return None
+    try:
+        # Every gap gets its map, as `compensate` fits them; the whole set is then kept or dropped
+        # by the held-out check in `_judged_compensation`.
+        return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
+                             reject_unhelpful_maps=False)
+    except CalibrationError:
+        return None
+
+
+def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool,
+                  judge: CandidateLoss | None = None) -> PruningPlan:
+    """Run the configured selector, giving loss-judged methods a calibration-loss function (`judge`
+    where given, else the plain calibration loss) with a progress bar."""
     options = {**config.selector_options, **options_for(config.method, seed=config.seed)}
     if SELECTORS[config.method].judges_by_loss:
-        loss_fn = calibration_loss(graph, loss_batches)
+        loss_fn = judge if judge is not None else calibration_loss(graph, loss_batches)
         if loss_fn is not None:
             options["loss_fn"] = loss_fn
     with counted(options.get("loss_fn"), f"{config.method}: calibration-loss measurements", progress) as loss_fn:
@@ -275,14 +310,19 @@ def fx_agreement(graph, plan: PruningPlan, pruned: nn.Module, batch: dict) -> fl
     return float((graph_logits - eager_logits).abs().max())
 
 
-def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool):
+def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
+                          judge: CandidateLoss | None = None):
     """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
 
     Compensation reads the dense model before the surgery (which may be in place) and
     folds its maps after the fx self-check. `auto` falls back to none, with the reason,
-    where the family cannot take a folded map; an explicit method fails instead.
+    where the family cannot take a folded map; an explicit method fails instead. With a
+    compensating `judge`, the maps are the judge's (fitted on every window) and are folded
+    only if the held-out compensated calibration loss is not worse than the plain one.
     """
-    method = "cosine" if config.compensate == "auto" else config.compensate
+    if judge is not None and judge.compensation:
+        return _judged_compensation(model, graph, plan, batches, config, judge)
+    method = compensation_method(config) or "none"
     compensator, compensation = None, {"method": "none"}
     if method != "none":
         try:
@@ -297,6 +337,29 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     fits = compensator.apply(surgery) if compensator is not None else []
     if compensator is not None:
         compensation = {"method": method, "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits]}
+    return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
+    """`remove_and_compensate` with the judge's maps. With "auto" they are folded only if they do not
+    make the held-out calibration loss worse; an explicitly named method is folded anyway, with a note."""
+    check = judge.compensation_report(plan.remove)
+    fold = check["apply"] or config.compensate != "auto"
+    if not check["apply"]:
+        print(f"lorp-fx: note: {judge.compensation} compensation makes the calibration loss worse "
+              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
+              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
+    fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
+    surgery = remove_layers(model, plan, inplace=config.inplace)
+    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
+    apply_compensation(surgery, plan.remove, fits)
+    compensation = {
+        "method": judge.compensation if fits else "none", "form": judge.form, "gaps": [fit.to_dict() for fit in fits],
+        "applied": fold, "helps": check["apply"], "requested": judge.compensation,
+        "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                             "held_out": check["held_out"], "windows": judge.loss_windows},
+        "gaps_without_map": check["gaps_without_map"],
+    }
     return surgery.model, fits, surgery.names, compensation, fx_difference
 
 
