@@ -258,10 +258,11 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> C
     if calibration_loss(graph, batches[:1]) is None:
         return None
     try:
-        # Every gap gets its map, as `compensate` fits them; the whole set is then kept or dropped
-        # by the held-out check in `_judged_compensation`.
+        # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
+        # the default this way), then the whole set by the check in `_judged_compensation`; a method
+        # named explicitly maps every gap, as `compensate` does.
         return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
-                             reject_unhelpful_maps=False)
+                             reject_unhelpful_maps=config.compensate == "auto")
     except CalibrationError:
         return None
 

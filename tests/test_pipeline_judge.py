@@ -40,10 +40,10 @@ def test_auto_folds_the_maps_only_if_they_do_not_hurt():
     compensation = result.report["compensation"]
     loss = compensation["calibration_loss"]
     helps = loss["compensated"] <= loss["uncompensated"]
-    assert compensation["applied"] == compensation["helps"] == helps == bool(result.fits) == bool(compensation["gaps"])
+    assert compensation["applied"] == compensation["helps"] == helps >= bool(result.fits) == bool(compensation["gaps"])
     plain = remove_layers(model, result.plan).model
     same = all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.model.state_dict().values()))
-    assert same == (not helps)
+    assert same == (not result.fits)
     summary = "\n".join(summary_lines(result.report, None))
     assert helps or "not applied" in summary
 
