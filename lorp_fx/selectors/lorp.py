@@ -36,14 +36,21 @@ increment L(R + {b}) - L(R):
   new context by the ratio of its dJ; a never-measured block is estimated as
   median(measured increment / dJ) x dJ.
 
-Each step measures the `width` best-ranked candidates (default 2), then widens: the next
-candidate c is measured while its optimistic estimate, estimate(c) minus the largest
-amount by which any measurement so far came out *below* its estimate, is below the
-best increment measured at this step. Consistent estimates stop the widening at once;
-a surprise (the best-ranked candidates far more expensive than estimated, or estimates
-that overshoot) makes the step measure until something cheap is found and nothing
-unmeasured could beat it. The free sets are measured first; they also calibrate the
-scale of the estimates.
+Each step measures the `width` best-ranked candidates (default 2; the last step, whose
+choice no later step repairs, at least LAST_WIDTH = 4), then widens, one candidate at a
+time in the order of the estimates, while the evidence contradicts them (`_widen_reason`):
+
+* inversion: the candidate measured last beat every better-ranked one;
+* bound: no candidate keeps the path below a complete set already measured (a free set);
+* catastrophe: every candidate measured raises the loss by more than CATASTROPHE (a
+  quarter) of the current loss;
+* overshoot: the next candidate's optimistic estimate, its estimate minus the largest
+  amount by which any measurement at this step came out *below* its estimate, could
+  still beat the best increment measured.
+
+Consistent estimates stop the widening at once. `max_evaluations` caps the widening only.
+The free sets are measured first; they also calibrate the scale of the estimates.
+WIDTH, LAST_WIDTH and CATASTROPHE were chosen on SmolLM2-135M (docs/default-selector.md).
 
 Without a loss
 --------------
