@@ -11,6 +11,7 @@ import torch
 
 from lorp_fx.candidate_loss import CandidateLoss, eager_fits
 from lorp_fx.compensation import RIDGE_GRID, GapStatistics, compensate, fit_compensation
+from lorp_fx import errors as lorp_fx_errors
 from lorp_fx.errors import ConfigError
 from lorp_fx.gap_fit import cv_errors
 from lorp_fx.graph_runner import GraphRunner
@@ -205,3 +206,14 @@ def test_compensation_report_says_whether_maps_help():
     assert report["held_out"] and report["apply"] == (report["compensated_loss"] < report["uncompensated_loss"])
     plan = select(fast.statistics(), 2, method="lorp", loss_fn=fast)
     assert plan.details["compensation"]["compensated_loss"] == plan.details["loss"]
+
+
+def test_bad_arguments_are_one_line_errors():
+    _, graph, batches = setup("llama")
+    for options, word in (({"compensation": "ridge"}, "compensation method"), ({"fit_on": "test"}, "fit_on")):
+        with pytest.raises(ConfigError, match=word) as error:
+            CandidateLoss(graph, batches, **options)
+        assert "\n" not in str(error.value)
+    fast = CandidateLoss(graph, batches, loss_windows=4)
+    with pytest.raises(lorp_fx_errors.UnknownBlockError, match="model.layers.99"):
+        fast(["model.layers.99"])
