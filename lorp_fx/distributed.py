@@ -190,7 +190,8 @@ def _stop_other_ranks(trainer) -> None:
 
 def _finish_on_rank_zero(model, lorp, windows, source, config, placement, clock, devices, strategy, progress, gguf):
     from .calibration import encoder_decoder, on_device
-    from .pipeline import PruneResult, build_report, remove_and_compensate
+    from .pipeline import PruneResult, build_report
+    from .removal import candidate_judge, remove_and_compensate
     from .surgery import count_layers, count_parameters
 
     plan = lorp.plan
@@ -206,8 +207,11 @@ def _finish_on_rank_zero(model, lorp, windows, source, config, placement, clock,
         unit = plain_pass(model, batches)
     before = (count_parameters(model), count_layers(model))
     with clock("compensation"):
+        # The maps are fitted and judged on rank zero as in one process (selection was judged by the
+        # plain calibration loss, averaged over the ranks).
+        judge = candidate_judge(model, lorp.graph_module, batches, config)
         pruned, fits, names, compensation, fx_difference = remove_and_compensate(
-            model, lorp.graph_module, plan, batches, config, progress)
+            model, lorp.graph_module, plan, batches, config, progress, judge)
     statistics_source = (f"the traced graph (LoRPCallback's ResidualObserver) in {devices} {strategy} processes, "
                          "batches dealt out in turn, sums all-reduced")
     report = build_report(plan, plan.statistics, windows, source, statistics_source, compensation, {}, fx_difference,

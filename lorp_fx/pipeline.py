@@ -7,11 +7,13 @@ Steps: check everything first -> trace the graph and find its blocks -> calibrat
 windows (given, read from files, or sampled from the model) -> residual-stream
 statistics (read by module hooks: while sampling, or in one pass that stops at the
 last residual point) -> selection (loss-judged methods measure candidates on the
-first `loss_windows` windows) -> layer surgery with compensation -> report. The
-model runs where it is (any device, or spread by accelerate: see offload.py). The
-report gives every step's time in seconds and in passes: one plain forward pass over
-all the calibration tokens, timed in the same run. The command line is a thin shell
-over this.
+first `loss_windows` windows; with compensation on, by the loss of the *compensated*
+model, its maps fitted on the other windows: `candidate_loss.CandidateLoss`) ->
+layer surgery with compensation, applied only where it does not make that held-out
+calibration loss worse -> report. The model runs where it is (any device, or spread
+by accelerate: see offload.py). The report gives every step's time in seconds and in
+passes: one plain forward pass over all the calibration tokens, timed in the same
+run. The command line is a thin shell over this.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from .batches import token_batches
 from .budget import check_budget
 from .calibration import (Calibration, calibration_windows, check_vocabulary, encoder_decoder, on_device,
                           one_window_each, residual_statistics, traced_blocks)
-from .compensation import CompensationError, Compensator, GapFit, check_compensable
+from .candidate_loss import CandidateLoss
+from .compensation import GapFit, check_compensable
 from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
 from .devices import is_offloaded, model_device
@@ -39,10 +42,10 @@ from .errors import ConfigError, InputMismatchError
 from .loss import calibration_loss, next_token_loss
 from .output import save_pretrained_atomic
 from .plan import PruningPlan
-from .rewrite import prune as prune_graph
+from .removal import candidate_judge, remove_and_compensate
 from .selectors import SELECTORS, options_for, select
 from .stats import LayerStatistics
-from .surgery import Surgery, count_layers, count_parameters, remove_layers
+from .surgery import Surgery, count_layers, count_parameters
 
 
 @dataclass
@@ -127,9 +130,10 @@ def prune_model(
         unit = plain_pass(model, batches)
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
+        judge = None if offloaded else candidate_judge(model, graph, batches, config)
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
         plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
-                             config, progress, eager_model=model if offloaded else None)
+                             config, progress, judge=judge, eager_model=model if offloaded else None)
     if gguf is not None:
         from .gguf_output import check_removal
 
@@ -141,7 +145,7 @@ def prune_model(
     parameters_before, layers_before = count_parameters(model), count_layers(model)
     with clock("compensation"):
         pruned, fits, names, compensation, fx_difference = remove_and_compensate(
-            model, None if offloaded else graph, plan, batches, config, progress)
+            model, None if offloaded else graph, plan, batches, config, progress, judge)
     if evaluation is not None:
         with clock("evaluation"):
             before["ppl_after"] = _perplexity(pruned, evaluation, config, progress)
@@ -236,13 +240,18 @@ def loss_batch_count(config: PruneConfig) -> int:
     return max(1, -(-config.loss_windows // config.batch_size))
 
 
+
+
 def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool,
-                  eager_model: nn.Module | None = None) -> PruningPlan:
-    """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar
-    (measured on the graph, or on `eager_model` with layers skipped by hooks when the graph cannot run)."""
+                  judge: CandidateLoss | None = None, eager_model: nn.Module | None = None) -> PruningPlan:
+    """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar:
+    `judge` where given, else the plain calibration loss measured on the graph, or on `eager_model` with
+    layers skipped by hooks when the graph cannot run (an offloaded model)."""
     options = {**config.selector_options, **options_for(config.method, seed=config.seed)}
     if SELECTORS[config.method].judges_by_loss:
-        if eager_model is not None:
+        if judge is not None:
+            loss_fn = judge
+        elif eager_model is not None:
             from .offload import eager_calibration_loss
 
             loss_fn = eager_calibration_loss(eager_model, loss_batches)
@@ -274,54 +283,6 @@ def counted(loss_fn, description: str, progress: bool):
         yield counted_loss
 
 
-@torch.no_grad()
-def fx_agreement(graph, plan: PruningPlan, pruned: nn.Module, batch: dict) -> float | None:
-    """Max |logits| difference between the fx-pruned graph and the eager surgery on one window (a self-check)."""
-    if plan.granularity != "layer" or graph is None:
-        return None
-    one = {k: v[:1] for k, v in batch.items()}
-    difference = prune_graph(graph, plan)(**one).logits
-    eager_logits = pruned(**one, use_cache=False).logits
-    return float(difference.sub_(eager_logits).abs_().max())  # in place: two logit tensors held, not four
-
-
-def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool):
-    """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
-
-    Compensation reads the dense model before the surgery (which may be in place) and
-    folds its maps after the fx self-check. `auto` falls back to none, with the reason,
-    where the family cannot take a folded map; an explicit method fails instead.
-    Without a graph (an offloaded model) there is no fx self-check, and the fold units'
-    weights are made resident first so that maps fold into them.
-    """
-    method = "cosine" if config.compensate == "auto" else config.compensate
-    compensator, compensation = None, {"method": "none"}
-    if method != "none":
-        try:
-            if is_offloaded(model):
-                _make_fold_units_resident(model, plan)
-            # One window per forward call: the captured states of every gap point are a window's, not a batch's.
-            compensator = Compensator(model, plan, one_window_each(batches), method, progress=progress)
-        except CompensationError as error:
-            if config.compensate != "auto":
-                raise
-            print(f"lorp-fx: note: saved without compensation ({error})", file=sys.stderr)
-            compensation = {"method": "none", "skipped": str(error)}
-    surgery = remove_layers(model, plan, inplace=config.inplace)
-    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
-    fits = compensator.apply(surgery) if compensator is not None else []
-    if compensator is not None:
-        compensation = {"method": method, "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits]}
-    return surgery.model, fits, surgery.names, compensation, fx_difference
-
-
-def _make_fold_units_resident(model, plan: PruningPlan) -> None:
-    from .compensation.structure import find_gaps, removed_units, stacks_of
-    from .offload import make_resident
-
-    stacks = stacks_of(model)
-    for gap in find_gaps(stacks, removed_units(stacks, list(plan.remove))):
-        make_resident(gap.fold_unit.module)
 
 
 def device_description(model: nn.Module) -> dict:
@@ -332,6 +293,8 @@ def device_description(model: nn.Module) -> dict:
     if device_map and len(set(device_map.values())) > 1:
         where["device_map"] = {k: str(v) for k, v in device_map.items()}
     return where
+
+
 
 
 def _perplexity(model, windows: torch.Tensor, config: PruneConfig, progress: bool) -> float:

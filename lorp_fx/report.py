@@ -64,6 +64,10 @@ def summary_lines(report: dict, out: str | None = None) -> list[str]:
 
 
 def _compensation_phrase(compensation: dict) -> str:
+    if compensation.get("applied") is False:
+        loss = compensation["calibration_loss"]
+        return (f"none: {compensation['requested']} not applied, it made the calibration loss worse "
+                f"({loss['compensated']:.4f} > {loss['uncompensated']:.4f})")
     if compensation.get("gaps"):
         errors = ", ".join(f"{g['error_before']:.3f} -> {g['error_after']:.3f}" for g in compensation["gaps"])
         return f"{compensation['method']}, {len(compensation['gaps'])} gaps folded, relative gap error {errors}"

@@ -53,8 +53,13 @@ def test_prune_writes_a_checkpoint_that_reloads_and_generates(tmp_path, capsys, 
     assert (out / "plan.json").exists() and (out / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert report["fx_graph_max_abs_logit_difference"] < 1e-4
     # gemma3 normalises the branch output before the add: only a per-channel map folds there
-    assert report["compensation"]["method"] == "cosine" and "skipped" not in report["compensation"]
-    assert report["compensation"]["form"] == ("diagonal" if family == "gemma3" else "full")
+    compensation = report["compensation"]
+    assert compensation.get("requested", compensation["method"]) == "cosine" and "skipped" not in compensation
+    assert compensation["form"] == ("diagonal" if family == "gemma3" else "full")
+    if "calibration_loss" in compensation:  # "auto" folds the maps only where they do not hurt the calibration loss
+        loss = compensation["calibration_loss"]
+        assert compensation["applied"] == (loss["compensated"] <= loss["uncompensated"]) >= bool(compensation["gaps"])
+        assert compensation["method"] == ("cosine" if compensation["gaps"] else "none")
     assert (out / "recipe.yaml").exists() and report["config"]["remove"] == 1
     reloaded = AUTO.get(family, transformers.AutoModelForCausalLM).from_pretrained(out).eval()
     assert sum(len(layers) for _, layers in layer_stacks(reloaded)) == report["layers_after"]

@@ -10,7 +10,7 @@ FinerCut, arXiv 2405.18218). Contiguous methods keep their run on one stream.
 
 | method       | rule                                                     | paper       |
 |--------------|----------------------------------------------------------|-------------|
-| `lorp`       | default: greedy on the calibration loss, locality-aware  | this project|
+| `lorp`       | default: guarded greedy on the calibration loss          | this project|
 | `lorp-paper` | published LoRP: RLS -> K, spectral clusters, two stages  | 2605.27786  |
 | `lorp-hier`  | LoRP variant: hierarchical clusters, Ward increments     | (variant)   |
 | `shortgpt`   | lowest Block Influence                                   | 2403.03853  |

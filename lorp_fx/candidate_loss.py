@@ -1,0 +1,369 @@
+"""Cheap calibration-loss measurements for loss-judged selectors, with or without compensation.
+
+`CandidateLoss(graph, batches)` is a `loss_fn`: called with the names of the removed
+blocks, it returns the mean next-token loss of the model without them on the first
+`loss_windows` calibration windows (the number `loss.calibration_loss` returns),
+computed faster (`lorp_fx.loss.calibration_loss` is the reference it equals):
+
+* **depth locality.** The model without R computes what the dense model computes up
+  to the first unit R changes. The states entering every unit are kept for the dense
+  model and for the last few measured models; a measurement starts from the cached
+  state of the model that agrees with it longest (a greedy's committed set R and a
+  candidate R + {b} agree up to b's entry). The dense loss comes free with the
+  caching pass.
+* **compensation without copies.** With `compensation="cosine"` (or "lstsq") the
+  measured model is the compensated one: each gap (maximal run of removed units) is
+  closed by `lorp_fx.compensation`'s map, applied on the branch output of the unit
+  before the gap (`GraphRunner`), which is what folding it into that unit's output
+  projection does (a per-channel map, `form="diagonal"`, where the branch is normalised
+  before the add: Gemma's sandwich norms, folded into that norm's weight). The map is fitted from cached dense states (`gap_fit`): it depends
+  on its gap only, so it is fitted once and shared by every candidate with that gap.
+  With `fit_on="others"` (the default) the maps are fitted on the calibration windows
+  *other* than the loss windows, so the compensated loss is a held-out number and an
+  unhelpful map shows as one; `fit_on="all"` fits on every window, as `compensate`
+  does. `final_fits(names)` returns the maps fitted on every window as `GapFit`s for
+  `compensation.apply_compensation` (`eager_fits` names their parameters), so the final
+  model needs no further pass; `sequential_fits(names)` fits gap after
+  gap from the pruned model's view (as `compensate(..., sequential=True)`).
+
+Costs are counted: `seconds`, `measurements`, and `passes()`: time in units of one plain
+forward pass over all calibration windows, timed during the caching pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from torch.fx import GraphModule
+
+from .compensation import METHODS, GapFit
+from .errors import CalibrationError, ConfigError
+from .gap_fit import fit_gap
+from .graph_runner import GraphRunner
+from .loss import as_loss, next_token_cross_entropy
+from .stats import LayerStatistics, SimilarityAccumulator
+
+KEPT = None
+REMOVED = "removed"
+
+
+class CandidateLoss:
+    """`loss_fn(removed_names) -> float` from cached states, memoised, optionally compensated."""
+
+    def __init__(
+        self,
+        graph: GraphModule,
+        batches: list[dict],
+        *,
+        loss_windows: int = 8,
+        compensation: str | None = None,
+        ridge: float | str = "auto",
+        form: str | None = None,
+        fit_on: str = "others",
+        cached_models: int = 3,
+        reject_unhelpful_maps: bool = True,
+    ):
+        if compensation is not None and compensation not in METHODS:
+            raise ConfigError(f"unknown compensation method {compensation!r}; choose one of {', '.join(METHODS)} or None")
+        if fit_on not in ("others", "all"):
+            raise ConfigError(f"fit_on must be 'others' or 'all', got {fit_on!r}")
+        if form not in (None, "full", "diagonal"):
+            raise ConfigError(f"unknown compensation form {form!r}; choose full, diagonal or None (chosen per model)")
+        self.runner = GraphRunner(graph)
+        self.compensation, self.ridge, self.reject = compensation, ridge, reject_unhelpful_maps
+        normalised = any(self.runner.branch_normalised(u) for u in range(len(self.runner.units)))
+        # As `compensation.default_form`: per channel where any branch is normalised before its add.
+        self.form = form or ("diagonal" if normalised else "full")
+        inputs = {n.name for n in graph.graph.nodes if n.op == "placeholder"}
+        windows = _rows(batches, inputs)
+        if not windows or "input_ids" not in windows[0]:
+            raise CalibrationError("CandidateLoss needs causal-LM batches with input_ids")
+        size = max(1, int(batches[0]["input_ids"].shape[0]))
+        self.loss_windows = max(1, min(loss_windows, len(windows)))
+        self.loss_batches = _batch(windows[: self.loss_windows], size)
+        rest = windows[self.loss_windows :]
+        if compensation is None:
+            fit_rows = []
+        elif fit_on == "others" and rest:
+            fit_rows = rest
+        else:
+            fit_rows = windows
+        self.fit_on = "others" if fit_rows is rest and rest else "all"
+        self.fit_batches = _batch(fit_rows, size) if fit_rows else []
+        self.calibration_batches = math.ceil(len(windows) / size)
+        self.cached_models = cached_models
+        self.memo: dict = {}
+        self.seconds = 0.0
+        self.measurements = 0
+        self._fits: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_dense()
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(self, removed: Iterable[str]) -> float:
+        return self.loss(removed)
+
+    def loss(self, removed: Iterable[str], *, compensate: bool | None = None) -> float:
+        """The calibration loss without `removed` (compensated unless `compensate=False`)."""
+        units = self.runner.units_of(removed)
+        compensate = bool(self.compensation) if compensate is None else compensate
+        key = (units, compensate)
+        if key not in self.memo:
+            clock = time.perf_counter()
+            self.memo[key] = self._measure(self._config(units, compensate))
+            self.seconds += time.perf_counter() - clock
+            self.measurements += 1
+        return self.memo[key]
+
+    @property
+    def dense_loss(self) -> float:
+        return self.memo[(frozenset(), False)]
+
+    def passes(self, seconds: float | None = None) -> float:
+        """`seconds` (default: all measurements so far) in plain forward passes over every calibration window."""
+        return (self.seconds if seconds is None else seconds) / self.pass_seconds
+
+    # ------------------------------------------------------------------ configurations
+
+    def gaps(self, units: frozenset[int]) -> list[tuple[int, int]]:
+        """Maximal runs (first, last) of removed units on one stream."""
+        found: list[tuple[int, int]] = []
+        for u in sorted(units):
+            if found and found[-1][1] == u - 1 and self.runner.units[u].stream == self.runner.units[u - 1].stream:
+                found[-1] = (found[-1][0], u)
+            else:
+                found.append((u, u))
+        return found
+
+    def _config(self, units: frozenset[int], compensate: bool) -> tuple:
+        """Per unit: KEPT, REMOVED, or the gap (first, last) whose map it carries."""
+        config = [REMOVED if u in units else KEPT for u in range(len(self.runner.units))]
+        if compensate:
+            for first, last in self.gaps(units):
+                if self._fit(first, last) is not None:
+                    config[first - 1] = (first, last)
+        return tuple(config)
+
+    # ------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def _measure(self, config: tuple) -> float:
+        source, start = self._closest(config)
+        removed = frozenset(u for u, s in enumerate(config) if s == REMOVED)
+        maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
+        total, states = 0.0, []
+        for batch, cached in zip(self.loss_batches, source):
+            resume = (start, cached[start]) if start > 0 else None
+            output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
+            total += _next_token_loss(output, batch)
+            states.append({**{u: cached[u] for u in range(start)}, **recorded})
+        self._remember(config, states)
+        return total / len(self.loss_batches)
+
+    def _closest(self, config: tuple) -> tuple[list[dict], int]:
+        """The cached model agreeing with `config` longest, and the first unit where they differ."""
+        best, start = None, -1
+        for key in self._cache:
+            agree = next((u for u, (a, b) in enumerate(zip(key, config)) if a != b), len(config))
+            if agree > start:
+                best, start = key, agree
+        self._cache.move_to_end(best)
+        return self._cache[best], start
+
+    def _remember(self, config: tuple, states: list[dict]) -> None:
+        self._cache[config] = states
+        self._cache.move_to_end(config)
+        while len(self._cache) > self.cached_models + 1:
+            del self._cache[next(k for k in self._cache if k != self._dense_key)]
+
+    @torch.no_grad()
+    def _cache_dense(self) -> None:
+        """One pass: every unit's entry state on the loss and fit windows; the dense loss."""
+        final = len(self.runner.units)
+        total, clock = 0.0, time.perf_counter()
+        loss_states = []
+        for batch in self.loss_batches:
+            output, recorded = self.runner.run(batch, record=True)
+            total += _next_token_loss(output, batch)
+            loss_states.append(recorded)
+        # A plain forward pass over every calibration window, timed on the loss windows.
+        self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
+        shared = self.fit_on == "all"
+        self._fit_states = [
+            loss_states[i] if shared and i < len(loss_states) else self.runner.run(batch, record=True, stop=final)[1]
+            for i, batch in enumerate(self.fit_batches)
+        ]
+        dense = total / len(self.loss_batches)
+        self.memo[(frozenset(), False)] = self.memo[(frozenset(), True)] = dense
+        self._dense_key = tuple([KEPT] * final)
+        self._cache[self._dense_key] = loss_states
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> LayerStatistics:
+        """The layer statistics `observe.collect_statistics` computes on the same windows, from
+        the states the caching pass kept (no further pass). Needs every window cached, i.e.
+        compensation on (fit windows) or only loss windows given; one residual stream."""
+        runner = self.runner
+        if len({u.stream for u in runner.units}) != 1:
+            raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
+        if self.fit_on != "others" and len(self._fit_states) + len(self.loss_batches) < self.calibration_batches:
+            raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
+        points = [group[0] for group in runner.layer_units] + [len(runner.units)]
+        accumulator = SimilarityAccumulator(len(points))
+        pairs = list(zip(self.loss_batches, self._cache[self._dense_key]))
+        if self.fit_on == "others":
+            pairs += list(zip(self.fit_batches, self._fit_states))
+        for batch, states in pairs:
+            accumulator.update([states[p] for p in points], batch.get("attention_mask"))
+        blocks = runner.layers
+        names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
+        return accumulator.statistics(
+            names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
+            [b.kind for b in blocks], [b.removable for b in blocks],
+        )
+
+    # ------------------------------------------------------------------ compensation
+
+    def _foldable(self, first: int) -> bool:
+        """A gap starting at unit `first` can take a map: a compensable unit precedes it on its stream
+        (a full map does not pass a norm between the branch and its add)."""
+        units, before = self.runner.units, first - 1
+        if first == 0 or units[before].stream != units[first].stream or not self.runner.compensable(before):
+            return False
+        return self.form == "diagonal" or not self.runner.branch_normalised(before)
+
+    def _fit(self, first: int, last: int) -> GapFit | None:
+        """The map of gap first..last from the dense view (memoised); None where no map applies."""
+        key = (first, last)
+        if key not in self._fits:
+            self._fits[key] = self._solve(first, last, self._fit_states, self._fit_states, self.fit_batches)
+        return self._fits[key]
+
+    def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict]) -> GapFit | None:
+        """Fit gap first..last: the fold unit's input and output from `view`, the target from `dense`."""
+        if not self._foldable(first):
+            return None
+        units = self.runner.units
+        views = [(s[first - 1], s[first], d[last + 1]) for s, d in zip(view, dense)]
+        masks = [b.get("attention_mask") for b in batches]
+        names = [units[u].name for u in range(first, last + 1)]
+        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, self.reject, self.form)
+
+    def fits(self, removed: Iterable[str]) -> list[GapFit]:
+        """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
+        units = self.runner.units_of(removed)
+        return [f for f in (self._fit(a, b) for a, b in self.gaps(units)) if f is not None]
+
+    def final_fits(self, removed: Iterable[str], *, sequential: bool = False) -> list[GapFit]:
+        """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
+        more tokens than the fit windows alone), from cached states: dense-view maps cost no
+        pass, sequential ones about one pass without the head."""
+        if self.fit_on == "all":
+            states, batches = self._fit_states, self.fit_batches
+        else:
+            states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
+        return self._fit_all(removed, states, batches, sequential)
+
+    @torch.no_grad()
+    def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
+        """Maps fitted gap after gap from the pruned model's view (earlier gaps compensated) on the
+        fit windows, as `compensate(..., sequential=True)`."""
+        return self._fit_all(removed, self._fit_states, self.fit_batches, True)
+
+    @torch.no_grad()
+    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool) -> list[GapFit]:
+        units = self.runner.units_of(removed)
+        fits, maps, view, resume_at = [], {}, dense, None
+        for first, last in self.gaps(units):
+            if sequential and maps:  # the pruned model's states up to this gap, earlier maps folded in
+                view = [
+                    {**{u: s[u] for u in s if u < resume_at},
+                     **self.runner.run(batch, units, maps, resume=(resume_at, s[resume_at]), record=True, stop=first)[1]}
+                    for batch, s in zip(batches, view)
+                ]
+            fit = self._solve(first, last, view, dense, batches)
+            if fit is not None:
+                fits.append(fit)
+                maps[first - 1] = fit.transform.float()
+                resume_at = first - 1
+        return fits
+
+    def compensation_report(self, removed: Iterable[str]) -> dict:
+        """Whether compensating `removed` is not harmful: its compensated loss (maps fitted on the
+        other windows, so held out when fit_on='others') against the uncompensated loss."""
+        removed = list(removed)
+        compensated, plain = self.loss(removed), self.loss(removed, compensate=False)
+        return {
+            "method": self.compensation,
+            "compensated_loss": compensated,
+            "uncompensated_loss": plain,
+            "held_out": self.fit_on == "others",
+            "apply": bool(self.compensation) and compensated <= plain,  # not worse than no compensation
+            "gaps_without_map": [
+                [self.runner.units[u].name for u in range(a, b + 1)]
+                for a, b in self.gaps(self.runner.units_of(removed)) if self._fit(a, b) is None
+            ] if self.compensation else [],
+        }
+
+    @torch.no_grad()
+    def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
+        """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
+        units = self.runner.units_of(removed)
+        index = {unit.name: u for u, unit in enumerate(self.runner.units)}
+        maps = {index[f.fold_into]: f.transform.float() for f in fits}
+        clock = time.perf_counter()
+        start = min([*units, *maps]) if units or maps else 0
+        total = 0.0
+        for batch, states in zip(self.loss_batches, self._cache[self._dense_key]):
+            output = self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None)
+            total += _next_token_loss(output, batch)
+        self.seconds += time.perf_counter() - clock
+        self.measurements += 1
+        return total / len(self.loss_batches)
+
+
+def eager_fits(model: torch.nn.Module, fits: list[GapFit]) -> list[GapFit]:
+    """`fits` with `projections` filled in: the eager `model`'s parameters each map folds into
+    (what `PruneResult.folded_parameters` and the GGUF writer read). CompensationError where
+    a unit has nothing to fold into."""
+    from dataclasses import replace
+
+    from .compensation.api import _width
+    from .compensation.fold import projections
+    from .compensation.structure import check_compensable, stacks_of
+
+    family = check_compensable(model)
+    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
+    d = _width(model)
+    named = []
+    for fit in fits:
+        if fit.fold_into not in units:
+            raise CalibrationError(f"internal error: the graph's unit {fit.fold_into} is not a unit of the eager model")
+        found = projections(model, family, units[fit.fold_into], d, fit.form)
+        named.append(replace(fit, projections=[p.name for p in found]))
+    return named
+
+
+def _rows(batches: list[dict], inputs: set[str]) -> list[dict]:
+    """Every window of `batches` as its own dict of (1, seq) tensors, keys limited to the graph's inputs."""
+    rows = []
+    for batch in batches:
+        tensors = {k: v for k, v in batch.items() if k in inputs and isinstance(v, torch.Tensor)}
+        for r in range(tensors["input_ids"].shape[0]):
+            rows.append({k: v[r : r + 1] for k, v in tensors.items()})
+    return rows
+
+
+def _batch(rows: list[dict], size: int) -> list[dict]:
+    return [{k: torch.cat([row[k] for row in rows[i : i + size]]) for k in rows[0]} for i in range(0, len(rows), size)]
+
+
+def _next_token_loss(output, batch: dict) -> float:
+    """`loss.next_token_cross_entropy` of a graph output (NaN counts as +inf), as `calibration_loss` measures it."""
+    return as_loss(next_token_cross_entropy(output, batch))

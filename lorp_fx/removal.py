@@ -1,0 +1,136 @@
+"""The removal step: the loss candidates are judged by, the surgery, and compensation folded only where it helps.
+
+`candidate_judge` builds the calibration loss that both selection and compensation
+answer to (`candidate_loss.CandidateLoss`: compensated when compensation is on).
+`remove_and_compensate` removes the plan's layers from the eager model, checks the
+result against the fx-pruned graph on one window, and folds the gap maps: the
+judge's, only if they do not make its held-out calibration loss worse ("auto"), or
+a `Compensator`'s where there is no judge.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from .calibration import one_window_each
+from .candidate_loss import CandidateLoss, eager_fits
+from .compensation import CompensationError, Compensator, apply_compensation, check_compensable
+from .config import PruneConfig
+from .devices import is_offloaded
+from .errors import CalibrationError
+from .loss import calibration_loss
+from .plan import PruningPlan
+from .rewrite import prune as prune_graph
+from .selectors import SELECTORS
+from .surgery import remove_layers
+
+
+def compensation_method(config: PruneConfig) -> str | None:
+    """The compensation method `config` asks for ("auto" is cosine), or None."""
+    method = "cosine" if config.compensate == "auto" else config.compensate
+    return None if method == "none" else method
+
+
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> CandidateLoss | None:
+    """The calibration loss candidates and the final compensation are judged by: compensated when
+    compensation is on and the family takes it, plain otherwise; None where there is nothing to
+    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+    method = compensation_method(config)
+    if method is not None:
+        try:
+            check_compensable(model)
+        except CompensationError:  # "auto" on a family without compensation (an explicit one failed earlier)
+            method = None
+    if method is None and not SELECTORS[config.method].judges_by_loss:
+        return None
+    if calibration_loss(graph, batches[:1]) is None:
+        return None
+    try:
+        # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
+        # the default this way), then the whole set by the check in `_judged_compensation`; a method
+        # named explicitly maps every gap, as `compensate` does.
+        return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
+                             reject_unhelpful_maps=config.compensate == "auto")
+    except CalibrationError:
+        return None
+
+
+def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
+                          judge: CandidateLoss | None = None):
+    """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
+
+    Compensation reads the dense model before the surgery (which may be in place) and
+    folds its maps after the fx self-check. `auto` falls back to none, with the reason,
+    where the family cannot take a folded map; an explicit method fails instead. With a
+    compensating `judge`, the maps are the judge's (fitted on every window) and are folded
+    only if the held-out compensated calibration loss is not worse than the plain one.
+    Without a graph (an offloaded model) there is no fx self-check, and the fold units'
+    weights are made resident first so that maps fold into them.
+    """
+    if judge is not None and judge.compensation:
+        return _judged_compensation(model, graph, plan, batches, config, judge)
+    method = compensation_method(config) or "none"
+    compensator, compensation = None, {"method": "none"}
+    if method != "none":
+        try:
+            if is_offloaded(model):
+                _make_fold_units_resident(model, plan)
+            # One window per forward call: the captured states of every gap point are a window's, not a batch's.
+            compensator = Compensator(model, plan, one_window_each(batches), method, progress=progress)
+        except CompensationError as error:
+            if config.compensate != "auto":
+                raise
+            print(f"lorp-fx: note: saved without compensation ({error})", file=sys.stderr)
+            compensation = {"method": "none", "skipped": str(error)}
+    surgery = remove_layers(model, plan, inplace=config.inplace)
+    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
+    fits = compensator.apply(surgery) if compensator is not None else []
+    if compensator is not None:
+        compensation = {"method": method, "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits]}
+    return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
+    """`remove_and_compensate` with the judge's maps. With "auto" they are folded only if they do not
+    make the held-out calibration loss worse; an explicitly named method is folded anyway, with a note."""
+    check = judge.compensation_report(plan.remove)
+    fold = check["apply"] or config.compensate != "auto"
+    if not check["apply"]:
+        print(f"lorp-fx: note: {judge.compensation} compensation makes the calibration loss worse "
+              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
+              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
+    fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
+    surgery = remove_layers(model, plan, inplace=config.inplace)
+    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
+    apply_compensation(surgery, plan.remove, fits)
+    compensation = {
+        "method": judge.compensation if fits else "none", "form": judge.form, "gaps": [fit.to_dict() for fit in fits],
+        "applied": fold, "helps": check["apply"], "requested": judge.compensation,
+        "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                             "held_out": check["held_out"], "windows": judge.loss_windows},
+        "gaps_without_map": check["gaps_without_map"],
+    }
+    return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+@torch.no_grad()
+def fx_agreement(graph, plan: PruningPlan, pruned: nn.Module, batch: dict) -> float | None:
+    """Max |logits| difference between the fx-pruned graph and the eager surgery on one window (a self-check)."""
+    if plan.granularity != "layer" or graph is None:
+        return None
+    one = {k: v[:1] for k, v in batch.items()}
+    difference = prune_graph(graph, plan)(**one).logits
+    eager_logits = pruned(**one, use_cache=False).logits
+    return float(difference.sub_(eager_logits).abs_().max())  # in place: two logit tensors held, not four
+
+
+def _make_fold_units_resident(model, plan: PruningPlan) -> None:
+    from .compensation.structure import find_gaps, removed_units, stacks_of
+    from .offload import make_resident
+
+    stacks = stacks_of(model)
+    for gap in find_gaps(stacks, removed_units(stacks, list(plan.remove))):
+        make_resident(gap.fold_unit.module)

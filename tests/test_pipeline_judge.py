@@ -1,0 +1,66 @@
+"""`prune_model` judges candidates and the final compensation by one calibration loss
+(`CandidateLoss`): compensated when compensation is on, and "auto" folds the maps only if
+they do not make the held-out calibration loss worse."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import lorp_fx
+from lorp_fx.config import PruneConfig
+from lorp_fx.loss import calibration_loss
+from lorp_fx.report import summary_lines
+from lorp_fx.surgery import remove_layers
+from tiny_models import VOCAB, tiny_model
+
+WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
+
+
+@functools.lru_cache(maxsize=None)
+def pruned(method: str = "lorp", compensate: str = "auto", remove: int = 2):
+    model = tiny_model("llama", layers=6)
+    config = PruneConfig(remove=remove, method=method, compensate=compensate, loss_windows=4)
+    return model, lorp_fx.prune_model(model, WINDOWS, config, progress=False)
+
+
+def test_the_default_selector_is_judged_by_the_compensated_loss():
+    _, result = pruned()
+    compensation = result.report["compensation"]
+    loss = compensation["calibration_loss"]
+    assert compensation["requested"] == "cosine" and loss["held_out"] and loss["windows"] == 4
+    # the loss lorp minimised is the compensated one the final check reads (one memo)
+    assert result.plan.details["loss"] == loss["compensated"]
+    assert result.plan.details["chosen_from"] in ("greedy", "shortgpt", "uidl", "streamline")
+
+
+def test_auto_folds_the_maps_only_if_they_do_not_hurt():
+    model, result = pruned()
+    compensation = result.report["compensation"]
+    loss = compensation["calibration_loss"]
+    helps = loss["compensated"] <= loss["uncompensated"]
+    assert compensation["applied"] == compensation["helps"] == helps >= bool(result.fits) == bool(compensation["gaps"])
+    plain = remove_layers(model, result.plan).model
+    same = all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), result.model.state_dict().values()))
+    assert same == (not result.fits)
+    summary = "\n".join(summary_lines(result.report, None))
+    assert helps or "not applied" in summary
+
+
+def test_an_explicit_method_is_folded_even_where_it_hurts():
+    model, result = pruned(compensate="cosine")
+    compensation = result.report["compensation"]
+    assert compensation["applied"] and compensation["method"] == "cosine" and result.fits
+    assert compensation["helps"] == (compensation["calibration_loss"]["compensated"]
+                                     <= compensation["calibration_loss"]["uncompensated"])
+    assert all(fit.projections for fit in result.fits)  # named for the GGUF writer and folded_parameters
+    assert set(result.folded_parameters()) <= set(result.model.state_dict())
+
+
+def test_without_compensation_the_plain_loss_judges():
+    model, result = pruned(compensate="none")
+    assert result.report["compensation"] == {"method": "none"} and not result.fits
+    graph = result.graph
+    reference = calibration_loss(graph, [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in WINDOWS[:4].split(4)])
+    assert result.plan.details["loss"] == reference(result.plan.remove)
