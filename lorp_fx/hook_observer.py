@@ -27,7 +27,7 @@ from torch import nn
 from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock
 from .errors import CalibrationError, ConfigError
-from .stats import LayerStatistics, SimilarityAccumulator, combine_streams
+from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states, combine_streams
 
 
 class _Stop(Exception):
@@ -94,7 +94,7 @@ class HookObserver:
             raise CalibrationError(f"internal error: the forward pass never reached {missing[0]}")
         for stream_index, (points, accumulator) in enumerate(self.streams):
             states = [self.states[i] for i in points]
-            _check_finite(states, [self.readers[i].name for i in points])
+            check_finite_states(states, [self.readers[i].name for i in points])
             mask = None if batch is None else stream_mask(batch, states[0], decoder=stream_index > 0)
             # A few sequences at a time: the accumulator stacks all points of the tokens it is given.
             rows = max(1, SimilarityAccumulator.CHUNK_TOKENS // max(1, int(states[0].shape[1])))
@@ -231,13 +231,3 @@ def _update_tokens_only(accumulator: SimilarityAccumulator, states: list[torch.T
     accumulator.update(states, mask)
     accumulator.last_angle_sum = last_angle_sum.to(accumulator.cos_sum.device)
     accumulator.sequence_count = sequence_count.to(accumulator.cos_sum.device)
-
-
-def _check_finite(states: list[torch.Tensor], names: list[str]) -> None:
-    for state, name in zip(states, names):
-        if not bool(torch.isfinite(state).all()):
-            where = f"the output of {name[:-4]}" if name.endswith(":out") else f"the input of {name[:-3]}"
-            raise CalibrationError(
-                f"NaN or Inf in the residual stream, first at {where}; check the model's dtype "
-                "(float16 overflows are common: try float32 or bfloat16) and the calibration inputs"
-            )

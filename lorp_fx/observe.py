@@ -25,7 +25,7 @@ from .blocks import ResidualBlock, find_blocks
 from .errors import CalibrationError, InputMismatchError
 from .network_call import NetworkCall
 from .rewrite import prune
-from .stats import LayerStatistics, SimilarityAccumulator, combine_streams
+from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states, combine_streams
 from .trace import trace
 
 
@@ -151,7 +151,7 @@ class ResidualObserver(nn.Module):
         states = self._recorder.states
         for stream_index, stream in enumerate(self._streams):
             points = [states[i] for i in stream.points]
-            _check_finite(points, [self._point_names[i] for i in stream.points])
+            check_finite_states(points, [self._point_names[i] for i in stream.points])
             # A padding mask (batch, seq) belongs to sequence states (batch, seq, d) only.
             sequence = points[0].dim() == 3 and not stream.channels_first
             mask = stream_mask(call.inputs, points[0], decoder=stream_index > 0) if sequence else None
@@ -191,16 +191,6 @@ def _is_convolution(graph: GraphModule, node) -> bool:
         name = getattr(node.target, "__name__", str(node.target))
         return name.split(".")[0] in _CONVOLUTIONS
     return False
-
-
-def _check_finite(states: list[torch.Tensor], names: list[str]) -> None:
-    for state, name in zip(states, names):
-        if not bool(torch.isfinite(state).all()):
-            where = f"the output of {name[:-4]}" if name.endswith(":out") else f"the input of {name[:-3]}"
-            raise CalibrationError(
-                f"NaN or Inf in the residual stream, first at {where}; check the model's dtype "
-                "(fp16 overflows are common: try float32 or bfloat16) and the calibration inputs"
-            )
 
 
 def collect_statistics(

@@ -303,3 +303,14 @@ def combine_streams(streams: Sequence[tuple[Sequence[int], SimilarityAccumulator
         block_kinds=[b.kind for b in blocks],
         removable=[b.removable for b in blocks],
     )
+
+
+def check_finite_states(states: list[torch.Tensor], names: list[str]) -> None:
+    """CalibrationError naming the first residual point (`block:in` / `block:out`) with a NaN or Inf."""
+    for state, name in zip(states, names):
+        if not bool(torch.isfinite(state).all()):
+            where = f"the output of {name[:-4]}" if name.endswith(":out") else f"the input of {name[:-3]}"
+            raise CalibrationError(
+                f"NaN or Inf in the residual stream, first at {where}; check the model's dtype "
+                "(float16 overflows are common: try float32 or bfloat16) and the calibration inputs"
+            )

@@ -73,3 +73,19 @@ def test_statistics_gathered_while_sampling_are_those_of_the_sampled_windows():
     full = collect_hook_statistics(model, blocks, [{"input_ids": windows}], progress=False)
     assert_same_statistics(observer.statistics(), full, atol=1e-5)
     assert windows.max() < VOCAB
+
+
+@pytest.mark.parametrize("reader", ["graph", "hooks"])
+def test_a_nan_in_the_stream_names_the_block_where_it_first_appears(reader):
+    import lorp_fx
+
+    model = tiny_model("llama", layers=4)
+    batches = padded_batches("llama")
+    _, graph = collect_statistics(model, batches, progress=False)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(lorp_fx.CalibrationError, match="first at the output of model.layers.2; check the model's dtype"):
+        if reader == "graph":
+            collect_statistics(model, batches, progress=False)
+        else:
+            collect_hook_statistics(model, find_blocks(graph, "layer"), batches, progress=False)
