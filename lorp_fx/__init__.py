@@ -19,6 +19,8 @@ from .errors import (
     CallError,
     CompensationError,
     ConfigError,
+    DeviceError,
+    DistributedError,
     FixedArgumentError,
     GGUFError,
     InputMismatchError,
@@ -34,6 +36,7 @@ from .errors import (
 )
 from .evaluate import perplexity
 from .families import FAMILIES, Family, family_of, layer_stacks
+from .candidate_loss import CandidateLoss
 from .loss import calibration_loss
 from .models import load_model
 from .observe import ResidualObserver, collect_statistics
@@ -52,12 +55,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
     __version__ = "0+unknown"
 
 __all__ = [
-    "BudgetError", "CalibrationError", "CallError", "Compensated", "CompensationError", "ConfigError", "DEFAULT_METHOD", "FixedArgumentError", "GGUFError",
+    "BudgetError", "CalibrationError", "CallError", "Compensated", "CompensationError", "ConfigError", "DEFAULT_METHOD", "DeviceError", "DistributedError", "FixedArgumentError", "GGUFError",
     "FAMILIES", "Family", "GapFit", "InputMismatchError", "LayerStatistics", "LoRPCallback", "LoRPError",
     "ModelLoadError", "NoResidualBlocksError", "NotRemovableError", "OutputDirError", "PlanError", "PruneBlocks",
     "PruneConfig", "PruneResult", "PruningPlan", "ResidualBlock", "ResidualObserver", "SELECTORS", "SelectorError",
     "SimilarityAccumulator", "Surgery", "TraceError", "UnknownBlockError", "__version__", "apply_compensation",
-    "budget_from_ratio", "calibration_loss", "check_budget", "collect_statistics", "compensate", "count_parameters",
+    "CandidateLoss", "budget_from_ratio", "calibration_loss", "check_budget", "collect_statistics", "compensate", "count_parameters",
     "family_of", "find_blocks", "fit_compensation", "layer_stacks", "load_model", "perplexity", "prune",
     "prune_model", "remove_layers", "save_pretrained_atomic", "select", "trace",
 ]
