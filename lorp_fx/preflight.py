@@ -72,13 +72,25 @@ def preflight(args) -> Ready:
 
 
 def check_numbers(args) -> None:
-    """ConfigError naming the flag for a number below its minimum, or not a whole number."""
+    """ConfigError naming the flag for a number below its minimum, or not a whole number; and for the budget."""
+    if hasattr(args, "remove") and hasattr(args, "ratio"):
+        check_budget_flags(args.remove, args.ratio)
     for name, minimum in NUMBERS.items():
         if not hasattr(args, name):
             continue
         value = getattr(args, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= {minimum}, got {value!r}")
+
+
+def check_budget_flags(remove, ratio) -> None:
+    """ConfigError, in the command line's words, unless exactly one of --remove and --ratio is given and valid."""
+    if (remove is None) == (ratio is None):
+        raise ConfigError("give exactly one budget: --remove K (layers to remove) or --ratio R (a fraction of them)")
+    if remove is not None and (isinstance(remove, bool) or not isinstance(remove, int) or remove < 1):
+        raise ConfigError(f"--remove must be a whole number >= 1, got {remove!r}")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+        raise ConfigError(f"--ratio must be a fraction strictly between 0 and 1, got {ratio!r}")
 
 
 def check_lengths(source: ModelSource, args, evaluation: list) -> None:

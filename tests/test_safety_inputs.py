@@ -412,3 +412,16 @@ def test_the_library_refuses_windows_beyond_the_positions_too():
     with pytest.raises(ConfigError, match="evaluation windows of 80 tokens"):
         prune_model(model, torch.randint(4, 90, (2, 16)), PruneConfig(remove=1, method="shortgpt"),
                     evaluation=torch.randint(4, 90, (2, 80)), progress=False)
+
+
+@pytest.mark.parametrize("budget, words", [
+    ([], "give exactly one budget: --remove K"),
+    (["--remove", "0"], "--remove must be a whole number >= 1, got 0"),
+    (["--ratio", "1.5"], "--ratio must be a fraction strictly between 0 and 1, got 1.5"),
+])
+def test_a_bad_budget_names_its_flag(budget, words, tmp_path, capsys):
+    from lorp_fx.cli import main
+
+    assert main(["prune", *budget, "--out", str(tmp_path / "out")]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
