@@ -70,7 +70,12 @@ def _compensation_phrase(compensation: dict) -> str:
                 f"({loss['compensated']:.4f} > {loss['uncompensated']:.4f})")
     if compensation.get("gaps"):
         errors = ", ".join(f"{g['error_before']:.3f} -> {g['error_after']:.3f}" for g in compensation["gaps"])
-        return f"{compensation['method']}, {len(compensation['gaps'])} gaps folded, relative gap error {errors}"
+        count = len(compensation["gaps"])
+        phrase = f"{compensation['method']}, {count} gap{'' if count == 1 else 's'} folded, relative gap error {errors}"
+        loss = compensation.get("calibration_loss") or {}
+        if loss.get("held_out"):  # the guard's evidence: the loss on calibration windows the maps were not fitted on
+            phrase += f"; held-out calibration loss {loss['uncompensated']:.4f} -> {loss['compensated']:.4f}"
+        return phrase
     if compensation.get("skipped"):
         return f"none ({compensation['skipped']})"
     return "none"

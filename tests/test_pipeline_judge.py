@@ -64,3 +64,18 @@ def test_without_compensation_the_plain_loss_judges():
     graph = result.graph
     reference = calibration_loss(graph, [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in WINDOWS[:4].split(4)])
     assert result.plan.details["loss"] == reference(result.plan.remove)
+
+
+def test_the_summary_line_gives_the_guards_evidence():
+    from lorp_fx.report import _compensation_phrase
+
+    gap = {"error_before": 0.237, "error_after": 0.106}
+    loss = {"compensated": 3.4378, "uncompensated": 3.6258, "held_out": True, "windows": 8}
+    folded = {"method": "cosine", "gaps": [gap], "applied": True, "calibration_loss": loss}
+    assert _compensation_phrase(folded) == ("cosine, 1 gap folded, relative gap error 0.237 -> 0.106; "
+                                            "held-out calibration loss 3.6258 -> 3.4378")
+    two = {**folded, "gaps": [gap, gap], "calibration_loss": {**loss, "held_out": False}}
+    assert _compensation_phrase(two).startswith("cosine, 2 gaps folded") and "held-out" not in _compensation_phrase(two)
+    refused = {**folded, "gaps": [], "applied": False, "requested": "cosine",
+               "calibration_loss": {**loss, "compensated": 3.7}}
+    assert _compensation_phrase(refused) == "none: cosine not applied, it made the calibration loss worse (3.7000 > 3.6258)"
