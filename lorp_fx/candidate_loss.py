@@ -41,6 +41,7 @@ import torch
 from torch.fx import GraphModule
 
 from .compensation import METHODS, GapFit
+from .devices import release_memory
 from .errors import CalibrationError, ConfigError
 from .gap_fit import fit_gap
 from .graph_runner import GraphRunner
@@ -101,7 +102,9 @@ class CandidateLoss:
         self.measurements = 0
         self._fits: dict = {}
         self._cache: OrderedDict = OrderedDict()
+        self.device = windows[0]["input_ids"].device
         self._cache_dense()
+        release_memory(self.device)
 
     # ------------------------------------------------------------------ the loss
 
@@ -116,6 +119,9 @@ class CandidateLoss:
         if key not in self.memo:
             clock = time.perf_counter()
             self.memo[key] = self._measure(self._config(units, compensate))
+            # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
+            # so that freed states do not stay resident under the next one (measured: -0.5 GiB on SmolLM2).
+            release_memory(self.device)
             self.seconds += time.perf_counter() - clock
             self.measurements += 1
         return self.memo[key]
