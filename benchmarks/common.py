@@ -1,4 +1,4 @@
-"""What the benchmarks share: the machine and commit they ran on, markdown tables, safe file writes.
+"""What the benchmarks share: the machine and commit they ran on, the text options, markdown tables, safe file writes.
 
 Imported by `benchmarks/quality.py` and `benchmarks/speed.py` (they put this folder on
 `sys.path`); not part of the installed package.
@@ -17,6 +17,22 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def add_text_arguments(parser, batch_help: str | None = None) -> None:
+    """The calibration and evaluation text options every quality benchmark takes: WikiText-2 from
+    ../shared when it is there (calibrate on valid, evaluate on test), else they must be given."""
+    from lorp_fx.data import shared_data_dir
+
+    data = shared_data_dir()
+    wikitext = data / "wikitext-2" if data is not None else None
+    parser.add_argument("--calib-file", type=Path, default=wikitext / "valid.txt" if wikitext else None)
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--eval-file", type=Path, default=wikitext / "test.txt" if wikitext else None)
+    parser.add_argument("--eval-samples", type=int, default=40)
+    parser.add_argument("--eval-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4, help=batch_help)
 
 
 def git_commit() -> str:

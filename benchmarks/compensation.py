@@ -40,7 +40,7 @@ import common  # noqa: E402
 from lorp_fx import SELECTORS, select  # noqa: E402
 from lorp_fx.batches import token_batches  # noqa: E402
 from lorp_fx.compensation import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
-from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
+from lorp_fx.data import text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
 from lorp_fx.loss import calibration_loss  # noqa: E402
 from lorp_fx.report import compress  # noqa: E402
@@ -62,17 +62,9 @@ def ridge_value(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    data = shared_data_dir()
-    wikitext = data / "wikitext-2" if data is not None else None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--calib-file", type=Path, default=wikitext / "valid.txt" if wikitext else None)
-    p.add_argument("--eval-file", type=Path, default=wikitext / "test.txt" if wikitext else None)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--eval-samples", type=int, default=40)
-    p.add_argument("--eval-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    common.add_text_arguments(p)
     p.add_argument("--loss-samples", type=int, default=8)
     p.add_argument("--selectors", default=DEFAULT_SELECTORS)
     p.add_argument("--budgets", default="6,9")

@@ -34,7 +34,7 @@ import common  # noqa: E402
 
 from lorp_fx import select  # noqa: E402
 from lorp_fx.compensation import compensate  # noqa: E402
-from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
+from lorp_fx.data import text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
 from lorp_fx.surgery import remove_layers  # noqa: E402
 from lorp_fx.gguf_export import read_gguf, write_pruned_gguf  # noqa: E402
@@ -44,17 +44,9 @@ from lorp_fx.observe import collect_statistics  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    data = shared_data_dir()
-    wikitext = data / "wikitext-2" if data is not None else None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=None, help="a GGUF file (default: the embedded SmolLM2)")
-    p.add_argument("--calib-file", type=Path, default=wikitext / "valid.txt" if wikitext else None)
-    p.add_argument("--eval-file", type=Path, default=wikitext / "test.txt" if wikitext else None)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--eval-samples", type=int, default=40)
-    p.add_argument("--eval-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    common.add_text_arguments(p)
     p.add_argument("--budgets", default="6,9")
     p.add_argument("--selector", default="shortgpt")
     p.add_argument("--method", default="cosine")

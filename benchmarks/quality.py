@@ -53,7 +53,7 @@ import common  # noqa: E402
 from lorp_fx import SELECTORS, select  # noqa: E402
 from lorp_fx.selectors import options_for  # noqa: E402
 from lorp_fx.selectors import DEFAULT_METHOD  # noqa: E402
-from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
+from lorp_fx.data import text_windows  # noqa: E402
 from lorp_fx.evaluate import perplexity  # noqa: E402
 from lorp_fx.batches import token_batches  # noqa: E402
 from lorp_fx.loss import MemoLoss, calibration_loss  # noqa: E402
@@ -221,18 +221,10 @@ def multiple_choice_accuracy(model, tokenizer, items: list[ChoiceItem], max_cont
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    data = shared_data_dir()
-    wikitext = data / "wikitext-2" if data is not None else None
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="smollm2-135m, a checkpoint directory, a .gguf file or a hub id")
     p.add_argument("--tag", help="results name: quality-<tag>.md (default: smollm2 for the default model, else the model's name)")
-    p.add_argument("--calib-file", type=Path, default=wikitext / "valid.txt" if wikitext else None)
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--eval-file", type=Path, default=wikitext / "test.txt" if wikitext else None)
-    p.add_argument("--eval-samples", type=int, default=40)
-    p.add_argument("--eval-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (statistics and perplexity)")
+    common.add_text_arguments(p, batch_help="windows per forward pass (statistics and perplexity)")
     p.add_argument("--loss-samples", type=int, default=8, help="calibration windows for loss-judged selectors (sleb, lorp)")
     p.add_argument("--loss-batch-size", type=int, default=4)
     p.add_argument("--no-loss-cache", action="store_true", help="recompute the loss of a removal set every time it is asked for")

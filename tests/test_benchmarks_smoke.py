@@ -8,25 +8,14 @@ what they promise.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import transformers as T
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"lorp_bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmark_modules import load_benchmark
 
 
 class ByteTokenizer:
@@ -63,7 +52,7 @@ def wikitext_like(path: Path, articles: int = 4, seed: int = 0) -> Path:
 
 
 def test_quality_smoke(tmp_path):
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     text = wikitext_like(tmp_path / "text.txt")
     argv = [
         "--model", "tiny-llama", "--tag", "tiny", "--calib-file", str(text), "--eval-file", str(text),
@@ -100,7 +89,7 @@ def test_quality_smoke(tmp_path):
 
 
 def test_multiple_choice_items_are_deterministic(tmp_path):
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     text = wikitext_like(tmp_path / "text.txt", articles=6).read_text()
     first = quality.build_multiple_choice(text, 10, 4, seed=3)
     assert first == quality.build_multiple_choice(text, 10, 4, seed=3)
@@ -110,7 +99,7 @@ def test_multiple_choice_items_are_deterministic(tmp_path):
 
 
 def test_speed_smoke(tmp_path, capsys):
-    speed = _load("speed")
+    speed = load_benchmark("speed")
     text = wikitext_like(tmp_path / "text.txt")
     argv = [
         "--model", "tiny-llama", "--tag", "tiny", "--budgets", "2", "--calib-file", str(text), "--calib-samples", "4",
@@ -137,7 +126,7 @@ def test_speed_smoke(tmp_path, capsys):
 
 
 def test_the_default_is_compared_with_the_best_published_selector():
-    quality = _load("quality")
+    quality = load_benchmark("quality")
     row = lambda method, budget, ppl, seconds, **extra: {  # noqa: E731
         "method": method, "budget": budget, "ppl": ppl, "removed": [], "selection_seconds": seconds, **extra}
     rows = [

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("gguf")
+from benchmark_modules import load_benchmark  # noqa: E402
 from gguf_files import write_tiny_gguf  # noqa: E402
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "gguf_requant.py"
 
 
 def test_gguf_benchmark_writes_its_results_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("lorp_bench_gguf_requant", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("gguf_requant")
     source = write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=6)
     text = tmp_path / "text.txt"
     text.write_text(" the river town was built north of the first song . " * 400)

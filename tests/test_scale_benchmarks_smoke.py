@@ -4,26 +4,15 @@ The numbers mean nothing here (a tiny random Llama, a few windows); the SmolLM2
 figures are in benchmarks/results/.
 """
 
-import importlib.util
 import sys
-from pathlib import Path
 
+from benchmark_modules import load_benchmark
 from saved_models import saved_tiny
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"lorp_scale_bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cost_runs_the_command_and_writes_passes_and_memory(tmp_path, monkeypatch):
     model = saved_tiny(tmp_path, layers=12)
-    cost = load("cost")
+    cost = load_benchmark("cost")
     monkeypatch.setattr(sys, "argv", ["cost.py", "--runs", "defaults", "--model", str(model), "--tag", "tiny",
                                       "--threads", "1", "--extra", "--seq-len 16 --calib-samples 8", "--out-dir", str(tmp_path)])
     cost.main()
@@ -34,7 +23,7 @@ def test_cost_runs_the_command_and_writes_passes_and_memory(tmp_path, monkeypatc
 
 
 def test_scaling_writes_each_sweep(tmp_path, monkeypatch):
-    scaling = load("scaling")
+    scaling = load_benchmark("scaling")
     monkeypatch.setattr(scaling, "SWEEPS", {"depth": [dict(layers=4, hidden=32, windows=4, seq_len=8)]})
     monkeypatch.setattr(scaling, "LARGE", {"two-layer": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=512)})
