@@ -233,7 +233,7 @@ def load_placed(source, tokenizer, placement: Placement, *, processes: bool = Fa
 def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
 
     from .errors import ModelLoadError
-    from .models import check_loading_info, model_class
+    from .models import finish_loading, model_class
 
     offload_dir = placement.offload_dir or temporary_offload_dir()
     try:
@@ -245,12 +245,7 @@ def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
         lines = str(error).strip().splitlines()
         raise ModelLoadError(f"could not load {source.location} with --device-map {placement.device_map}: "
                              f"{type(error).__name__}: {lines[0] if lines else ''}") from error
-    check_loading_info(info, source)
-    model.eval()
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None and generation_config.pad_token_id is None and tokenizer is not None:
-        generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return finish_loading(model, info, source, tokenizer)
 
 
 def temporary_offload_dir() -> str:

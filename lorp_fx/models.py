@@ -316,6 +316,11 @@ def load_weights(source: ModelSource, dtype: torch.dtype | str = torch.float32, 
             ) from error
         except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
             raise ModelLoadError(f"could not load a model from {source.kind} {source.location}: {_one_line(error)}") from error
+    return finish_loading(model, info, source, tokenizer)
+
+
+def finish_loading(model, info: dict, source: ModelSource, tokenizer=None):
+    """A freshly loaded model, checked (every tensor accounted for), in eval mode, padding with the tokenizer's pad."""
     check_loading_info(info, source)
     model.eval()
     generation_config = getattr(model, "generation_config", None)
