@@ -251,7 +251,9 @@ def _write_extra_file(root: Path, name: str, content) -> None:
 
 def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     try:
-        if overwrite and os.path.lexists(out_dir):
+        # Not "overwrite and out_dir exists": in the portable fallback another run's output
+        # is briefly missing between its two renames, and reappears before our rename.
+        if overwrite:
             atomic.replace_directory(tmp, out_dir, is_replaceable=_replaceable)
         else:
             atomic.rename_exclusive(tmp, out_dir)
