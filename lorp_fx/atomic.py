@@ -29,7 +29,7 @@ zombie; a reused PID only delays the clean-up, it never deletes a live run's fil
 
 `checkpoint(stage)` is the fault-injection hook of the tests: with
 `LORP_FX_FAULT=stage:kill` the process kills itself with SIGKILL at that stage, with
-`stage:wait=FILE` it waits (up to a minute) for FILE to exist. It does nothing when
+`stage:wait=FILE` it creates `FILE.waiting-PID` and waits (up to a minute) for FILE to exist. It does nothing when
 the variable is unset.
 """
 
@@ -240,6 +240,7 @@ def checkpoint(stage: str) -> None:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif action.startswith("wait="):
+            Path(f"{action[5:]}.waiting-{os.getpid()}").touch()  # tells the test this run has arrived
             deadline = time.monotonic() + 60
             while not os.path.exists(action[5:]) and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -48,6 +48,14 @@ def start(out: Path, run_id: str, *, overwrite=False, fault: str | None = None, 
     return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
 
 
+def arrived(release: Path, count: int = 1) -> None:
+    """Wait until `count` runs hold at their `wait=release` checkpoint (a fixed sleep lost the race on a busy machine)."""
+    deadline = time.monotonic() + 60
+    while len(list(release.parent.glob(f"{release.name}.waiting-*"))) < count:
+        assert time.monotonic() < deadline, "the runs never reached their checkpoint"
+        time.sleep(0.01)
+
+
 def run(out: Path, run_id: str, **kwargs) -> int:
     process = start(out, run_id, **kwargs)
     process.communicate(timeout=60)
@@ -131,7 +139,7 @@ def test_a_run_without_overwrite_never_replaces_an_output_that_appeared_meanwhil
     out, model = place
     release = tmp_path / "release"
     slow = start(out, "SLOW", fault=f"stamped:wait={release}", path=rename_path)
-    time.sleep(0.3)
+    arrived(release)
     assert run(out, "FAST", path=rename_path) == 0
     release.touch()
     _, err = slow.communicate(timeout=60)
@@ -144,7 +152,7 @@ def test_two_runs_racing_for_one_output_one_wins_whole(place, rename_path, tmp_p
     out, _ = place
     release = tmp_path / "go"
     runs = [start(out, name, fault=f"stamped:wait={release}", path=rename_path) for name in ("A", "B")]
-    time.sleep(0.3)
+    arrived(release, 2)
     release.touch()
     codes = sorted(p.wait(timeout=60) for p in runs)
     assert codes == [0, 2]
@@ -157,7 +165,7 @@ def test_concurrent_overwrites_leave_one_complete_output(place, rename_path, tmp
     assert run(out, "OLD", path=rename_path) == 0
     release = tmp_path / "go"
     runs = [start(out, name, overwrite=True, fault=f"stamped:wait={release}", path=rename_path) for name in "ABC"]
-    time.sleep(0.3)
+    arrived(release, 3)
     release.touch()
     outcomes = [(p.wait(timeout=60), p.stderr.read()) for p in runs]
     assert [code for code, _ in outcomes] == [0, 0, 0], outcomes
@@ -170,7 +178,7 @@ def test_an_overwrite_gives_back_a_directory_put_there_meanwhile(place, rename_p
     assert run(out, "OLD", path=rename_path) == 0
     release = tmp_path / "release"
     writer = start(out, "NEW", overwrite=True, fault=f"stamped:wait={release}", path=rename_path)
-    time.sleep(0.3)
+    arrived(release)
     os.rename(out, tmp_path / "moved-away")
     out.mkdir()
     (out / "thesis.tex").write_text("mine")
