@@ -11,6 +11,11 @@ computed faster (`lorp_fx.loss.calibration_loss` is the reference it equals):
   state of the model that agrees with it longest (a greedy's committed set R and a
   candidate R + {b} agree up to b's entry). The dense loss comes free with the
   caching pass.
+* **checkpoints, not every state.** Only the states entering each layer (and the final
+  state) are kept; a state inside a layer (the input of the unit a map folds into, a
+  resume point between a layer's sublayers) is recomputed from the layer's entry when
+  asked for (`_state`: one sublayer, about 1/60 of a pass on SmolLM2). That halves the
+  cache of a two-sublayer decoder for the same results.
 * **compensation without copies.** With `compensation="cosine"` (or "lstsq") the
   measured model is the compensated one: each gap (maximal run of removed units) is
   closed by `lorp_fx.compensation`'s map, applied on the branch output of the unit
@@ -98,11 +103,13 @@ class CandidateLoss:
         self.calibration_batches = math.ceil(len(windows) / size)
         self.cached_models = cached_models
         self.memo: dict = {}
+        self.released = False
         self.seconds = 0.0
         self.measurements = 0
         self._fits: dict = {}
         self._cache: OrderedDict = OrderedDict()
         self.device = windows[0]["input_ids"].device
+        self.checkpoints = frozenset([group[0] for group in self.runner.layer_units] + [len(self.runner.units)])
         self._cache_dense()
         release_memory(self.device)
 
@@ -117,6 +124,8 @@ class CandidateLoss:
         compensate = bool(self.compensation) if compensate is None else compensate
         key = (units, compensate)
         if key not in self.memo:
+            if self.released:
+                raise CalibrationError("this CandidateLoss released its cached states; build a new one to measure more")
             clock = time.perf_counter()
             self.memo[key] = self._measure(self._config(units, compensate))
             # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
@@ -159,15 +168,16 @@ class CandidateLoss:
 
     @torch.no_grad()
     def _measure(self, config: tuple) -> float:
-        source, start = self._closest(config)
+        source, agree = self._closest(config)
+        start = self._checkpoint(agree)  # the two agree before `agree`, hence before the checkpoint too
         removed = frozenset(u for u, s in enumerate(config) if s == REMOVED)
         maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
         total, states = 0.0, []
         for batch, cached in zip(self.loss_batches, source):
-            resume = (start, cached[start]) if start > 0 else None
+            resume = (start, cached[start]) if start else None
             output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
             total += _next_token_loss(output, batch)
-            states.append({**{u: cached[u] for u in range(start)}, **recorded})
+            states.append({**{u: cached[u] for u in cached if u < (start or 0)}, **self._kept(recorded)})
         self._remember(config, states)
         return total / len(self.loss_batches)
 
@@ -180,6 +190,23 @@ class CandidateLoss:
                 best, start = key, agree
         self._cache.move_to_end(best)
         return self._cache[best], start
+
+    def _checkpoint(self, unit: int) -> int | None:
+        """The last checkpoint at or before `unit` (None: none, run from the inputs)."""
+        return max((c for c in self.checkpoints if c <= unit), default=None)
+
+    def _kept(self, recorded: dict) -> dict:
+        return {u: state for u, state in recorded.items() if u in self.checkpoints}
+
+    def _state(self, states: dict, batch: dict, unit: int, removed: frozenset[int] = frozenset(),
+               maps: dict | None = None) -> torch.Tensor:
+        """The state entering `unit` of the model (`removed`, `maps`) whose checkpoints `states` holds:
+        kept, or recomputed from the checkpoint before it."""
+        if unit in states:
+            return states[unit]
+        start = self._checkpoint(unit)
+        resume = (start, states[start]) if start is not None else None
+        return self.runner.run(batch, removed, maps, resume=resume, record=True, stop=unit)[1][unit]
 
     def _remember(self, config: tuple, states: list[dict]) -> None:
         self._cache[config] = states
@@ -196,12 +223,12 @@ class CandidateLoss:
         for batch in self.loss_batches:
             output, recorded = self.runner.run(batch, record=True)
             total += _next_token_loss(output, batch)
-            loss_states.append(recorded)
+            loss_states.append(self._kept(recorded))
         # A plain forward pass over every calibration window, timed on the loss windows.
         self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
         shared = self.fit_on == "all"
         self._fit_states = [
-            loss_states[i] if shared and i < len(loss_states) else self.runner.run(batch, record=True, stop=final)[1]
+            loss_states[i] if shared and i < len(loss_states) else self._kept(self.runner.run(batch, record=True, stop=final)[1])
             for i, batch in enumerate(self.fit_batches)
         ]
         dense = total / len(self.loss_batches)
@@ -251,12 +278,15 @@ class CandidateLoss:
             self._fits[key] = self._solve(first, last, self._fit_states, self._fit_states, self.fit_batches)
         return self._fits[key]
 
-    def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict]) -> GapFit | None:
-        """Fit gap first..last: the fold unit's input and output from `view`, the target from `dense`."""
+    def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
+               removed: frozenset[int] = frozenset(), maps: dict | None = None) -> GapFit | None:
+        """Fit gap first..last: the fold unit's input and output from `view` (the model without
+        `removed`, with `maps`), the target from `dense`."""
         if not self._foldable(first):
             return None
         units = self.runner.units
-        views = [(s[first - 1], s[first], d[last + 1]) for s, d in zip(view, dense)]
+        views = [(self._state(s, b, first - 1, removed, maps), self._state(s, b, first, removed, maps),
+                  self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches)]
         masks = [b.get("attention_mask") for b in batches]
         names = [units[u].name for u in range(first, last + 1)]
         return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, self.reject, self.form)
@@ -288,12 +318,15 @@ class CandidateLoss:
         fits, maps, view, resume_at = [], {}, dense, None
         for first, last in self.gaps(units):
             if sequential and maps:  # the pruned model's states up to this gap, earlier maps folded in
+                start = self._checkpoint(resume_at)
                 view = [
-                    {**{u: s[u] for u in s if u < resume_at},
-                     **self.runner.run(batch, units, maps, resume=(resume_at, s[resume_at]), record=True, stop=first)[1]}
+                    {**{u: s[u] for u in s if u < (start or 0)},
+                     **self._kept(self.runner.run(batch, units, maps, resume=(start, s[start]) if start else None,
+                                                  record=True, stop=first)[1])}
                     for batch, s in zip(batches, view)
                 ]
-            fit = self._solve(first, last, view, dense, batches)
+            fit = self._solve(first, last, view, dense, batches, units if sequential else frozenset(),
+                              maps if sequential else None)
             if fit is not None:
                 fits.append(fit)
                 maps[first - 1] = fit.transform.float()
@@ -317,6 +350,14 @@ class CandidateLoss:
             ] if self.compensation else [],
         }
 
+    def release(self) -> None:
+        """Drop the cached states (the model's pruning and saving need the memory); the memoised
+        losses stay, and a measurement after this is refused."""
+        self._cache.clear()
+        self._fit_states = []
+        self.released = True
+        release_memory(self.device)
+
     @torch.no_grad()
     def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
         """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
@@ -324,7 +365,7 @@ class CandidateLoss:
         index = {unit.name: u for u, unit in enumerate(self.runner.units)}
         maps = {index[f.fold_into]: f.transform.float() for f in fits}
         clock = time.perf_counter()
-        start = min([*units, *maps]) if units or maps else 0
+        start = self._checkpoint(min([*units, *maps])) if units or maps else None
         total = 0.0
         for batch, states in zip(self.loss_batches, self._cache[self._dense_key]):
             output = self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None)

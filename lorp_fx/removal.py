@@ -72,6 +72,8 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     """
     if judge is not None and judge.compensation:
         return _judged_compensation(model, graph, plan, batches, config, judge)
+    if judge is not None:
+        judge.release()  # a plain-loss judge: selection is over
     method = compensation_method(config) or "none"
     compensator, compensation = None, {"method": "none"}
     if method != "none":
@@ -103,6 +105,7 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
               f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
               + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
     fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
+    judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
     surgery = remove_layers(model, plan, inplace=config.inplace)
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
     apply_compensation(surgery, plan.remove, fits)

@@ -102,6 +102,22 @@ def test_sequential_fits_equal_compensates():
     assert fast.loss_with(removed, mine) != fast(removed)  # the second gap sees another view
 
 
+def test_only_layer_entry_states_are_kept_and_the_rest_recomputed_alike():
+    """The cache holds the state entering each layer (and the final one), half the states of
+    a two-sublayer decoder; a state inside a layer is recomputed equal to a full pass's."""
+    _, graph, batches = setup("llama")
+    fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine")
+    runner, layers = fast.runner, len(fast.runner.layers)
+    kept = {u for states in [*fast._fit_states, *fast._cache[fast._dense_key]] for u in states}
+    assert kept == {group[0] for group in runner.layer_units} | {len(runner.units)} and len(kept) == layers + 1
+    fast(names("llama", [2, 3])), fast(names("llama", [2, 3, 5]))
+    assert all(set(states) <= kept for model in fast._cache.values() for states in model)
+    batch, states = fast.fit_batches[0], fast._fit_states[0]
+    full = runner.run(batch, record=True)[1]
+    for unit in (1, 3, 2 * layers - 1):
+        assert torch.equal(fast._state(states, batch, unit), full[unit])
+
+
 def test_sandwich_norms_take_only_a_per_channel_map():
     _, graph, batches = setup("gemma3")
     fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", reject_unhelpful_maps=False)
@@ -217,3 +233,13 @@ def test_bad_arguments_are_one_line_errors():
     fast = CandidateLoss(graph, batches, loss_windows=4)
     with pytest.raises(lorp_fx_errors.UnknownBlockError, match="model.layers.99"):
         fast(["model.layers.99"])
+
+
+def test_a_released_judge_keeps_its_answers_and_refuses_new_measurements():
+    _, graph, batches = setup("llama")
+    fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine")
+    kept = fast(names("llama", [2]))
+    fast.release()
+    assert fast(names("llama", [2])) == kept and not fast._fit_states and not fast._cache
+    with pytest.raises(lorp_fx_errors.CalibrationError, match="released"):
+        fast(names("llama", [3]))
