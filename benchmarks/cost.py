@@ -1,6 +1,6 @@
 """What `lorp-fx prune` costs, in passes and in memory: each run is the real command in a fresh process.
 
-    python benchmarks/cost.py                       # SmolLM2-135M: the CLI defaults and the issue's WikiText run
+    python benchmarks/cost.py                       # SmolLM2-135M: the CLI defaults, the issue's WikiText run, two cheaper ones
     python benchmarks/cost.py --runs defaults       # one of them
     python benchmarks/cost.py --threads 1           # one torch thread (a shared machine)
 
@@ -9,7 +9,10 @@ Runs (`--runs`, comma-separated):
 * `defaults`: `lorp-fx prune --remove 6 --out ...`, everything else at its default:
   the model samples its own 32 x 256 calibration windows (the README's main job);
 * `wikitext9`: `lorp-fx prune --remove 9 --calib-file valid.txt --out ...` (the
-  issue's measurement: 32 x 256 WikiText-2 validation windows).
+  issue's measurement: 32 x 256 WikiText-2 validation windows);
+* `wikitext9-plain`, `wikitext9-shortgpt`: the same with `--compensate none` (the
+  default selector judged by the plain loss), and with ShortGPT's zero-cost rule:
+  what the compensated judge costs, and the pipeline's floor.
 
 Each run is `lorp_fx.cli.main` in a child process, instrumented from outside:
 
@@ -46,6 +49,10 @@ import common  # noqa: E402
 RUNS = {
     "defaults": ["--remove", "6"],
     "wikitext9": ["--remove", "9", "--calib-file", "{valid}"],
+    # What the compensated judge costs: the same run judged by the plain loss (no fit windows cached),
+    # and ShortGPT's zero-cost rule (no judge at all: the pipeline's floor).
+    "wikitext9-plain": ["--remove", "9", "--calib-file", "{valid}", "--compensate", "none"],
+    "wikitext9-shortgpt": ["--remove", "9", "--calib-file", "{valid}", "--method", "shortgpt", "--compensate", "none"],
 }
 TARGET_PASSES = 5.0
 TARGET_WEIGHTS = 1.3
@@ -245,7 +252,7 @@ def _run_section(name: str, r: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="defaults,wikitext9")
+    parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tag", default="smollm2")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the runs (default: torch's)")

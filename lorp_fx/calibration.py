@@ -127,19 +127,23 @@ def calibration_windows(model, calibration: Calibration, config: PruneConfig, to
 
 
 def sampling_batch_size(model: nn.Module, config: PruneConfig) -> int:
-    """Windows sampled together: all of them, unless their KV cache would outgrow the memory the run may add.
+    """Windows sampled together: all of them, unless their KV cache would raise the run's peak memory.
 
-    The run may hold 0.3x the weights beyond them plus one batch of activations (the
-    float32 logits of `batch_size` windows dominate those). Where the cache of all
-    windows is larger (a small model with a wide cache: SmolLM2's 32 x 256 windows
-    need 377 MB beside 513 MB of weights), they are sampled in as few equal rounds as
-    fit; each round costs nearly as much per step as one of all windows.
+    The run may hold one batch of activations (the float32 logits of `batch_size`
+    windows dominate those) plus the larger of 0.3x the weights and the calibration
+    states the selection's judge will cache anyway (`removal.judge_state_bytes`): a KV
+    cache below that does not raise the peak. Where the cache of all windows is
+    larger (a small model with a wide cache judged by the plain loss: SmolLM2's
+    32 x 256 windows need 377 MB beside 513 MB of weights), they are sampled in as few
+    equal rounds as fit; each round costs nearly as much per step as one of all windows.
     """
     from .devices import weight_bytes
+    from .removal import judge_state_bytes
 
     cache = kv_bytes_per_token(model) * config.seq_len * config.calib_samples
     vocabulary = model.get_input_embeddings().num_embeddings
-    allowance = 0.3 * weight_bytes(model) + 4 * config.batch_size * config.seq_len * vocabulary
+    allowance = max(0.3 * weight_bytes(model), judge_state_bytes(model, config))
+    allowance += 4 * config.batch_size * config.seq_len * vocabulary
     rounds = max(1, -(-int(cache) // max(1, int(allowance))))
     return -(-config.calib_samples // rounds)
 

@@ -58,6 +58,27 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> C
         return None
 
 
+def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
+    """What the `candidate_judge` of `model` and `config` will cache, in bytes (0 where there is none):
+    the state entering every layer, and the final one, of each window it keeps (every window
+    when it fits maps, the loss windows otherwise; `CandidateLoss`'s checkpoints)."""
+    from .calibration import encoder_decoder
+    from .surgery import count_layers
+
+    method = compensation_method(config)
+    if method is not None:
+        try:
+            check_compensable(model)
+        except CompensationError:
+            method = None
+    if encoder_decoder(model) or (method is None and not SELECTORS[config.method].judges_by_loss):
+        return 0
+    windows = config.calib_samples if method is not None else min(config.loss_windows, config.calib_samples)
+    width = model.get_input_embeddings().embedding_dim
+    element = next(model.parameters()).element_size()
+    return (count_layers(model) + 1) * width * element * config.seq_len * windows
+
+
 def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
                           judge: CandidateLoss | None = None):
     """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).

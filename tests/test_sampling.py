@@ -51,3 +51,20 @@ def test_the_partial_sort_nucleus_is_the_full_sort_nucleus(top_p):
     for logits in (peaked, flat, torch.cat([peaked, flat])):
         probs = torch.softmax(logits, dim=-1)
         assert torch.equal(_nucleus(probs.clone(), top_p), _full_nucleus(probs.clone(), top_p))
+
+
+def test_windows_are_sampled_together_where_the_judge_will_hold_more_than_their_kv_cache():
+    """The KV cache may grow to what the selection's judge caches anyway, not beyond: all
+    windows in one round where the compensated judge keeps more states than their cache,
+    rounds where nothing but the 0.3x-weights allowance is free (ShortGPT, no compensation)."""
+    from lorp_fx.calibration import kv_bytes_per_token, sampling_batch_size
+    from lorp_fx.config import PruneConfig
+    from lorp_fx.removal import judge_state_bytes
+
+    model = tiny_model("llama", layers=4)
+    judged = PruneConfig(remove=1, seq_len=64, calib_samples=64, batch_size=1)
+    free = PruneConfig(remove=1, seq_len=64, calib_samples=64, batch_size=1, method="shortgpt", compensate="none")
+    cache = kv_bytes_per_token(model) * 64 * 64
+    assert judge_state_bytes(model, free) == 0 and judge_state_bytes(model, judged) >= cache
+    assert sampling_batch_size(model, judged) == 64
+    assert sampling_batch_size(model, free) < 64
