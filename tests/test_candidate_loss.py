@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from lorp_fx.calibration import one_window_each
 from lorp_fx.candidate_loss import CandidateLoss, eager_fits
 from lorp_fx.compensation import RIDGE_GRID, GapStatistics, compensate, fit_compensation
 from lorp_fx import errors as lorp_fx_errors
@@ -46,7 +47,7 @@ SETS = [[], [2], [2, 3], [1, 4], [3], [1, 2, 4], [4], [2, 3, 4]]
 def test_plain_loss_equals_calibration_loss_exactly_in_any_order(family):
     """Measured in an order that makes most measurements resume from a cached model."""
     _, graph, batches = setup(family)
-    reference = calibration_loss(graph, batches[:2])
+    reference = calibration_loss(graph, one_window_each(batches[:2]))
     fast = CandidateLoss(graph, batches, loss_windows=8)
     for removed in SETS:
         assert fast(names(family, removed)) == reference(names(family, removed))
@@ -73,7 +74,9 @@ def test_compensated_loss_equals_the_folded_model(family):
         assert [f.ridge for f in mine] == [f.ridge for f in reference]
         for a, b in zip(mine, reference):
             assert a.form == b.form
-            torch.testing.assert_close(a.transform, b.transform, rtol=0, atol=1e-9)
+            # atol: the judge runs one window per call, compensate() a batch of 4; a mixture of experts
+            # groups its tokens by expert, so its states differ in the last bits (2.8e-8 measured).
+            torch.testing.assert_close(a.transform, b.transform, rtol=0, atol=1e-7)
         assert [f.projections for f in eager_fits(model, mine)] == [f.projections for f in reference]
 
 
@@ -133,7 +136,7 @@ def test_sandwich_norms_take_only_a_per_channel_map():
 def test_maps_are_fitted_on_the_other_windows_and_unhelpful_ones_rejected():
     _, graph, batches = setup("llama")
     kept = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", reject_unhelpful_maps=False)
-    assert kept.fit_on == "others" and len(kept.fit_batches) == 2
+    assert kept.fit_on == "others" and len(kept.fit_batches) == 8  # one window per call
     fits = kept.fits(names("llama", [1, 3, 4]))
     assert fits and all(f.tokens == 8 * 16 for f in fits)  # windows 4..11 only
     guarded = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine")
