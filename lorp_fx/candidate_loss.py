@@ -50,7 +50,7 @@ from .errors import CalibrationError, ConfigError
 from .gap_fit import fit_gap
 from .graph_runner import GraphRunner
 from .loss import as_loss, next_token_cross_entropy
-from .stats import LayerStatistics, SimilarityAccumulator
+from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states
 
 KEPT = None
 REMOVED = "removed"
@@ -71,6 +71,7 @@ class CandidateLoss:
         fit_on: str = "others",
         cached_models: int = 3,
         reject_unhelpful_maps: bool = True,
+        progress: bool = False,
     ):
         if compensation is not None and compensation not in METHODS:
             raise ConfigError(f"unknown compensation method {compensation!r}; choose one of {', '.join(METHODS)} or None")
@@ -110,7 +111,7 @@ class CandidateLoss:
         self._cache: OrderedDict = OrderedDict()
         self.device = windows[0]["input_ids"].device
         self.checkpoints = frozenset([group[0] for group in self.runner.layer_units] + [len(self.runner.units)])
-        self._cache_dense()
+        self._cache_dense(progress)
         release_memory(self.device)
 
     # ------------------------------------------------------------------ the loss
@@ -215,22 +216,31 @@ class CandidateLoss:
             del self._cache[next(k for k in self._cache if k != self._dense_key)]
 
     @torch.no_grad()
-    def _cache_dense(self) -> None:
-        """One pass: every unit's entry state on the loss and fit windows; the dense loss."""
+    def _cache_dense(self, progress: bool) -> None:
+        """One pass: every layer's entry state on the loss and fit windows; the dense loss."""
+        from tqdm.auto import tqdm
+
         final = len(self.runner.units)
+        shared = self.fit_on == "all"
+        bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",
+                   desc="caching calibration states", disable=not progress)
         total, clock = 0.0, time.perf_counter()
         loss_states = []
         for batch in self.loss_batches:
             output, recorded = self.runner.run(batch, record=True)
             total += _next_token_loss(output, batch)
             loss_states.append(self._kept(recorded))
+            bar.update()
         # A plain forward pass over every calibration window, timed on the loss windows.
         self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
-        shared = self.fit_on == "all"
-        self._fit_states = [
-            loss_states[i] if shared and i < len(loss_states) else self._kept(self.runner.run(batch, record=True, stop=final)[1])
-            for i, batch in enumerate(self.fit_batches)
-        ]
+        self._fit_states = []
+        for i, batch in enumerate(self.fit_batches):
+            if shared and i < len(loss_states):
+                self._fit_states.append(loss_states[i])
+            else:
+                self._fit_states.append(self._kept(self.runner.run(batch, record=True, stop=final)[1]))
+                bar.update()
+        bar.close()
         dense = total / len(self.loss_batches)
         self.memo[(frozenset(), False)] = self.memo[(frozenset(), True)] = dense
         self._dense_key = tuple([KEPT] * final)
@@ -252,10 +262,11 @@ class CandidateLoss:
         pairs = list(zip(self.loss_batches, self._cache[self._dense_key]))
         if self.fit_on == "others":
             pairs += list(zip(self.fit_batches, self._fit_states))
-        for batch, states in pairs:
-            accumulator.update([states[p] for p in points], batch.get("attention_mask"))
         blocks = runner.layers
         names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
+        for batch, states in pairs:
+            check_finite_states([states[p] for p in points], names)
+            accumulator.update([states[p] for p in points], batch.get("attention_mask"))
         return accumulator.statistics(
             names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
             [b.kind for b in blocks], [b.removable for b in blocks],

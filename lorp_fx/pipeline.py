@@ -6,7 +6,8 @@
 Steps: check everything first -> trace the graph and find its blocks -> calibration
 windows (given, read from files, or sampled from the model) -> residual-stream
 statistics (read by module hooks: while sampling, or in one pass that stops at the
-last residual point) -> selection (loss-judged methods measure candidates on the
+last residual point; on given text with a compensating judge, from the states its
+caching pass keeps: no pass of their own) -> selection (loss-judged methods measure candidates on the
 first `loss_windows` windows; with compensation on, by the loss of the *compensated*
 model, its maps fitted on the other windows: `candidate_loss.CandidateLoss`) ->
 layer surgery with compensation, applied only where it does not make that held-out
@@ -38,7 +39,7 @@ from .compensation import GapFit, check_compensable
 from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
 from .devices import is_offloaded, model_device
-from .errors import ConfigError, InputMismatchError
+from .errors import CalibrationError, ConfigError, InputMismatchError
 from .loss import calibration_loss, next_token_loss
 from .output import save_pretrained_atomic
 from .plan import PruningPlan
@@ -124,13 +125,21 @@ def prune_model(
         windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
                                               observer=observer if calibration is None else None)
     batches = on_device(token_batches(windows, config.batch_size, encoder_decoder(model)), model_device(model))
-    with clock("statistics"):
-        stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None, config, progress)
-    with clock("pass_unit"):
+    with clock("pass_unit"):  # before the judge's cache exists: the unit's forward does not add to its peak
         unit = plain_pass(model, batches)
+    judge = None
+    with clock("statistics"):
+        if calibration is not None and graph is not None and not offloaded:
+            # Given text: the judge's caching pass holds every window's layer states, the statistics' input.
+            judge = candidate_judge(model, graph, batches, config, progress)
+            stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
+        if judge is None or stats is None:
+            stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None,
+                                                                  config, progress)
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
-        judge = None if offloaded else candidate_judge(model, graph, batches, config)
+        if judge is None and not offloaded:
+            judge = candidate_judge(model, graph, batches, config, progress)
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
         plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
                              config, progress, judge=judge, eager_model=model if offloaded else None)
@@ -233,6 +242,17 @@ def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def statistics_of_judge(judge: CandidateLoss | None, config: PruneConfig) -> LayerStatistics | None:
+    """The layer statistics from `judge`'s cached states (equal to the hooked pass's), or None where it
+    does not hold them all: no judge, sublayer granularity, or a plain-loss judge (loss windows only)."""
+    if judge is None or config.granularity != "layer":
+        return None
+    try:
+        return judge.statistics()
+    except CalibrationError:
+        return None
 
 
 def loss_batch_count(config: PruneConfig) -> int:

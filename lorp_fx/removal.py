@@ -34,7 +34,7 @@ def compensation_method(config: PruneConfig) -> str | None:
     return None if method == "none" else method
 
 
-def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> CandidateLoss | None:
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False) -> CandidateLoss | None:
     """The calibration loss candidates and the final compensation are judged by: compensated when
     compensation is on and the family takes it, plain otherwise; None where there is nothing to
     judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
@@ -53,7 +53,7 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig) -> C
         # the default this way), then the whole set by the check in `_judged_compensation`; a method
         # named explicitly maps every gap, as `compensate` does.
         return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
-                             reject_unhelpful_maps=config.compensate == "auto")
+                             reject_unhelpful_maps=config.compensate == "auto", progress=progress)
     except CalibrationError:
         return None
 

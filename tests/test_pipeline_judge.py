@@ -79,3 +79,14 @@ def test_the_summary_line_gives_the_guards_evidence():
     refused = {**folded, "gaps": [], "applied": False, "requested": "cosine",
                "calibration_loss": {**loss, "compensated": 3.7}}
     assert _compensation_phrase(refused) == "none: cosine not applied, it made the calibration loss worse (3.7000 > 3.6258)"
+
+
+def test_on_given_text_the_statistics_come_from_the_judges_cache_equal_to_the_hooked_pass():
+    """No statistics pass where the compensating judge caches every window's layer states; a
+    plain-loss judge (loss windows only) leaves them to the hooked pass. Both give the same S."""
+    _, judged = pruned()
+    _, hooked = pruned(compensate="none")
+    assert judged.report["calibration"]["statistics"].startswith("the selection's caching pass")
+    assert hooked.report["calibration"]["statistics"].startswith("module hooks")
+    difference = torch.tensor(judged.report["similarity"]) - torch.tensor(hooked.report["similarity"])
+    assert float(difference.abs().max()) < 1e-9
