@@ -22,15 +22,17 @@ from .compensation.solver import CV_FOLDS, FALLBACK_RIDGE, RIDGE_GRID, GapStatis
 def gap_statistics(views, masks, method: str, folds: int, form: str = "full") -> tuple[list[GapStatistics], GapStatistics]:
     """Per-fold and total statistics of a gap; `views` holds (x, x_out, y) per batch, sequences
     going to fold (row number % folds) as in `compensate`."""
-    d = views[0][0].shape[-1]
-    parts = [GapStatistics(d, method, form=form) for _ in range(folds)]
+    d, device = views[0][0].shape[-1], views[0][0].device
+    if device.type == "mps":  # no float64 there; elsewhere the sums stay where the states are (a GPU's)
+        device = torch.device("cpu")
+    parts = [GapStatistics(d, method, device, form) for _ in range(folds)]
     row = 0
     for (x, x_out, y), mask in zip(views, masks):
         for r in range(x.shape[0]):
             keep = None if mask is None or tuple(mask.shape) != tuple(x.shape[:2]) else mask[r].bool()
             parts[(row + r) % folds].update(x[r], x_out[r], y[r], keep)
         row += x.shape[0]
-    total = GapStatistics(d, method, form=form)
+    total = GapStatistics(d, method, device, form)
     for part in parts:
         total.merge(part)
     return parts, total

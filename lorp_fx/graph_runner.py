@@ -162,7 +162,7 @@ class GraphRunner:
         if unit is not None and unit in maps and self.units[unit].residual_add is node:
             position = self._branch[unit]
             args = list(args)
-            args[position] = args[position] @ maps[unit].to(args[position].dtype).T
+            args[position] = args[position] @ maps[unit].to(args[position]).T  # its dtype and device
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
