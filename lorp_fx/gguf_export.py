@@ -26,6 +26,7 @@ import re
 import struct
 import tempfile
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,14 +44,36 @@ _TRANSFORMERS_ARCH_NAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "g
 
 @dataclass
 class GGUFSource:
-    """A GGUF file opened and checked: its reader, architecture, layer count and the metadata values used."""
+    """A GGUF file opened and checked: its architecture, layer count, the metadata values used, and a reader."""
 
     path: Path
-    reader: Any  # gguf.GGUFReader (memory-mapped: tensor data is read only when copied)
     architecture: str
     n_layers: int
     size: int
     meta: dict[str, Any]  # "<arch>.*" and other layer-related keys, as plain values
+    stamp: tuple = ()  # (size, mtime_ns) when checked: a reader opened later must see the same file
+    _reader: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def reader(self):
+        """The gguf.GGUFReader (memory-mapped: tensor data is read only when copied), opened again after
+        `close`. Its parsed metadata (a vocabulary's strings as arrays) holds ~140 MB for SmolLM2, so the
+        CLI closes it while the model is pruned and the writer reopens it."""
+        if self._reader is None:
+            from gguf import GGUFReader
+
+            try:
+                stat = self.path.stat()
+            except OSError as error:
+                raise GGUFError(f"{self.path} cannot be read again to write the pruned GGUF ({error.strerror})") from None
+            if (stat.st_size, stat.st_mtime_ns) != self.stamp:
+                raise GGUFError(f"{self.path} changed while lorp-fx was pruning it; run again on the new file")
+            self._reader = GGUFReader(self.path)
+        return self._reader
+
+    def close(self) -> None:
+        """Drop the reader (and its parsed metadata); `reader` opens the file again when needed."""
+        self._reader = None
 
     def layer_tensors(self) -> dict[int, list]:
         """Tensors of each block, by block index."""
@@ -85,7 +108,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
         reader = GGUFReader(path)
     except Exception as error:  # noqa: BLE001 - every parse failure means the same thing to the user
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt: {_first_line(error)})") from error
-    size = path.stat().st_size
+    stat = path.stat()
+    size = stat.st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size:
             raise GGUFError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file")
@@ -94,7 +118,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
     if not arch or not isinstance(n_layers, int):
         raise GGUFError(f"{path} has no general.architecture or <arch>.block_count key, so it has no layers to remove")
     meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(f"{arch}.") or k.startswith("xielu.")}
-    source = GGUFSource(path, reader, arch, n_layers, size, meta)
+    source = GGUFSource(path, arch, n_layers, size, meta, (stat.st_size, stat.st_mtime_ns), reader)
     stray = sorted(i for i in source.layer_tensors() if i >= n_layers)
     if stray:
         raise GGUFError(f"{path} is corrupt: it has tensors of block {stray[0]} but {arch}.block_count is {n_layers}")

@@ -353,3 +353,23 @@ def test_smollm2_pruned_file_size_follows_the_kept_layers(tmp_path):
     assert abs(out.stat().st_size - expected) < 64 * 1024
     assert report["tensor_types"] == {"F32": 49, "Q4_1": 168, "Q8_0": 1}
     assert read_gguf(out).n_layers == 24
+
+
+def test_the_source_is_read_again_for_writing_and_a_file_changed_meanwhile_is_refused(tiny_llama, tmp_path):
+    """The CLI drops the parsed file while it prunes (its vocabulary's arrays are large) and reopens it to write."""
+    import os
+
+    from lorp_fx.gguf_output import open_source
+
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(tiny_llama.read_bytes())
+    source = open_source(copy)
+    assert source._reader is None
+    write_pruned_gguf(source, tmp_path / "pruned.gguf", [1], progress=False)  # reopened, same file: fine
+    assert read_gguf(tmp_path / "pruned.gguf").n_layers == source.n_layers - 1
+    source.close()
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten in place meanwhile
+    with pytest.raises(GGUFError, match="changed while lorp-fx was pruning"):
+        write_pruned_gguf(source, tmp_path / "again.gguf", [1], progress=False)
+    assert not (tmp_path / "again.gguf").exists()
