@@ -34,16 +34,22 @@ def compensation_method(config: PruneConfig) -> str | None:
     return None if method == "none" else method
 
 
-def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False) -> CandidateLoss | None:
-    """The calibration loss candidates and the final compensation are judged by: compensated when
-    compensation is on and the family takes it, plain otherwise; None where there is nothing to
-    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+def _judged_compensation_method(model, config: PruneConfig) -> str | None:
+    """The compensation the judge measures: `config`'s, unless the family takes none."""
     method = compensation_method(config)
     if method is not None:
         try:
             check_compensable(model)
         except CompensationError:  # "auto" on a family without compensation (an explicit one failed earlier)
             method = None
+    return method
+
+
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False) -> CandidateLoss | None:
+    """The calibration loss candidates and the final compensation are judged by: compensated when
+    compensation is on and the family takes it, plain otherwise; None where there is nothing to
+    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+    method = _judged_compensation_method(model, config)
     if method is None and not SELECTORS[config.method].judges_by_loss:
         return None
     if calibration_loss(graph, batches[:1]) is None:
@@ -65,12 +71,7 @@ def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
     from .calibration import encoder_decoder
     from .surgery import count_layers
 
-    method = compensation_method(config)
-    if method is not None:
-        try:
-            check_compensable(model)
-        except CompensationError:
-            method = None
+    method = _judged_compensation_method(model, config)
     if encoder_decoder(model) or (method is None and not SELECTORS[config.method].judges_by_loss):
         return 0
     windows = config.calib_samples if method is not None else min(config.loss_windows, config.calib_samples)
