@@ -125,8 +125,7 @@ class CandidateLoss:
         compensate = bool(self.compensation) if compensate is None else compensate
         key = (units, compensate)
         if key not in self.memo:
-            if self.released:
-                raise CalibrationError("this CandidateLoss released its cached states; build a new one to measure more")
+            self._check_not_released()
             clock = time.perf_counter()
             self.memo[key] = self._measure(self._config(units, compensate))
             # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
@@ -252,6 +251,7 @@ class CandidateLoss:
         """The layer statistics `observe.collect_statistics` computes on the same windows, from
         the states the caching pass kept (no further pass). Needs every window cached, i.e.
         compensation on (fit windows) or only loss windows given; one residual stream."""
+        self._check_not_released()
         runner = self.runner
         if len({u.stream for u in runner.units}) != 1:
             raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
@@ -286,6 +286,7 @@ class CandidateLoss:
         """The map of gap first..last from the dense view (memoised); None where no map applies."""
         key = (first, last)
         if key not in self._fits:
+            self._check_not_released()
             self._fits[key] = self._solve(first, last, self._fit_states, self._fit_states, self.fit_batches)
         return self._fits[key]
 
@@ -311,6 +312,7 @@ class CandidateLoss:
         """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
         more tokens than the fit windows alone), from cached states: dense-view maps cost no
         pass, sequential ones about one pass without the head."""
+        self._check_not_released()
         if self.fit_on == "all":
             states, batches = self._fit_states, self.fit_batches
         else:
@@ -325,6 +327,7 @@ class CandidateLoss:
 
     @torch.no_grad()
     def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool) -> list[GapFit]:
+        self._check_not_released()
         units = self.runner.units_of(removed)
         fits, maps, view, resume_at = [], {}, dense, None
         for first, last in self.gaps(units):
@@ -361,6 +364,10 @@ class CandidateLoss:
             ] if self.compensation else [],
         }
 
+    def _check_not_released(self) -> None:
+        if self.released:
+            raise CalibrationError("this CandidateLoss released its cached states; build a new one to measure more")
+
     def release(self) -> None:
         """Drop the cached states (the model's pruning and saving need the memory); the memoised
         losses stay, and a measurement after this is refused."""
@@ -372,6 +379,7 @@ class CandidateLoss:
     @torch.no_grad()
     def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
         """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
+        self._check_not_released()
         units = self.runner.units_of(removed)
         index = {unit.name: u for u, unit in enumerate(self.runner.units)}
         maps = {index[f.fold_into]: f.transform.float() for f in fits}

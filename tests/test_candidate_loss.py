@@ -244,5 +244,7 @@ def test_a_released_judge_keeps_its_answers_and_refuses_new_measurements():
     kept = fast(names("llama", [2]))
     fast.release()
     assert fast(names("llama", [2])) == kept and not fast._fit_states and not fast._cache
-    with pytest.raises(lorp_fx_errors.CalibrationError, match="released"):
-        fast(names("llama", [3]))
+    for after in (lambda: fast(names("llama", [3])), lambda: fast.final_fits(names("llama", [2])),
+                  fast.statistics, lambda: fast.loss_with(names("llama", [2]), [])):
+        with pytest.raises(lorp_fx_errors.CalibrationError, match="released"):
+            after()
