@@ -26,6 +26,7 @@ from torch import nn
 
 from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock
+from .compensation.capture import attach_state_hooks
 from .errors import CalibrationError, ConfigError
 from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states, combine_streams
 
@@ -65,12 +66,7 @@ class HookObserver:
         """Hooks on the model's modules while the block runs; with `stop_at_last_point` a pass ends
         (raising _Stop, which `run` catches) once every point is read."""
         self._stop, self.states = stop_at_last_point, {}
-        handles = []
-        for index, reader in enumerate(self.readers):
-            if reader.kind == "pre":
-                handles.append(reader.module.register_forward_pre_hook(self._pre(index), with_kwargs=True))
-            else:
-                handles.append(reader.module.register_forward_hook(self._out(index), with_kwargs=True))
+        handles = attach_state_hooks([(i, r.module, r.kind) for i, r in enumerate(self.readers)], self._store)
         try:
             yield self
         finally:
@@ -107,18 +103,6 @@ class HookObserver:
                     _update_tokens_only(accumulator, part, part_mask)
         self.states = {}
         self.calls += 1
-
-    def _pre(self, index: int):
-        def hook(module, args, kwargs):
-            self._store(index, args[0] if args else kwargs.get("hidden_states"))
-
-        return hook
-
-    def _out(self, index: int):
-        def hook(module, args, kwargs, output):
-            self._store(index, output[0] if isinstance(output, (tuple, list)) else output)
-
-        return hook
 
     def _store(self, index: int, state) -> None:
         if not isinstance(state, torch.Tensor):

@@ -12,6 +12,21 @@ from torch import nn
 from ..errors import CompensationError
 
 
+def attach_state_hooks(points, store) -> list:
+    """Hooks calling `store(key, state)` with the hidden state entering ("pre") or leaving ("out") each
+    module of `points` ((key, module, kind) triples); the handles, for `remove()`. Shared by this
+    capture and the statistics' `HookObserver`."""
+
+    def before(key):
+        return lambda module, args, kwargs: store(key, args[0] if args else kwargs.get("hidden_states"))
+
+    def after(key):
+        return lambda module, args, kwargs, output: store(key, output[0] if isinstance(output, (tuple, list)) else output)
+
+    return [module.register_forward_pre_hook(before(key), with_kwargs=True) if kind == "pre"
+            else module.register_forward_hook(after(key), with_kwargs=True) for key, module, kind in points]
+
+
 class _Stop(Exception):
     """Raised from a hook once every state a pass needs has been captured."""
 
@@ -26,12 +41,7 @@ class Capture:
     def run(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         """Run `model` on `batch` until every point is captured; the states by key."""
         self.states = {}
-        handles = []
-        for key, (module, kind) in self.points.items():
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(self._pre(key), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(self._out(key), with_kwargs=True))
+        handles = attach_state_hooks([(key, module, kind) for key, (module, kind) in self.points.items()], self._store)
         try:
             with torch.no_grad():
                 model(**batch)
@@ -51,15 +61,3 @@ class Capture:
         self.states[key] = state.detach()
         if len(self.states) == len(self.points):
             raise _Stop
-
-    def _pre(self, key: str):
-        def hook(module, args, kwargs):
-            self._store(key, args[0] if args else kwargs.get("hidden_states"))
-
-        return hook
-
-    def _out(self, key: str):
-        def hook(module, args, kwargs, output):
-            self._store(key, output[0] if isinstance(output, (tuple, list)) else output)
-
-        return hook
