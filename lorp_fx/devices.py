@@ -286,6 +286,11 @@ def model_device(model: nn.Module) -> torch.device:
     return input_device(model)
 
 
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 sums of states on `device` are kept: that device, or the CPU for MPS (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a clock reads the work's time, not its launch."""
     if device.type == "cuda":

@@ -17,14 +17,13 @@ import torch
 
 from .compensation.api import GapFit
 from .compensation.solver import CV_FOLDS, FALLBACK_RIDGE, RIDGE_GRID, GapStatistics
+from .devices import float64_device
 
 
 def gap_statistics(views, masks, method: str, folds: int, form: str = "full") -> tuple[list[GapStatistics], GapStatistics]:
     """Per-fold and total statistics of a gap; `views` holds (x, x_out, y) per batch, sequences
     going to fold (row number % folds) as in `compensate`."""
-    d, device = views[0][0].shape[-1], views[0][0].device
-    if device.type == "mps":  # no float64 there; elsewhere the sums stay where the states are (a GPU's)
-        device = torch.device("cpu")
+    d, device = views[0][0].shape[-1], float64_device(views[0][0].device)  # where the states are (a GPU's)
     parts = [GapStatistics(d, method, device, form) for _ in range(folds)]
     row = 0
     for (x, x_out, y), mask in zip(views, masks):

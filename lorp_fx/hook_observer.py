@@ -27,6 +27,7 @@ from torch import nn
 from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock
 from .compensation.capture import attach_state_hooks
+from .devices import float64_device
 from .errors import CalibrationError, ConfigError
 from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states, combine_streams
 
@@ -107,9 +108,8 @@ class HookObserver:
     def _store(self, index: int, state) -> None:
         if not isinstance(state, torch.Tensor):
             raise CalibrationError(f"internal error: the hook for {self.readers[index].name} saw no hidden-state tensor")
-        # Sums stay float64 on the states' device; MPS has no float64, so its states are summed on the CPU.
         state = state.detach()
-        self.states[index] = state.cpu() if state.device.type == "mps" else state
+        self.states[index] = state.to(float64_device(state.device))  # where the float64 sums are kept
         if self._stop and len(self.states) == len(self.readers):
             raise _Stop
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .devices import float64_device
 from .errors import CalibrationError
 
 
@@ -155,7 +156,7 @@ class SimilarityAccumulator:
     `token_vectors`) or a stacked (P, batch, seq, d) tensor, and an optional
     attention mask (batch, positions); masked tokens are ignored and the last token
     of each sequence is its last unmasked one. Sums are kept in float64 on the
-    states' device, whatever the model's dtype, so bf16 models match a float64
+    states' device (the CPU for MPS, which has no float64), whatever the model's dtype, so bf16 models match a float64
     reference to well under 1e-3.
     """
 
@@ -191,9 +192,9 @@ class SimilarityAccumulator:
             states = list(states)
         if len(states) != self.n_points:
             raise CalibrationError(f"expected states of {self.n_points} residual points, got {len(states)}")
-        states = [token_vectors(state, channels_first) for state in states]
+        device = float64_device(states[0].device)
+        states = [token_vectors(state, channels_first).to(device) for state in states]
         batch, seq = states[0].shape[:2]
-        device = states[0].device
         self._to(device)
         if attention_mask is None:
             mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
