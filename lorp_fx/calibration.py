@@ -39,11 +39,12 @@ def encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
-def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: bool):
+def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: bool, seq_len: int | None = None):
     """(the traced graph, a HookObserver of its blocks), or (None, None) where hooks cannot read the blocks
     (a sublayer of a family families.py does not describe): the graph observer then traces as it calibrates.
 
-    The graph is traced on 2 windows of the calibration shape (token values do not
+    The graph is traced on 2 windows of the calibration shape (`seq_len`, default
+    `config.seq_len`: given windows have their own length; token values do not
     matter to a trace), so the windows need not exist yet: self-calibration can be
     watched as it samples. An offloaded model is traced as a meta-device copy.
     """
@@ -52,7 +53,7 @@ def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: b
             raise ConfigError(f"--device-map needs module hooks to read the residual stream, which {type(model).__name__} "
                               f"at granularity {config.granularity} does not allow; use granularity layer")
         return None, None
-    example = trace_example(model, config, tokenizer)
+    example = trace_example(model, seq_len or config.seq_len, tokenizer)
     if _takes_cache(model):
         example["use_cache"] = False
     if offloaded:
@@ -90,12 +91,12 @@ def _takes_cache(model: nn.Module) -> bool:
     return accepts_argument(model, "use_cache")
 
 
-def trace_example(model: nn.Module, config: PruneConfig, tokenizer) -> dict:
-    """Two windows of `config.seq_len` tokens on the model's input device, as calibration batches look."""
+def trace_example(model: nn.Module, seq_len: int, tokenizer) -> dict:
+    """Two windows of `seq_len` tokens on the model's input device, as calibration batches look."""
     token = 0
     if tokenizer is not None:
         token = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None), 0)
-    ids = torch.full((2, config.seq_len), int(token), dtype=torch.long, device=model_device(model))
+    ids = torch.full((2, seq_len), int(token), dtype=torch.long, device=model_device(model))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if encoder_decoder(model):
         example["decoder_input_ids"] = ids

@@ -120,7 +120,8 @@ def prune_model(
         check_offload_granularity(config.granularity)
     clock = Stopwatch(model_device(model))
     with clock("trace"):
-        graph, observer = traced_blocks(model, config, tokenizer, offloaded)
+        length = calibration.shape[1] if isinstance(calibration, torch.Tensor) else None  # given windows' own
+        graph, observer = traced_blocks(model, config, tokenizer, offloaded, length)
     with clock("calibration_text"):
         windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
                                               observer=observer if calibration is None else None)

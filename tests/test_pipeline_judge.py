@@ -90,3 +90,12 @@ def test_on_given_text_the_statistics_come_from_the_judges_cache_equal_to_the_ho
     assert hooked.report["calibration"]["statistics"].startswith("module hooks")
     difference = torch.tensor(judged.report["similarity"]) - torch.tensor(hooked.report["similarity"])
     assert float(difference.abs().max()) < 1e-9
+
+
+def test_given_windows_shorter_than_the_configured_length_are_traced_at_their_own_length():
+    """GPT-2 has learned positions (64 in the tiny config): the default seq_len of 256 used to
+    trace it at 256 tokens, which failed, though the given 16-token windows fit."""
+    model = tiny_model("gpt2", layers=6)
+    assert model.config.n_positions < PruneConfig(remove=2).seq_len
+    result = lorp_fx.prune_model(model, WINDOWS, PruneConfig(remove=2, loss_windows=4), progress=False)
+    assert len(result.plan.remove) == 2 and result.report["calibration"]["seq_len"] == WINDOWS.shape[1]
