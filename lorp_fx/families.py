@@ -280,6 +280,21 @@ def layer_units(family: Family, layer: nn.Module) -> list[Unit]:
     return present
 
 
+def whole_layers_only(model_type: str | None) -> str | None:
+    """Why a model of `model_type` cannot lose single sublayers (None when it can).
+
+    Known from the config alone, so the command line refuses `--granularity sublayer`
+    before any weights load, and `prune_model` before any calibration.
+    """
+    family = _BY_MODEL_TYPE.get(model_type, GENERIC)
+    if family.units:
+        return None
+    if family.norm == "post":
+        return (f"{family.name} normalises after each residual add (post-norm), so a removed sublayer would still "
+                "change the stream")
+    return f"its family ({model_type or 'unknown'}) is not described in lorp_fx/families.py"
+
+
 def sublayers(model: nn.Module, layer: nn.Module) -> dict[str, nn.Module]:
     """The residual sublayers of one layer of `model`, by name relative to the layer ({} where
     the family removes whole layers only: post-norm, or not described)."""

@@ -9,7 +9,7 @@
    architecture that matches its model_type (`models.resolve_model`);
 4. the output: resolved, not an input, creatable, replaceable only if lorp-fx wrote
    it (`output.check_output_location`); a crashed earlier run is cleaned up first;
-5. the budget against the model's layers, sequence lengths against its positions,
+5. sublayer granularity against the family, the budget against the model's layers, sequence lengths against its positions,
    both read from its configuration;
 6. the tokenizer (no weights), then the calibration and eval files cut into windows:
    too short, or token ids beyond the model's vocabulary, fail here. The eval windows
@@ -29,7 +29,8 @@ import torch
 
 from .budget import budget_from_ratio, check_budget
 from .data import check_text_file, text_windows
-from .errors import ConfigError, InputMismatchError
+from .errors import ConfigError, InputMismatchError, NotRemovableError
+from .families import whole_layers_only
 from .models import ModelSource, load_tokenizer, resolve_model
 from .output import check_output_location
 
@@ -59,6 +60,7 @@ def preflight(args) -> Ready:
         # output into that same output with --overwrite is a natural thing to do.)
         inputs = [*source.paths, *calibration, *evaluation]
         out = check_output_location(args.out, getattr(args, "overwrite", False), protect=inputs)
+    check_granularity(source, args)
     check_layer_budget(source, args)
     check_lengths(source, args, evaluation)
     tokenizer = load_tokenizer(source)
@@ -104,6 +106,15 @@ def check_lengths(source: ModelSource, args, evaluation: list) -> None:
         if length is not None and length > source.positions:
             raise ConfigError(f"{flag} {length} is longer than the {source.positions} positions of model {source.name} "
                               f"(its max_position_embeddings): pass {flag} {source.positions} or less")
+
+
+def check_granularity(source: ModelSource, args) -> None:
+    """NotRemovableError for --granularity sublayer on a family whose layers can only go whole (from its config)."""
+    if getattr(args, "granularity", "layer") != "sublayer" or not hasattr(args, "remove") or source.config is None:
+        return  # only prune removes (analyze measures sublayers of any family); a GGUF file is a Llama
+    why = whole_layers_only(getattr(source.config, "model_type", None))
+    if why is not None:
+        raise NotRemovableError(f"cannot prune model {source.name} by sublayers: {why}; pass --granularity layer")
 
 
 def check_layer_budget(source: ModelSource, args) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .budget import check_stack_budget
 from .errors import NotRemovableError, UnknownBlockError
-from .families import Family, family_of, layer_stacks, owner_of, renumber, sublayers
+from .families import Family, family_of, layer_stacks, owner_of, renumber, sublayers, whole_layers_only
 from .plan import PruningPlan
 
 
@@ -113,13 +113,8 @@ def _resolve_names(model, stacks, names: list[str]) -> tuple[list[str], list[str
 
 
 def _no_sublayers_reason(model, name: str, layer: str) -> str:
-    family = family_of(model)
     kind = type(model.get_submodule(layer)).__name__
-    if family.norm == "post":
-        why = ("it normalises after each residual add (post-norm, as in BERT), so a zeroed sublayer would still "
-               "change the stream")
-    else:
-        why = f"its family ({getattr(model.config, 'model_type', '?')}) is not described in lorp_fx/families.py"
+    why = whole_layers_only(getattr(model.config, "model_type", None))
     return f"cannot remove {name}: {kind} has no removable sublayers, because {why}; remove the whole layer {layer} instead"
 
 

@@ -425,3 +425,27 @@ def test_a_bad_budget_names_its_flag(budget, words, tmp_path, capsys):
     assert main(["prune", *budget, "--out", str(tmp_path / "out")]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_sublayers_of_a_whole_layer_family_are_refused_before_the_weights_load(tmp_path, capsys, text_file, monkeypatch):
+    """BERT (post-norm) loses whole layers only: refused from its config, before loading, sampling or statistics."""
+    model_dir = save_tiny(tmp_path, "bert")
+    monkeypatch.setattr("lorp_fx.devices.load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    code, _, err = run(prune_args(model_dir, text_file, tmp_path / "out", "--granularity", "sublayer"), capsys)
+    assert_refused_before_work(code, err, "post-norm", "--granularity layer")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("compensate", ["auto", "none"])
+def test_the_library_refuses_sublayers_of_a_whole_layer_family_before_any_forward(compensate):
+    from lorp_fx import prune_model
+    from lorp_fx.config import PruneConfig
+    from lorp_fx.errors import NotRemovableError
+
+    model = tiny_model("bert", layers=6)
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    windows = torch.randint(2, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotRemovableError, match="post-norm.*granularity='layer'"):
+        prune_model(model, windows, PruneConfig(remove=2, granularity="sublayer", compensate=compensate), progress=False)
+    assert forwards == []
