@@ -7,6 +7,7 @@ fp32 on CPU, one torch thread. Calibration: the first 32 x 256 tokens of WikiTex
 decision:
   * test      : perplexity on the first 40 x 512 tokens of test.txt (the benchmark's numbers);
   * test-held : test windows 40..79 x 512.
+  * self-held : self-generated windows 32..63 (seed 0), for research/calibration_domain.py.
 Used for decisions besides the calibration loss:
   * valid-held: 40 x 512 tokens of valid.txt from token 32,768 on (past any calibration
     window used here: 64 x 256 = 16,384 at most).
@@ -91,6 +92,8 @@ def evaluation(which: str) -> torch.Tensor:
         return slice_windows("test", 40 * 512, 40, 512)
     if which == "valid-held":
         return slice_windows("valid", HELD_VALID_START, 40, 512)
+    if which == "self-held":  # self-generated windows past every calibration window used here (32 x 256)
+        return calibration("self", 64)[32:64]
     raise ValueError(which)
 
 
