@@ -71,6 +71,28 @@ def quality_table(source: str, n: int = 32) -> list[str]:
     return lines
 
 
+def free_table(source: str, n: int = 32) -> list[str]:
+    """The free sets of the compensated search, tested like the default (same calibration text, same maps)."""
+    data = rows(source, n)
+    found = [(k, data[f"{k}:cosine"]) for k in (3, 6, 9) if "free_ppl" in data.get(f"{k}:cosine", {})]
+    if not found:
+        return []
+    lines = [
+        f"Free sets on the same text ({SOURCES.get(source, source)}), with maps fitted the same way; the default's",
+        "guarantee is on calibration loss, these columns show what it means in perplexity:",
+        "",
+        "| removed | set | layers | valid-held (none / cosine) | test (none / cosine) | default, test (cosine) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, row in found:
+        default = row["ppl"].get("cos-final", {}).get("test")
+        for name, label in (("shortgpt", "ShortGPT's"), ("uidl", "best contiguous run")):
+            f = row["free_ppl"][name]
+            cell = lambda w: f"{fmt(f['none'].get(w))} / {fmt(f['cos-final'].get(w))}"
+            lines.append(f"| {k} of 30 | {label} | {span(f['remove'])} | {cell('valid-held')} | {cell('test')} | {fmt(default)} |")
+    return lines + [""]
+
+
 def cost_table(path: Path) -> list[str]:
     if not path.exists():
         return ["(timing not run)"]
@@ -114,7 +136,7 @@ def main():
         "",
     ]
     for source in ("wiki", "self"):
-        out += quality_table(source) + [""]
+        out += quality_table(source) + [""] + free_table(source)
     out += ["## Selection cost, side by side with SLEB", ""]
     for source in ("wiki",):
         out += cost_table(RESULTS / f"timing-{source}.json") + [""]

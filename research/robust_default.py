@@ -8,6 +8,7 @@ earlier run measured them (selection *time* is measured by research/timing.py in
 
     python research/robust_default.py --source wiki --n 32 --ks 3,6,9
     python research/robust_default.py --source self --n 32 --ks 3,6,9
+    python research/robust_default.py --source wiki --n 32 --ks 3,6,9 --free   # + the free sets, same text
 """
 
 import argparse
@@ -56,6 +57,25 @@ def evaluate(row: dict, variants, evals) -> None:
         print(json.dumps({"k": row["k"], "objective": row["objective"], "variant": variant, **row["ppl"][variant]}), flush=True)
 
 
+def evaluate_free(row: dict, evals) -> None:
+    """Test the free sets the selector measured (ShortGPT's, the best contiguous run) on the same
+    calibration text, uncompensated and with cosine maps fitted as shipped: the comparison a user
+    would make with the same windows, in perplexity rather than calibration loss."""
+    ev = C.evaluator(row["source"], row["n"], "cosine")
+    row["free_ppl"] = {}
+    for name in ("shortgpt", "uidl"):
+        remove = row["free"][name]["remove"]
+        tag = f"{row['source']}/{row['n']}/cos-final"
+        needed = any(C.Memo("ppl").get(f"{w}:{tag}:{C.set_key(remove)}") is None for w in evals)
+        fits = ev.final_fits(C.layer_names(remove)) if needed else None
+        row["free_ppl"][name] = {
+            "remove": remove,
+            "none": {w: C.perplexity(remove, None, w, f"{row['source']}/{row['n']}/none") for w in evals},
+            "cos-final": {w: C.perplexity(remove, fits, w, tag) for w in evals},
+        }
+        print(json.dumps({"k": row["k"], "free": name, **row["free_ppl"][name]}), flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--source", default="wiki")
@@ -64,6 +84,8 @@ def main():
     parser.add_argument("--objectives", default="plain,cosine")
     parser.add_argument("--evals", default="valid-held,test,test-held")
     parser.add_argument("--variants", default="cos-final,seq-final")
+    parser.add_argument("--free", action="store_true",
+                        help="also test the free sets on the same text (a stored row is reused, not reselected)")
     args = parser.parse_args()
     C.threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -71,10 +93,17 @@ def main():
     rows = json.loads(out.read_text()) if out.exists() else {}
     for k in map(int, args.ks.split(",")):
         for mode in args.objectives.split(","):
+            if args.free and f"{k}:{mode}" in rows:
+                if mode == "cosine":
+                    evaluate_free(rows[f"{k}:{mode}"], ["valid-held", "test"])
+                    out.write_text(json.dumps(rows, indent=1))
+                continue
             row = select_row(args.source, args.n, k, mode)
             print(json.dumps({key: row[key] for key in ("k", "objective", "remove", "cal_loss", "evaluations")}), flush=True)
             variants = ["none"] if mode == "plain" else args.variants.split(",")
             evaluate(row, variants, args.evals.split(","))
+            if args.free and mode == "cosine":
+                evaluate_free(row, ["valid-held", "test"])
             rows[f"{k}:{mode}"] = row
             out.write_text(json.dumps(rows, indent=1))
 
