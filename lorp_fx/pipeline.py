@@ -39,8 +39,8 @@ from .compensation import GapFit, check_compensable
 from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
 from .devices import is_offloaded, model_device
-from .families import whole_layers_only
 from .errors import CalibrationError, ConfigError, InputMismatchError, NotRemovableError
+from .families import whole_layers_only
 from .loss import calibration_loss, next_token_loss
 from .output import save_pretrained_atomic
 from .plan import PruningPlan

@@ -9,8 +9,8 @@
    architecture that matches its model_type (`models.resolve_model`);
 4. the output: resolved, not an input, creatable, replaceable only if lorp-fx wrote
    it (`output.check_output_location`); a crashed earlier run is cleaned up first;
-5. sublayer granularity against the family, the budget against the model's layers, sequence lengths against its positions,
-   both read from its configuration;
+5. sublayer granularity against the family, the budget against the model's layers,
+   sequence lengths against its positions, all read from its configuration;
 6. the tokenizer (no weights), then the calibration and eval files cut into windows:
    too short, or token ids beyond the model's vocabulary, fail here. The eval windows
    are kept: the command measures on them.

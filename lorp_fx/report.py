@@ -56,7 +56,7 @@ def summary_lines(report: dict, out: str | None = None) -> list[str]:
     if calibration["source"].startswith("self-generated"):
         # Measured (research/results/calibration-domain-smollm2.md): maps fitted on the model's own text recover
         # much of the loss on that text but little on WikiText-2, and maps fitted on WikiText-2 the reverse.
-        rows.append(("hint", "calibrated on the model's own text, so the choice and the maps fit that text; "
+        rows.append(("hint", "calibrated on the model's own text, so the compensation fits that text; "
                              "pass --calib-file with text like yours"))
     evaluation = report.get("evaluation")
     if evaluation:
