@@ -27,7 +27,6 @@ from torch import nn
 from .batches import stream_mask, with_model_defaults
 from .blocks import ResidualBlock
 from .compensation.capture import attach_state_hooks
-from .devices import float64_device
 from .errors import CalibrationError, ConfigError
 from .stats import LayerStatistics, SimilarityAccumulator, check_finite_states, combine_streams
 
@@ -108,8 +107,7 @@ class HookObserver:
     def _store(self, index: int, state) -> None:
         if not isinstance(state, torch.Tensor):
             raise CalibrationError(f"internal error: the hook for {self.readers[index].name} saw no hidden-state tensor")
-        state = state.detach()
-        self.states[index] = state.to(float64_device(state.device))  # where the float64 sums are kept
+        self.states[index] = state.detach()  # the accumulator moves it to where its float64 sums are kept
         if self._stop and len(self.states) == len(self.readers):
             raise _Stop
 
