@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .devices import model_device
 from .errors import CalibrationError, InputMismatchError
 
 MASK_NAMES = ("attention_mask", "decoder_attention_mask")
@@ -57,8 +58,8 @@ def as_keyword_batch(batch) -> dict:
 
 
 def prepare_batches(model: nn.Module, batches: Iterable) -> list[dict]:
-    """Keyword batches on the model's device, with the model's calibration defaults."""
-    device = next(model.parameters()).device
+    """Keyword batches on the device of the model's inputs, with the model's calibration defaults."""
+    device = model_device(model)  # not its first parameter's: an offloaded embedding is on "meta"
     prepared = []
     for batch in batches:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in as_keyword_batch(batch).items()}

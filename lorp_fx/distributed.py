@@ -31,7 +31,7 @@ import torch
 from .batches import token_batches
 from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
-from .devices import Placement
+from .devices import Placement, model_device
 from .errors import ConfigError, DistributedError, LoRPError
 
 #: For tests: a rank number that raises while it calibrates (the failure path has to be exercised).
@@ -201,7 +201,7 @@ def _finish_on_rank_zero(model, lorp, windows, source, config, placement, clock,
         from .gguf_output import check_removal
 
         check_removal(gguf, plan)  # before compensation and saving, not after
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = on_device(token_batches(windows, config.batch_size, encoder_decoder(model)), device)
     with clock("pass_unit"):
         unit = plain_pass(model, batches)

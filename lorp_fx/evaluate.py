@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .devices import model_device
 from .errors import ConfigError, InputMismatchError
 
 
@@ -92,9 +92,13 @@ def _check_vocabulary(batch: torch.Tensor, logits: torch.Tensor) -> None:
 
 
 def _device(model) -> torch.device:
+    """Where the windows go: the model's input device ("meta" never: accelerate may offload the embedding)."""
     if isinstance(model, nn.Module):
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            return tensor.device
+        if any(True for _ in model.parameters()):
+            return model_device(model)
+        for buffer in model.buffers():
+            if buffer.device.type != "meta":
+                return buffer.device
     return torch.device("cpu")
 
 

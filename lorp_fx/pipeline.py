@@ -314,7 +314,7 @@ def device_description(model: nn.Module) -> dict:
     parameter = next(model.parameters())
     where = {"device": str(model_device(model)), "dtype": str(parameter.dtype).removeprefix("torch.")}
     device_map = getattr(model, "hf_device_map", None)
-    if device_map and len(set(device_map.values())) > 1:
+    if device_map and (len(set(device_map.values())) > 1 or is_offloaded(model)):  # spread, or all on disk
         where["device_map"] = {k: str(v) for k, v in device_map.items()}
     return where
 

@@ -34,15 +34,20 @@ def test_bfloat16_gives_the_float32_plan_and_similarity(files, float32_run, tmp_
     assert all(str(t.dtype) == "torch.bfloat16" for t in load_file(out / "model.safetensors").values())
 
 
-def test_a_model_offloaded_to_disk_gives_the_plan_and_weights_of_one_in_memory(files, float32_run, tmp_path):
-    """max_memory of 100 KB keeps the embedding and one layer in memory; five layers and the head go to disk."""
+@pytest.mark.parametrize("budget", ["100KB", "1KB"])
+def test_a_model_offloaded_to_disk_gives_the_plan_and_weights_of_one_in_memory(files, float32_run, tmp_path, budget):
+    """100 KB keeps the embedding and one layer in memory, five layers and the head go to disk; at 1 KB every
+    weight is on disk, the input embedding too (the inputs must not follow it to "meta")."""
     model_dir, text = files
     out = tmp_path / "out"
     assert main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--dtype", "float32",
-                 "--device-map", "auto", "--max-memory", "cpu=100KB", "--offload-dir", str(tmp_path / "offload"),
-                 "--out", str(out)]) == 0
+                 "--device-map", "auto", "--max-memory", f"cpu={budget}", "--offload-dir", str(tmp_path / "offload"),
+                 "--eval-file", str(text), "--eval-samples", "2", "--eval-seq-len", "24", "--out", str(out)]) == 0
     placed = report(out)["device"]["device_map"]
-    assert "disk" in placed.values() and placed["model.layers.5"] == "disk"
+    assert "disk" in placed.values() and placed.get("model.layers.5", placed.get("")) == "disk"
+    assert (set(placed.values()) == {"disk"}) == (budget == "1KB")
+    evaluation = report(out)["evaluation"]
+    assert np.isfinite(evaluation["ppl_before"]) and np.isfinite(evaluation["ppl_after"])
     assert report(out)["removed"] == report(float32_run)["removed"]
     assert np.abs(similarity(out) - similarity(float32_run)).max() < 1e-5
     assert report(out)["compensation"]["gaps"]  # folded into weights that were offloaded

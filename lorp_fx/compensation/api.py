@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..batches import batch_rows, prepare_batches, stream_mask
-from ..devices import float64_device
+from ..devices import float64_device, model_device
 from ..errors import CompensationError
 from ..families import family_of
 from ..plan import PruningPlan
@@ -90,7 +90,7 @@ class _Setup:
         self.gaps = find_gaps(self.stacks, removed_units(self.stacks, self.names))
         self.batches = prepare_batches(model, batches)
         self.d = _width(model)
-        self.device = float64_device(next(model.parameters()).device)  # where the fits' float64 sums are kept
+        self.device = float64_device(model_device(model))  # where the fits' float64 sums are kept
         self.projections = [projections(model, self.family, gap.fold_unit, self.d, self.form) for gap in self.gaps]
         if verify:
             verify_folds(model, self.family, self.stacks, self.gaps, self.projections, self.batches[0], self.d, self.form)
