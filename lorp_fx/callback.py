@@ -82,6 +82,9 @@ class LoRPCallback(Callback):
             parent process (`cb.plan` reads it there).
         loss_batches: network calls kept for the calibration loss; under DDP each
             rank keeps its own and the loss is their mean over ranks.
+        measure_loss: False chooses from the statistics alone even with a loss-judged
+            method that can do without (`lorp`; `sleb` cannot), as `prune_model` does
+            for encoder-decoders, which have no causal-LM loss.
         protected, seed, n_clusters: passed to the selector.
     """
 
@@ -98,6 +101,7 @@ class LoRPCallback(Callback):
         attribute: str = "model",
         plan_path: str | os.PathLike | None = None,
         loss_batches: int = 2,
+        measure_loss: bool = True,
         protected: Sequence[str | int] | None = None,
         seed: int | None = None,
         n_clusters: int | None = None,
@@ -116,7 +120,14 @@ class LoRPCallback(Callback):
             raise ConfigError(f"loss_batches must be a whole number of calls, at least 1, got {loss_batches!r}")
         given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
         check_options(method, given, require=False)
-        self.judges_by_loss = SELECTORS[method].judges_by_loss
+        if not isinstance(measure_loss, bool):
+            raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
+        if not measure_loss and "loss_fn" in SELECTORS[method].required:
+            raise ConfigError(f"method {method!r} cannot choose without a calibration loss; keep measure_loss=True "
+                              "or choose a method that can (lorp, or a statistics method)")
+        if not measure_loss and loss_fn is not None:
+            raise ConfigError("loss_fn was given with measure_loss=False; drop one of them")
+        self.judges_by_loss = SELECTORS[method].judges_by_loss and measure_loss
         if loss_fn is not None and not self.judges_by_loss:
             raise ConfigError(
                 f"method {method!r} chooses from the statistics alone and takes no loss_fn; "

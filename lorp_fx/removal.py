@@ -97,13 +97,20 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     if judge is not None:
         judge.release()  # a plain-loss judge: selection is over
     method = compensation_method(config) or "none"
-    compensator, compensation = None, {"method": "none"}
+    compensator, held_out, compensation = None, None, {"method": "none"}
+    # One window per forward call: the captured states of every gap point are a window's, not a batch's.
+    windows = one_window_each(batches)
+    loss_windows, fit_windows = windows[: config.loss_windows], windows[config.loss_windows :]
     if method != "none":
         try:
             if is_offloaded(model):
                 _make_fold_units_resident(model, plan)
-            # One window per forward call: the captured states of every gap point are a window's, not a batch's.
-            compensator = Compensator(model, plan, one_window_each(batches), method, progress=progress)
+            # As the judge: "auto" leaves a gap open where its map does not beat none on held-out sequences.
+            reject = config.compensate == "auto"
+            compensator = Compensator(model, plan, windows, method, progress=progress, reject_unhelpful=reject)
+            # The maps of the other windows, to judge compensation on the loss windows held out (as the judge does).
+            held_out = (Compensator(model, plan, fit_windows, method, progress=progress, reject_unhelpful=reject)
+                        if fit_windows else compensator)
         except CompensationError as error:
             if config.compensate != "auto":
                 raise
@@ -111,10 +118,57 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
             compensation = {"method": "none", "skipped": str(error)}
     surgery = remove_layers(model, plan, inplace=config.inplace)
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
-    fits = compensator.apply(surgery) if compensator is not None else []
+    fits = []
     if compensator is not None:
-        compensation = {"method": method, "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits]}
+        check = _held_out_check(surgery, plan, held_out, loss_windows)
+        fold = check["apply"] or config.compensate != "auto"
+        _note_unhelpful(method, check, fold)
+        fits = compensator.apply(surgery) if fold else []
+        compensation = {
+            "method": method if fits else "none", "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits],
+            "applied": fold, "helps": check["apply"], "requested": method,
+            "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                                 "held_out": bool(fit_windows), "windows": len(loss_windows)},
+        }
     return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+@torch.no_grad()
+def _held_out_check(surgery, plan: PruningPlan, held_out: Compensator, loss_windows: list[dict]) -> dict:
+    """The pruned model's mean next-token loss on `loss_windows` without maps and with `held_out`'s
+    maps (fitted on the other windows) folded in; the fold is undone after measuring."""
+    from .batches import prepare_batches
+    from .compensation.fold import projections
+    from .compensation.structure import stacks_of
+    from .families import family_of
+    from .loss import next_token_loss
+
+    model = surgery.model
+    calls = prepare_batches(model, loss_windows)
+
+    def mean_loss() -> float:
+        return sum(next_token_loss(model, call) for call in calls) / len(calls)
+
+    plain = mean_loss()
+    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
+    width, family = held_out.setup.d, family_of(model)
+    touched = [p.param for fit in held_out.fits
+               for p in projections(model, family, units[surgery.rename(fit.fold_into)], width, fit.form)]
+    saved = [param.detach().clone() for param in touched]
+    try:
+        apply_compensation(surgery, plan, held_out.fits)
+        compensated = mean_loss()
+    finally:
+        for param, original in zip(touched, saved):
+            param.copy_(original)
+    return {"compensated_loss": compensated, "uncompensated_loss": plain, "apply": compensated <= plain}
+
+
+def _note_unhelpful(method: str, check: dict, fold: bool) -> None:
+    if not check["apply"]:
+        print(f"lorp-fx: note: {method} compensation makes the calibration loss worse "
+              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
+              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
 
 
 def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
@@ -122,10 +176,7 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
     make the held-out calibration loss worse; an explicitly named method is folded anyway, with a note."""
     check = judge.compensation_report(plan.remove)
     fold = check["apply"] or config.compensate != "auto"
-    if not check["apply"]:
-        print(f"lorp-fx: note: {judge.compensation} compensation makes the calibration loss worse "
-              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
-              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
+    _note_unhelpful(judge.compensation, check, fold)
     fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
     judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
     surgery = remove_layers(model, plan, inplace=config.inplace)

@@ -138,6 +138,26 @@ def test_loss_fn_is_refused_for_a_statistics_method():
         LoRPCallback(n_remove=1, method="shortgpt", loss_fn=lambda output, inputs: 0.0)
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"measure_loss": "no"}, "measure_loss must be True or False"),
+    ({"measure_loss": False, "method": "sleb"}, "cannot choose without a calibration loss"),
+    ({"measure_loss": False, "loss_fn": lambda output, inputs: 0.0}, "drop one of them"),
+])
+def test_measure_loss_is_checked_when_the_callback_is_made(options, message):
+    with pytest.raises(lorp_fx.ConfigError, match=message):
+        LoRPCallback(n_remove=1, **options)
+
+
+def test_without_the_loss_lorp_chooses_from_the_statistics_alone():
+    """measure_loss=False (what the command line asks for an encoder-decoder): no loss is measured, and the
+    plan is lorp's statistics-only choice."""
+    cb = LoRPCallback(n_remove=2, measure_loss=False)
+    trainer(cb).validate(Calibrated(tiny_model("llama", layers=6)), dataloaders=loader())
+    expected = lorp_fx.select(cb.plan.statistics, 2, method="lorp")
+    assert cb.plan.remove == expected.remove
+    assert cb.plan.details["objective"].startswith("statistics") and "evaluations" not in cb.plan.details
+
+
 # ----------------------------------------------------------------------------- first-batch failures
 
 

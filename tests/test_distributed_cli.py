@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from saved_models import report, saved_tiny, similarity
+from saved_models import calibration_text, report, saved_tiny, similarity
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +57,18 @@ def test_a_rank_that_fails_stops_the_others_and_nothing_is_written(model_dir, tm
     assert f"rank {rank} failed on purpose" in done.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written temporary either
+
+
+def test_an_encoder_decoder_gets_the_single_process_plan(tmp_path):
+    """T5 has no causal-LM loss: one process chooses from the statistics alone, and so do two (they used to
+    measure the decoder's loss and choose other blocks)."""
+    model_dir, text = saved_tiny(tmp_path, "t5"), calibration_text(tmp_path)
+    outs = {}
+    for devices in (1, 2):
+        outs[devices] = tmp_path / f"out{devices}"
+        processes = ["--devices", devices] if devices > 1 else []
+        done = lorp_fx("--model", model_dir, *ARGS, "--calib-file", text, *processes, "--out", outs[devices])
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert report(outs[2])["removed"] == report(outs[1])["removed"]
+    assert report(outs[2])["scores"] == pytest.approx(report(outs[1])["scores"], abs=1e-5)
+    assert report(outs[2])["distributed"]["loss_batches_per_rank"] == [0, 0]

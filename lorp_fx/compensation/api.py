@@ -74,7 +74,7 @@ def default_form(model: nn.Module) -> str:
 class _Setup:
     """What every fit starts from: checked arguments, units, gaps, batches, projections (and the fold probe)."""
 
-    def __init__(self, model, plan, batches, method, form, ridge, verify):
+    def __init__(self, model, plan, batches, method, form, ridge, verify, reject_unhelpful=False):
         if isinstance(model, torch.fx.GraphModule):
             raise CompensationError(
                 "compensation folds maps into the weights of the eager model: pass the transformers model the graph was "
@@ -82,7 +82,7 @@ class _Setup:
             )
         self.form = form or default_form(model)
         check_method(method, self.form)
-        self.model, self.method, self.ridge = model, method, ridge
+        self.model, self.method, self.ridge, self.reject_unhelpful = model, method, ridge, reject_unhelpful
         self.folds = fold_count(ridge)
         self.names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
         self.family = check_compensable(model)
@@ -98,8 +98,11 @@ class _Setup:
     def statistics(self) -> FoldedStatistics:
         return FoldedStatistics(self.d, self.method, self.folds, self.device, self.form)
 
-    def fit(self, gap: Gap, stats: FoldedStatistics, unit_names: list[str]) -> GapFit:
+    def fit(self, gap: Gap, stats: FoldedStatistics, unit_names: list[str]) -> GapFit | None:
+        """The gap's map; None with `reject_unhelpful` where no ridge beats no map on held-out sequences."""
         total, transform, ridge, cv_errors = stats.solve(self.ridge)
+        if self.reject_unhelpful and cv_errors and min(cv_errors.values()) >= total.relative_error(None):
+            return None
         return GapFit(
             removed=list(gap.removed), fold_into=gap.fold_unit.full_name, projections=unit_names,
             transform=transform.cpu(), tokens=total.tokens, error_before=total.relative_error(None),
@@ -148,11 +151,13 @@ class Compensator:
     (`sequential=False`), or it keeps the dense states after each gap
     (`sequential=True`). `apply(surgery)` then folds the maps into the pruned model
     (fitting each gap from the pruned model's view first, when sequential).
+    `reject_unhelpful` leaves a gap open where no ridge's map beats none on held-out
+    sequences (what `--compensate auto` does), instead of folding the best of them anyway.
     """
 
     def __init__(self, model, plan, calibration_batches, method=DEFAULT_METHOD, *, form=None, ridge=DEFAULT_RIDGE,
-                 sequential=False, verify=True, progress=False):
-        self.setup = _Setup(model, plan, calibration_batches, method, form, ridge, verify)
+                 sequential=False, verify=True, progress=False, reject_unhelpful=False):
+        self.setup = _Setup(model, plan, calibration_batches, method, form, ridge, verify, reject_unhelpful)
         self.sequential, self.progress = sequential, progress
         if sequential:
             self.targets, self.fits = _dense_targets(self.setup, progress), []
@@ -229,7 +234,8 @@ def _fit_one_pass(setup: _Setup, progress: bool) -> list[GapFit]:
             stack = setup.stacks[gap.stack]
             _update(stats, stack, gap.first - 1, stack, gap, states, states, batch, first_row)
         first_row += batch_rows(batch)
-    return [setup.fit(gap, stats, [p.name for p in projs]) for gap, stats, projs in zip(setup.gaps, statistics, setup.projections)]
+    fits = [setup.fit(gap, stats, [p.name for p in projs]) for gap, stats, projs in zip(setup.gaps, statistics, setup.projections)]
+    return [fit for fit in fits if fit is not None]
 
 
 def _width(model: nn.Module) -> int:
@@ -289,6 +295,8 @@ def _fit_sequentially(setup: _Setup, pruned: Surgery, targets, progress: bool) -
             first_row += batch_rows(batch)
         projs = projections(model, setup.family, p_stack.units[p_index], setup.d, setup.form)
         fit = setup.fit(gap, stats, [p.name for p in dense_projections])
+        if fit is None:  # rejected: this gap stays open
+            continue
         fold(projs, fit.transform, setup.family.norm_weight_offset)
         fits.append(fit)
     return fits

@@ -1,0 +1,85 @@
+"""Compensation that makes the calibration loss worse is not folded ("auto"), on every path: also where
+no `CandidateLoss` judges (an encoder-decoder, a model offloaded by accelerate), the maps fitted on the
+other windows are measured on the loss windows before anything is folded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from saved_models import calibration_text, report, saved_tiny
+
+import lorp_fx
+from lorp_fx.cli import main
+from lorp_fx.compensation.solver import FoldedStatistics
+from lorp_fx.config import PruneConfig
+from tiny_models import VOCAB, tiny_model
+
+WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
+T5 = PruneConfig(remove=2, compensate="auto", loss_windows=4)
+
+
+def harmful_maps(monkeypatch):
+    """Every gap's map becomes 50 times the identity, a branch output blown up 50-fold, with no cross-validation
+    to reject it gap by gap: only the check of the whole set can (on the tiny T5 the loss rises; a small scale
+    can lower a random model's loss)."""
+    solve = FoldedStatistics.solve
+
+    def blown_up(self, ridge):
+        total, _, used, _ = solve(self, ridge)
+        return total, 50.0 * torch.eye(total.d, dtype=torch.float64), used, {}
+
+    monkeypatch.setattr(FoldedStatistics, "solve", blown_up)
+
+
+def test_an_encoder_decoder_reports_the_held_out_check():
+    result = lorp_fx.prune_model(tiny_model("t5"), WINDOWS, T5, progress=False)
+    compensation = result.report["compensation"]
+    loss = compensation["calibration_loss"]
+    assert loss["held_out"] and loss["windows"] == 4
+    assert compensation["helps"] == (loss["compensated"] <= loss["uncompensated"]) == compensation["applied"]
+    assert bool(result.fits) == compensation["applied"]
+
+
+def test_an_encoder_decoder_does_not_fold_maps_that_hurt(monkeypatch, capsys):
+    harmful_maps(monkeypatch)
+    model = tiny_model("t5")
+    plain = lorp_fx.prune_model(tiny_model("t5"), WINDOWS, PruneConfig(remove=2, compensate="none", loss_windows=4),
+                                progress=False)
+    result = lorp_fx.prune_model(model, WINDOWS, T5, progress=False)
+    compensation = result.report["compensation"]
+    loss = compensation["calibration_loss"]
+    assert loss["compensated"] > loss["uncompensated"]
+    assert not compensation["helps"] and not compensation["applied"] and result.fits == []
+    assert compensation["method"] == "none" and "saved without it" in capsys.readouterr().err
+    assert result.plan.remove == plain.plan.remove
+    ours, theirs = result.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)  # the trial fold was undone
+
+
+def test_an_explicit_method_on_an_encoder_decoder_is_folded_even_where_it_hurts(monkeypatch, capsys):
+    harmful_maps(monkeypatch)
+    result = lorp_fx.prune_model(tiny_model("t5"), WINDOWS, PruneConfig(remove=2, compensate="cosine", loss_windows=4),
+                                 progress=False)
+    compensation = result.report["compensation"]
+    assert not compensation["helps"] and compensation["applied"] and result.fits
+    assert "folded anyway" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_an_offloaded_model_decides_as_one_in_memory(tmp_path, family):
+    """A model with every weight on disk has no judge; its check gives the in-memory judge's losses and
+    decision (on GPT-2 the maps hurt; on Qwen3 one gap's map is rejected on held-out sequences)."""
+    model_dir, text = saved_tiny(tmp_path, family), calibration_text(tmp_path)
+    args = ["prune", "--model", str(model_dir), "--remove", "2", "--calib-samples", "12", "--seq-len", "24",
+            "--calib-file", str(text), "--device", "cpu", "--dtype", "float32"]
+    assert main([*args, "--out", str(tmp_path / "memory")]) == 0
+    assert main([*args, "--device-map", "auto", "--max-memory", "cpu=1KB", "--offload-dir", str(tmp_path / "disk"),
+                 "--out", str(tmp_path / "offloaded")]) == 0
+    memory, offloaded = report(tmp_path / "memory"), report(tmp_path / "offloaded")
+    assert "device_map" in offloaded["device"] and "device_map" not in memory["device"]
+    assert offloaded["removed"] == memory["removed"]
+    for key in ("applied", "helps", "method"):
+        assert offloaded["compensation"][key] == memory["compensation"][key]
+    assert [g["fold_into"] for g in offloaded["compensation"]["gaps"]] == [g["fold_into"] for g in memory["compensation"]["gaps"]]
+    for key in ("compensated", "uncompensated"):
+        assert abs(offloaded["compensation"]["calibration_loss"][key] - memory["compensation"]["calibration_loss"][key]) < 1e-5
