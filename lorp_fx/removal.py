@@ -5,7 +5,8 @@ answer to (`candidate_loss.CandidateLoss`: compensated when compensation is on).
 `remove_and_compensate` removes the plan's layers from the eager model, checks the
 result against the fx-pruned graph on one window, and folds the gap maps: the
 judge's, only if they do not make its held-out calibration loss worse ("auto"), or
-a `Compensator`'s where there is no judge.
+a `Compensator`'s where there is no judge, checked the same way (gap by gap on held-out
+sequences, then the set on the loss windows with maps fitted on the other windows).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     folds its maps after the fx self-check. `auto` falls back to none, with the reason,
     where the family cannot take a folded map; an explicit method fails instead. With a
     compensating `judge`, the maps are the judge's (fitted on every window) and are folded
-    only if the held-out compensated calibration loss is not worse than the plain one.
+    only if the held-out compensated calibration loss is not worse than the plain one; without
+    a judge, a `Compensator`'s maps are checked the same way (`_held_out_check`).
     Without a graph (an offloaded model) there is no fx self-check, and the fold units'
     weights are made resident first so that maps fold into them.
     """
