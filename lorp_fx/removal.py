@@ -212,3 +212,5 @@ def _make_fold_units_resident(model, plan: PruningPlan) -> None:
     stacks = stacks_of(model)
     for gap in find_gaps(stacks, removed_units(stacks, list(plan.remove))):
         make_resident(gap.fold_unit.module)
+        if gap.fold_unit.branch_norm is not None:  # Gemma: the per-channel map folds into the norm after the branch
+            make_resident(gap.fold_unit.branch_norm)

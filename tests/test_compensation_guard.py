@@ -65,10 +65,11 @@ def test_an_explicit_method_on_an_encoder_decoder_is_folded_even_where_it_hurts(
     assert "folded anyway" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "qwen3", "gemma3"])
 def test_an_offloaded_model_decides_as_one_in_memory(tmp_path, family):
     """A model with every weight on disk has no judge; its check gives the in-memory judge's losses and
-    decision (on GPT-2 the maps hurt; on Qwen3 one gap's map is rejected on held-out sequences)."""
+    decision (on GPT-2 the maps hurt; on Qwen3 one gap's map is rejected on held-out sequences; Gemma's
+    per-channel maps fold into the norm after the branch, which must be resident too)."""
     model_dir, text = saved_tiny(tmp_path, family), calibration_text(tmp_path)
     args = ["prune", "--model", str(model_dir), "--remove", "2", "--calib-samples", "12", "--seq-len", "24",
             "--calib-file", str(text), "--device", "cpu", "--dtype", "float32"]
