@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .compensation.api import GapFit
-from .compensation.solver import CV_FOLDS, FALLBACK_RIDGE, RIDGE_GRID, GapStatistics
+from .compensation.solver import CV_FOLDS, FALLBACK_RIDGE, RIDGE_GRID, GapStatistics, beats_no_map
 from .devices import float64_device
 
 
@@ -83,7 +83,7 @@ def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, 
         else:
             errors = cv_errors(parts, total)
             ridge = min(errors, key=errors.get)
-            if reject and errors[ridge] >= identity:
+            if reject and not beats_no_map(errors, identity):
                 return None
     transform = total.solve(float(ridge))
     return GapFit(

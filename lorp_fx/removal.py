@@ -16,13 +16,15 @@ import sys
 import torch
 from torch import nn
 
+from .batches import prepare_batches
 from .calibration import one_window_each
 from .candidate_loss import CandidateLoss, eager_fits
 from .compensation import CompensationError, Compensator, apply_compensation, check_compensable
+from .compensation.api import folded_on_trial
 from .config import PruneConfig
 from .devices import is_offloaded
 from .errors import CalibrationError
-from .loss import calibration_loss
+from .loss import calibration_loss, next_token_loss
 from .plan import PruningPlan
 from .rewrite import prune as prune_graph
 from .selectors import SELECTORS
@@ -122,7 +124,7 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
     fits = []
     if compensator is not None:
-        check = _held_out_check(surgery, plan, held_out, loss_windows)
+        check = _held_out_check(surgery, held_out, loss_windows)
         fold = check["apply"] or config.compensate != "auto"
         _note_unhelpful(method, check, fold)
         fits = compensator.apply(surgery) if fold else []
@@ -136,15 +138,9 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
 
 
 @torch.no_grad()
-def _held_out_check(surgery, plan: PruningPlan, held_out: Compensator, loss_windows: list[dict]) -> dict:
+def _held_out_check(surgery, held_out: Compensator, loss_windows: list[dict]) -> dict:
     """The pruned model's mean next-token loss on `loss_windows` without maps and with `held_out`'s
-    maps (fitted on the other windows) folded in; the fold is undone after measuring."""
-    from .batches import prepare_batches
-    from .compensation.fold import projections
-    from .compensation.structure import stacks_of
-    from .families import family_of
-    from .loss import next_token_loss
-
+    maps (fitted on the other windows) folded in on trial."""
     model = surgery.model
     calls = prepare_batches(model, loss_windows)
 
@@ -152,17 +148,8 @@ def _held_out_check(surgery, plan: PruningPlan, held_out: Compensator, loss_wind
         return sum(next_token_loss(model, call) for call in calls) / len(calls)
 
     plain = mean_loss()
-    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
-    width, family = held_out.setup.d, family_of(model)
-    touched = [p.param for fit in held_out.fits
-               for p in projections(model, family, units[surgery.rename(fit.fold_into)], width, fit.form)]
-    saved = [param.detach().clone() for param in touched]
-    try:
-        apply_compensation(surgery, plan, held_out.fits)
+    with folded_on_trial(surgery, held_out.fits):
         compensated = mean_loss()
-    finally:
-        for param, original in zip(touched, saved):
-            param.copy_(original)
     return {"compensated_loss": compensated, "uncompensated_loss": plain, "apply": compensated <= plain}
 
 

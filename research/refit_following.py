@@ -45,7 +45,7 @@ def refit_following(dense_model, indices, batches) -> tuple[dict, dict, list[dic
     from lorp_fx.compensation import compensate
     from lorp_fx.compensation.capture import Capture
     from lorp_fx.compensation.fold import fold, projections
-    from lorp_fx.compensation.solver import FoldedStatistics
+    from lorp_fx.compensation.solver import FoldedStatistics, beats_no_map
     from lorp_fx.compensation.structure import stacks_of
     from lorp_fx.families import family_of
 
@@ -73,7 +73,7 @@ def refit_following(dense_model, indices, batches) -> tuple[dict, dict, list[dic
             row += batch["input_ids"].shape[0]
         total, transform, ridge, cv_errors = statistics.solve("auto")
         before = total.relative_error(None)
-        folded = not cv_errors or min(cv_errors.values()) < before
+        folded = not cv_errors or beats_no_map(cv_errors, before)
         if folded:
             fold(projections(model, family, stack.units[p], width, "full"), transform, family.norm_weight_offset)
         log.append({"unit": unit.full_name, "error_before": before,

@@ -8,6 +8,7 @@ pruned model. See docs/compensation.md for the method and its measured effect.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -21,8 +22,8 @@ from ..families import family_of
 from ..plan import PruningPlan
 from ..surgery import Surgery, remove_layers
 from .capture import Capture
-from .fold import fold, projections, verify_folds
-from .solver import FoldedStatistics, check_method, fold_count
+from .fold import Projection, fold, projections, verify_folds
+from .solver import FoldedStatistics, beats_no_map, check_method, fold_count
 from .structure import Gap, Stack, check_compensable, find_gaps, removed_units, stacks_of
 
 DEFAULT_METHOD = "cosine"
@@ -101,7 +102,7 @@ class _Setup:
     def fit(self, gap: Gap, stats: FoldedStatistics, unit_names: list[str]) -> GapFit | None:
         """The gap's map; None with `reject_unhelpful` where no ridge beats no map on held-out sequences."""
         total, transform, ridge, cv_errors = stats.solve(self.ridge)
-        if self.reject_unhelpful and cv_errors and min(cv_errors.values()) >= total.relative_error(None):
+        if self.reject_unhelpful and cv_errors and not beats_no_map(cv_errors, total.relative_error(None)):
             return None
         return GapFit(
             removed=list(gap.removed), fold_into=gap.fold_unit.full_name, projections=unit_names,
@@ -131,17 +132,38 @@ def fit_compensation(
 
 def apply_compensation(pruned: Surgery, plan: PruningPlan | list[str], fits: list[GapFit]) -> nn.Module:
     """Fold fitted maps into `pruned` (the `Surgery` that removed `plan`), in place; returns the model."""
-    if not fits:
-        return pruned.model
-    model, family = pruned.model, family_of(pruned.model)
-    units = {u.full_name: u for s in stacks_of(model) for u in s.units}
-    d = _width(model)
+    if fits:
+        offset = family_of(pruned.model).norm_weight_offset
+        for fit, found in zip(fits, _fold_targets(pruned, fits)):
+            fold(found, fit.transform, offset)
+    return pruned.model
+
+
+@contextmanager
+def folded_on_trial(pruned: Surgery, fits: list[GapFit]):
+    """`fits` folded into `pruned` while the block runs (to measure them); the weights they touch are
+    restored bit for bit afterwards."""
+    touched = [p.param for found in _fold_targets(pruned, fits) for p in found]
+    saved = [param.detach().clone() for param in touched]
+    try:
+        yield apply_compensation(pruned, [], fits)
+    finally:
+        with torch.no_grad():
+            for param, original in zip(touched, saved):
+                param.copy_(original)
+
+
+def _fold_targets(pruned: Surgery, fits: list[GapFit]) -> list[list[Projection]]:
+    """Per fit, the pruned model's parameters its map folds into (`fold.projections`)."""
+    model = pruned.model
+    family, units, d = family_of(model), {u.full_name: u for s in stacks_of(model) for u in s.units}, _width(model)
+    found = []
     for fit in fits:
         target = pruned.rename(fit.fold_into)
         if target not in units:
             raise CompensationError(f"the pruned model has no unit {target} to fold the map of {fit.fold_into} into")
-        fold(projections(model, family, units[target], d, fit.form), fit.transform, family.norm_weight_offset)
-    return model
+        found.append(projections(model, family, units[target], d, fit.form))
+    return found
 
 
 class Compensator:

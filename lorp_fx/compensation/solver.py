@@ -46,6 +46,12 @@ def fold_count(ridge) -> int:
     return 1
 
 
+def beats_no_map(cv_errors: dict, identity_error: float) -> bool:
+    """Whether the best ridge's cross-validated error is below that of leaving the gap alone (T = I):
+    what `--compensate auto` asks of a gap's map before folding it."""
+    return min(cv_errors.values()) < identity_error
+
+
 class GapStatistics:
     """Streaming normal equations of one gap: A = sum w m m^T, B = sum w m r^T, and error sums."""
 
