@@ -291,9 +291,9 @@ class CandidateLoss:
         return self._fits[key]
 
     def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
-               removed: frozenset[int] = frozenset(), maps: dict | None = None) -> GapFit | None:
+               removed: frozenset[int] = frozenset(), maps: dict | None = None, reject: bool | None = None) -> GapFit | None:
         """Fit gap first..last: the fold unit's input and output from `view` (the model without
-        `removed`, with `maps`), the target from `dense`."""
+        `removed`, with `maps`), the target from `dense`; `reject` defaults to the judge's."""
         if not self._foldable(first):
             return None
         units = self.runner.units
@@ -301,7 +301,8 @@ class CandidateLoss:
                   self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches)]
         masks = [b.get("attention_mask") for b in batches]
         names = [units[u].name for u in range(first, last + 1)]
-        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, self.reject, self.form)
+        reject = self.reject if reject is None else reject
+        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form)
 
     def fits(self, removed: Iterable[str]) -> list[GapFit]:
         """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
@@ -311,13 +312,17 @@ class CandidateLoss:
     def final_fits(self, removed: Iterable[str], *, sequential: bool = False) -> list[GapFit]:
         """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
         more tokens than the fit windows alone), from cached states: dense-view maps cost no
-        pass, sequential ones about one pass without the head."""
+        pass, sequential ones about one pass without the head. They close exactly the gaps that
+        the measured maps (`fits`, which `compensation_report` judged) close: a gap whose map was
+        dropped there stays open, and a kept one is not dropped by the refit's own cross-validation,
+        so what ships is what was checked, refitted on more tokens."""
         self._check_not_released()
         if self.fit_on == "all":
             states, batches = self._fit_states, self.fit_batches
         else:
             states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
-        return self._fit_all(removed, states, batches, sequential)
+        checked = {gap for gap in self.gaps(self.runner.units_of(removed)) if self._fit(*gap) is not None}
+        return self._fit_all(removed, states, batches, sequential, only=checked)
 
     @torch.no_grad()
     def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
@@ -326,11 +331,15 @@ class CandidateLoss:
         return self._fit_all(removed, self._fit_states, self.fit_batches, True)
 
     @torch.no_grad()
-    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool) -> list[GapFit]:
+    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool,
+                 only: set | None = None) -> list[GapFit]:
+        """The maps of `removed`'s gaps; with `only`, of those gaps alone, none of them rejected."""
         self._check_not_released()
         units = self.runner.units_of(removed)
         fits, maps, view, resume_at = [], {}, dense, None
         for first, last in self.gaps(units):
+            if only is not None and (first, last) not in only:
+                continue
             if sequential and maps:  # the pruned model's states up to this gap, earlier maps folded in
                 start = self._checkpoint(resume_at)
                 view = [
@@ -340,7 +349,7 @@ class CandidateLoss:
                     for batch, s in zip(batches, view)
                 ]
             fit = self._solve(first, last, view, dense, batches, units if sequential else frozenset(),
-                              maps if sequential else None)
+                              maps if sequential else None, reject=False if only is not None else None)
             if fit is not None:
                 fits.append(fit)
                 maps[first - 1] = fit.transform.float()

@@ -109,12 +109,16 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
         try:
             if is_offloaded(model):
                 _make_fold_units_resident(model, plan)
-            # As the judge: "auto" leaves a gap open where its map does not beat none on held-out sequences.
+            # As the judge: "auto" leaves a gap open where its map does not beat none on held-out sequences,
+            # decided on the other windows, whose maps judge compensation on the loss windows held out; the
+            # maps folded close the same gaps, refitted on every window.
             reject = config.compensate == "auto"
-            compensator = Compensator(model, plan, windows, method, progress=progress, reject_unhelpful=reject)
-            # The maps of the other windows, to judge compensation on the loss windows held out (as the judge does).
-            held_out = (Compensator(model, plan, fit_windows, method, progress=progress, reject_unhelpful=reject)
-                        if fit_windows else compensator)
+            compensator = Compensator(model, plan, windows, method, progress=progress,
+                                      reject_unhelpful=reject and not fit_windows)
+            held_out = compensator
+            if fit_windows:
+                held_out = Compensator(model, plan, fit_windows, method, progress=progress, reject_unhelpful=reject)
+                compensator.keep_gaps_of(held_out.fits)
         except CompensationError as error:
             if config.compensate != "auto":
                 raise

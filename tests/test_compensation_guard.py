@@ -84,3 +84,23 @@ def test_an_offloaded_model_decides_as_one_in_memory(tmp_path, family):
     assert [g["fold_into"] for g in offloaded["compensation"]["gaps"]] == [g["fold_into"] for g in memory["compensation"]["gaps"]]
     for key in ("compensated", "uncompensated"):
         assert abs(offloaded["compensation"]["calibration_loss"][key] - memory["compensation"]["calibration_loss"][key]) < 1e-5
+
+
+def test_without_a_judge_the_folded_maps_close_the_gaps_the_held_out_check_measured():
+    """The no-judge path (offloaded models, encoder-decoders) folds maps refitted on every window for the
+    gaps whose held-out maps were checked, and no others: on this tiny Llama the held-out fit leaves the gap
+    of layer 4 open, where cross-validation on every window alone would fold a map into layer 3."""
+    from lorp_fx.calibration import one_window_each
+    from lorp_fx.compensation import Compensator
+    from lorp_fx.plan import PruningPlan
+    from lorp_fx.removal import remove_and_compensate
+
+    plan = PruningPlan(remove=["model.layers.4"], method="given")
+    batches = [{"input_ids": WINDOWS[i : i + 4]} for i in range(0, 12, 4)]
+    windows = one_window_each(batches)
+    everywhere = Compensator(tiny_model("llama", layers=6), plan, windows, "cosine", reject_unhelpful=True).fits
+    held_out = Compensator(tiny_model("llama", layers=6), plan, windows[4:], "cosine", reject_unhelpful=True).fits
+    assert [f.fold_into for f in everywhere] == ["model.layers.3.mlp"] and held_out == []  # the case in point
+    _, fits, _, compensation, _ = remove_and_compensate(tiny_model("llama", layers=6), None, plan, batches,
+                                                        PruneConfig(remove=1, compensate="auto", loss_windows=4), False)
+    assert fits == [] and compensation["gaps"] == []

@@ -190,6 +190,12 @@ class Compensator:
     def names(self) -> list[str]:
         return self.setup.names
 
+    def keep_gaps_of(self, checked: list[GapFit]) -> None:
+        """Keep only the maps of the gaps `checked` (another fit of the same plan) closes: the gaps a
+        held-out check judged, so that what is folded is what was checked, refitted on more tokens."""
+        closed = {fit.fold_into for fit in checked}
+        self.fits = [fit for fit in self.fits if fit.fold_into in closed]
+
     def apply(self, pruned: Surgery) -> list[GapFit]:
         """Fold the maps into `pruned` (the surgery that removed the plan) in place; the fits, in depth order."""
         if self.sequential:
