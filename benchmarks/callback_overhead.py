@@ -75,7 +75,7 @@ def main() -> None:
     plain, observed, first = [], [], []
     for _ in range(args.rounds):
         plain += run(CausalLM(model), loader)
-        times = run(CausalLM(model), loader, LoRPCallback(n_remove=3, method="shortgpt", loss_batches=0))
+        times = run(CausalLM(model), loader, LoRPCallback(n_remove=3, method="shortgpt"))
         first.append(times[0])
         observed += times[1:]
     plain_median, observed_median = statistics.median(plain), statistics.median(observed)

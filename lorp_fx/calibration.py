@@ -28,7 +28,12 @@ Calibration = torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike] | N
 
 def check_vocabulary(model: nn.Module, windows: torch.Tensor) -> None:
     vocabulary = model.get_input_embeddings().num_embeddings
-    if windows.numel() and (int(windows.max()) >= vocabulary or int(windows.min()) < 0):
+    if not windows.numel():
+        return
+    if int(windows.min()) < 0:
+        raise InputMismatchError(f"token id {int(windows.min())} is negative: token ids are indices into the model's "
+                                 f"{vocabulary} embeddings, 0 to {vocabulary - 1}")
+    if int(windows.max()) >= vocabulary:
         raise InputMismatchError(
             f"the tokenizer produces token id {int(windows.max())} but the model has {vocabulary} embeddings: "
             "tokenizer and model do not match"
@@ -37,6 +42,16 @@ def check_vocabulary(model: nn.Module, windows: torch.Tensor) -> None:
 
 def encoder_decoder(model: nn.Module) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def causal_lm(model: nn.Module) -> bool:
+    """Whether `model` predicts the next token, as the calibration loss, self-calibration and perplexity
+    assume: not an encoder-decoder, and a `transformers` model that can generate (a masked LM such as
+    `BertForMaskedLM` cannot; `BertLMHeadModel` can). Any other network is taken at its outputs."""
+    if encoder_decoder(model):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
 
 
 def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: bool, seq_len: int | None = None):

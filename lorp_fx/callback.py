@@ -14,13 +14,14 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .budget import budget_from_ratio, check_budget
-from .errors import BudgetError, CalibrationError, ConfigError, LoRPError, SelectorError
+from .errors import BudgetError, CalibrationError, ConfigError, LoRPError, NotRemovableError, SelectorError
+from .families import whole_layers_only
 from .loss import OutputLoss, as_loss, loss_on_calls, next_token_cross_entropy
 from .network_call import NetworkCall
 from .observe import ResidualObserver
 from .plan import PruningPlan
-from .pruned_network import pruned_network
-from .selectors import DEFAULT_METHOD, SELECTORS, check_options, select
+from .pruned_network import is_transformers_model, pruned_network
+from .selectors import DEFAULT_METHOD, SELECTORS, check_options, resolve_k, select
 from .selectors._common import protected_indices
 from .stats import LayerStatistics, SimilarityAccumulator
 
@@ -72,7 +73,10 @@ class LoRPCallback(Callback):
         n_remove: number of blocks to remove; or `ratio`, a fraction of the blocks.
         method: a name from `lorp_fx.SELECTORS`.
         granularity: "layer" or "sublayer" (attention and MLP separately).
-        apply: hand the LightningModule the pruned network when the loop ends.
+        apply: hand the LightningModule the pruned network when the loop ends (True or
+            False; 1 and 0 are taken for them). A `transformers` network of a family
+            that removes whole layers only (post-norm, such as BERT) is refused with
+            `granularity="sublayer"` when the callback first sees it, before calibrating.
         stage: the Lightning stage that calibrates: "validate", "fit", "test" or "predict".
         loss_fn: `loss_fn(output, inputs) -> scalar` for loss-judged methods where
             next-token cross-entropy is not defined.
@@ -85,7 +89,13 @@ class LoRPCallback(Callback):
         measure_loss: False chooses from the statistics alone even with a loss-judged
             method that can do without (`lorp`; `sleb` cannot), as `prune_model` does
             for encoder-decoders, which have no causal-LM loss.
-        protected, seed, n_clusters: passed to the selector.
+        protected, seed, n_clusters: passed to the selector (`protected`: a block name or
+            index, or a list of them; `seed`: a whole number >= 0; `n_clusters`: a whole
+            number >= 1, at most the number of blocks, checked on the first batch).
+
+    Every argument is checked here, and whatever depends on the network (budget,
+    protected blocks, n_clusters, whether `apply` can remove sublayers) when the
+    callback first sees it, before any statistics are collected.
     """
 
     def __init__(
@@ -112,6 +122,8 @@ class LoRPCallback(Callback):
             raise BudgetError(f"n_remove must be a whole number of blocks, at least 1, got {n_remove!r}")
         if ratio is not None:
             budget_from_ratio(10, ratio)  # validates the range
+        if not isinstance(method, str) or method not in SELECTORS:
+            raise SelectorError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
         if granularity not in ("layer", "sublayer"):
             raise ConfigError(f"granularity must be 'layer' or 'sublayer', not {granularity!r}")
         if stage not in STAGES:
@@ -120,6 +132,15 @@ class LoRPCallback(Callback):
             raise ConfigError(f"loss_batches must be a whole number of calls, at least 1, got {loss_batches!r}")
         given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
         check_options(method, given, require=False)
+        _check_selector_values(given)
+        if not (isinstance(apply, (bool, np.bool_)) or (isinstance(apply, int) and apply in (0, 1))):
+            raise ConfigError(f"apply must be True or False (hand the LightningModule the pruned network or not), got {apply!r}")
+        if not isinstance(attribute, str) or not attribute.isidentifier():
+            raise ConfigError(f"attribute must be the name of the LightningModule attribute that holds the network, "
+                              f"such as 'model', got {attribute!r}")
+        if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
+                                      or isinstance(os.fspath(plan_path), bytes)):
+            raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
         if not isinstance(measure_loss, bool):
             raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
         if not measure_loss and "loss_fn" in SELECTORS[method].required:
@@ -136,7 +157,7 @@ class LoRPCallback(Callback):
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError(f"loss_fn must be a function (output, inputs) -> loss, not {type(loss_fn).__name__}")
         self.n_remove, self.ratio, self.method, self.granularity = n_remove, ratio, method, granularity
-        self.apply, self.stage, self.loss_fn, self.attribute = apply, stage, loss_fn, attribute
+        self.apply, self.stage, self.loss_fn, self.attribute = bool(apply), stage, loss_fn, attribute
         self.loss_batches = loss_batches
         self.plan_path = None if plan_path is None else Path(plan_path)
         self.selector_options = given
@@ -174,6 +195,9 @@ class LoRPCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._failed = False
+        network = getattr(pl_module, self.attribute, None)
+        if stage == self.stage and self._plan is None and isinstance(network, torch.nn.Module):
+            self._check_network(network)  # before any loop; a network made later is checked when its loop starts
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Swap the network for an observer, in the calibrating stage and only until a plan exists."""
@@ -183,6 +207,7 @@ class LoRPCallback(Callback):
         if self._plan is not None:
             self._check_same_module(pl_module, network)
             return
+        self._check_network(network)
         self._original, self._module = network, weakref.ref(pl_module)
         self._calls, self._first_call_checked, self._batches_seen = [], False, 0
         self._observer = ResidualObserver(network, self.granularity, on_call=self._on_network_call)
@@ -268,6 +293,8 @@ class LoRPCallback(Callback):
             return
         self._first_call_checked = True
         self._check_budget(self._observer.blocks)
+        if "n_clusters" in self.selector_options:
+            resolve_k(len(self._observer.blocks), self.selector_options["n_clusters"], rls=0.0)  # SelectorError if too many
         if self.judges_by_loss:
             self._check_loss(call, output)
 
@@ -307,6 +334,15 @@ class LoRPCallback(Callback):
             )
 
     # ------------------------------------------------------------------ helpers
+
+    def _check_network(self, network: torch.nn.Module) -> None:
+        """What `prune_model` refuses before any work: sublayers of a family that removes whole layers only
+        (`apply` removes them from the eager `transformers` model; other networks get the pruned graph)."""
+        if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
+            return
+        why = whole_layers_only(getattr(getattr(network, "config", None), "model_type", None))
+        if why is not None:
+            raise NotRemovableError(f"cannot prune {type(network).__name__} by sublayers: {why}; use granularity='layer'")
 
     def _network(self, pl_module: LightningModule) -> torch.nn.Module:
         network = getattr(pl_module, self.attribute, None)
@@ -361,11 +397,34 @@ class LoRPCallback(Callback):
         reduce, device = trainer.strategy.reduce, trainer.strategy.root_device  # NCCL reduces device tensors only
 
         def loss(removed: list[str]) -> float:
-            value, count = (local(removed), 1.0) if local is not None else (0.0, 0.0)
+            # Weighted by this rank's calls (its loss is their mean): ranks may hold unequal numbers of loss batches.
+            value, count = (local(removed), float(len(self._calls))) if local is not None else (0.0, 0.0)
             total = reduce(torch.tensor([value * count, count], dtype=torch.float64, device=device), reduce_op="sum")
             return float(total[0] / total[1])
 
         return loss
+
+
+def _check_selector_values(options: dict[str, Any]) -> None:
+    """The selector options whose values alone can be wrong; names and ranges that depend on the network
+    (protected blocks, n_clusters above the block count) are checked on the first batch."""
+    if "seed" in options and not _whole(options["seed"], 0):
+        raise ConfigError(f"seed must be a whole number >= 0 (numpy's random generator seed), got {options['seed']!r}")
+    if "n_clusters" in options and not _whole(options["n_clusters"], 1):
+        raise SelectorError(f"n_clusters={options['n_clusters']!r} must be a whole number of clusters, at least 1; "
+                            "leave it unset to choose K from RLS")
+    if "protected" in options:
+        protected = options["protected"]
+        items = [protected] if isinstance(protected, (str, int, np.integer)) else protected
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) or _whole(i, None) for i in items):
+            raise ConfigError(f"protected must be a block name or index, or a list of them (such as "
+                              f"['model.layers.0', -1]), got {protected!r}")
+
+
+def _whole(value: Any, minimum: int | None) -> bool:
+    """A whole number (not a bool) of at least `minimum` (None: any)."""
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and (minimum is None or value >= minimum))
 
 
 def _first_line(error: BaseException) -> str:

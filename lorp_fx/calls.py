@@ -69,6 +69,7 @@ class TracedCall:
     parameters: list[TracedParameter]
     tensors: list[str]  # graph inputs, in the order the graph's input spec flattens them
     rank: dict[str, int] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # of the traced tensors (the graph checks them exactly)
     sizes: list[SizeRule] = field(default_factory=list)
     var_keyword: bool = False
     chosen: dict[str, str] = field(default_factory=dict)  # fixed arguments lorp_fx picked, and why
@@ -97,7 +98,7 @@ class TracedCall:
                 raise InputMismatchError(
                     f"{self.model} graph: missing input {p.name!r}; the graph was traced with a tensor for it, pass one"
                 )
-        tensors = tuple(given[name] for name in self.tensors)
+        tensors = tuple(self._as_traced_dtype(name, given[name]) for name in self.tensors)
         self._check_sizes(tensors)
         return tensors
 
@@ -144,6 +145,22 @@ class TracedCall:
             raise FixedArgumentError(
                 f"{param.name}={_show(value)} was not passed when this graph was traced; " + _again(param.name, value)
             )
+
+    def _as_traced_dtype(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` in the dtype the graph was traced with, where the model itself would read it the same way:
+        token ids and masks as any integer or bool dtype, or as floats holding whole numbers (a 0./1. mask).
+        Anything else (fractional values for an integer input, ids for a float input) is refused here, in
+        one line, instead of by the graph's own dtype guard deep inside torch."""
+        traced = self.dtypes.get(name)
+        if traced is None or value.dtype == traced:
+            return value
+        integral = not (traced.is_floating_point or traced.is_complex)
+        if integral and (not value.dtype.is_floating_point or bool((value == value.trunc()).all())):
+            return value.to(traced)
+        raise InputMismatchError(
+            f"{name} has dtype {str(value.dtype).removeprefix('torch.')}, but this graph was traced with "
+            f"{str(traced).removeprefix('torch.')}; pass {name} as {str(traced).removeprefix('torch.')}"
+        )
 
     def _check_sizes(self, tensors: tuple) -> None:
         by_name = dict(zip(self.tensors, tensors))

@@ -118,7 +118,13 @@ def _device_arguments(parser: argparse.ArgumentParser, processes: bool = False) 
     parser.add_argument("--device-map", choices=DEVICE_MAPS,
                         help="spread a model too large for one device over the GPUs, the CPU and disk (accelerate)")
     parser.add_argument("--max-memory", metavar="DEV=SIZE,...", help="with --device-map: what each device may hold, e.g. 0=20GiB,cpu=30GiB")
-    parser.add_argument("--offload-dir", type=Path, help="with --device-map: where weights that fit nowhere else go (default: a temporary folder)")
+    parser.add_argument("--offload-dir", help="with --device-map: where weights that fit nowhere else go (default: a temporary folder)")
+
+
+def _check_dtype(source, placement) -> None:
+    from .families import check_dtype
+
+    check_dtype(getattr(source.config, "model_type", None), placement.dtype)
 
 
 def placement_of(args: argparse.Namespace):
@@ -197,9 +203,19 @@ def run_prune(args: argparse.Namespace) -> int:
     check_numbers(args)  # named by their flags, before PruneConfig names them by field
     config = prune_config(args)
     placement = placement_of(args)
+    if placement.device_map is not None:
+        from .offload import check_offload_granularity
+
+        check_offload_granularity(config.granularity)  # whether or not the weights end up offloaded
+    if args.devices is not None and -(-config.calib_samples // config.batch_size) < args.devices:
+        batches = -(-config.calib_samples // config.batch_size)
+        raise ConfigError(f"--devices {args.devices} needs at least {args.devices} calibration batches, one per process; "
+                          f"--calib-samples {config.calib_samples} at --batch-size {config.batch_size} makes {batches}: "
+                          "raise --calib-samples, or lower --batch-size or --devices")
     if args.devices is not None and args.eval_file is not None:
         raise ConfigError("--eval-file is not measured under --devices; evaluate the written checkpoint with lorp-fx eval")
     ready = preflight(args)  # every check before the weights load; one line and exit 2
+    _check_dtype(ready.source, placement)
     gguf = None if args.no_gguf else _gguf_source(ready.source)
     tokenizer = ready.tokenizer
     model = load_placed(ready.source, tokenizer, placement, processes=args.devices is not None)
@@ -257,6 +273,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
     placement = placement_of(args)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
+    _check_dtype(ready.source, placement)
     tokenizer = ready.tokenizer
     model = load_placed(ready.source, tokenizer, placement)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)

@@ -71,6 +71,10 @@ class PruneConfig:
             raise ConfigError(f"selector_options must be a mapping of option names to values, got {type(self.selector_options).__name__}")
         if "loss_fn" in self.selector_options:
             raise ConfigError("selector_options cannot set loss_fn: the pipeline measures the calibration loss itself")
+        if "seed" in self.selector_options:  # the pipeline passes config.seed, which would silently win
+            raise ConfigError("selector_options cannot set seed: set PruneConfig(seed=...) (--seed), which the selector uses")
+        if not isinstance(self.inplace, bool):
+            raise ConfigError(f"inplace must be True or False, got {self.inplace!r}")
         check_options(self.method, self.selector_options, require=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -51,6 +51,14 @@ def text_windows(tokenizer, paths, n_samples: int, seq_len: int) -> torch.Tensor
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_samples, seq_len)
 
 
+_PATHS_ONLY = "text is read from files: pass the path of a file holding it, not the text itself"
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_text_file(path, what: str = "text file") -> Path:
     """`path` as a Path if it is a readable regular file; CalibrationError naming the problem otherwise.
 
@@ -59,8 +67,13 @@ def check_text_file(path, what: str = "text file") -> Path:
     if path is None or not str(path).strip():
         raise CalibrationError(f"the {what} name is empty; name a text file")
     path = Path(path).expanduser()
-    if not path.exists():
-        raise CalibrationError(f"{what} {path} does not exist")
+    try:
+        exists = path.exists()
+    except OSError as error:  # a name too long for the file system, or otherwise unusable
+        raise CalibrationError(f"{what} {_short(path)} cannot be a file name ({error.strerror}); {_PATHS_ONLY}") from None
+    if not exists:
+        hint = f"; {_PATHS_ONLY}" if "\n" in str(path) or len(str(path).split()) > 3 else ""  # looks like prose
+        raise CalibrationError(f"{what} {_short(path)} does not exist{hint}")
     if path.is_dir():
         raise CalibrationError(f"{what} {path} is a directory; name a text file")
     if not os.access(path, os.R_OK):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -162,22 +163,38 @@ def available_cores() -> int:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def parse_max_memory(text: str | None) -> dict | None:
-    """"0=20GiB,cpu=30GiB" -> {0: "20GiB", "cpu": "30GiB"}: what each device may hold under --device-map."""
+    """"0=20GiB,cpu=30GiB" -> {0: 20 * 2**30, "cpu": 30 * 2**30}: the bytes each device may hold under
+    --device-map (sizes in bytes, so accelerate reads every accepted spelling the same way). Each device
+    once, and only devices this machine has: a GPU index below the GPU count, cpu, or mps where it runs."""
     if text is None:
         return None
     limits: dict = {}
     for part in str(text).split(","):
         key, sep, size = part.partition("=")
         key = key.strip().lower()
-        if not sep or not _SIZE.match(size):
+        match = _SIZE.match(size)
+        if not sep or not match:
             raise DeviceError(f"--max-memory entry {part.strip()!r} is not DEVICE=SIZE; write e.g. 0=20GiB,cpu=30GiB")
         if key.isdigit():
-            limits[int(key)] = size.strip()
-        elif key in ("cpu", "mps", "disk"):
-            limits[key] = size.strip()
-        else:
-            raise DeviceError(f"--max-memory device {key!r} is not a GPU index, cpu or mps; write e.g. 0=20GiB,cpu=30GiB")
+            key = int(key)
+            if key >= torch.cuda.device_count():
+                raise DeviceError(f"--max-memory names GPU {key}, but this machine has {torch.cuda.device_count()} CUDA "
+                                  "GPU(s); name only devices it has")
+        elif key == "mps":
+            if not _mps_available():
+                raise DeviceError("--max-memory names mps, which this machine does not have; name only devices it has")
+        elif key != "cpu":
+            raise DeviceError(f"--max-memory device {key!r} is not a GPU index, cpu or mps (disk takes what fits nowhere "
+                              "else); write e.g. 0=20GiB,cpu=30GiB")
+        if key in limits:
+            raise DeviceError(f"--max-memory names {key} twice; give each device once")
+        number, unit = match.groups()
+        limits[key] = int(float(number) * _UNITS[(unit or "").lower()])
     return limits
 
 
@@ -187,6 +204,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", *, devices: int
     resolved = resolve_device(device)
     if strategy not in STRATEGIES:
         raise DeviceError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if devices is None and strategy != "ddp":  # ddp is the default, also in recipes written without --devices
+        raise DeviceError(f"--strategy {strategy} only applies with --devices N; add --devices or drop --strategy")
     if devices is not None and strategy == "fsdp" and resolved.type != "cuda":
         raise DeviceError(f"--strategy fsdp runs on CUDA GPUs only (Lightning refuses FSDP on {resolved.type}); use --strategy ddp here")
     if device_map is not None:
@@ -235,7 +254,7 @@ def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
     from .errors import ModelLoadError
     from .models import finish_loading, model_class
 
-    offload_dir = placement.offload_dir or temporary_offload_dir()
+    offload_dir = offload_folder(placement.offload_dir)
     try:
         model, info = model_class(source.config).from_pretrained(
             source.location, dtype=placement.dtype, device_map=placement.device_map, max_memory=placement.max_memory,
@@ -248,27 +267,38 @@ def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
     return finish_loading(model, info, source, tokenizer)
 
 
-def temporary_offload_dir() -> str:
-    """A folder for offloaded weights that is removed when the process exits (it can hold a model's worth of weights)."""
+def offload_folder(parent: str | None) -> str:
+    """A fresh, empty folder for this run's offloaded weights, removed when the process exits (it can hold a
+    model's worth of weights): inside `parent` (--offload-dir, created if missing), else in the system's
+    temporary folder. Never `parent` itself: accelerate reads any index.json it finds in the folder it is
+    given, so weights that another run or model left there would be used silently."""
     import atexit
     import shutil
     import tempfile
 
-    path = tempfile.mkdtemp(prefix="lorp-fx-offload-")
+    if parent is not None:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    path = tempfile.mkdtemp(prefix="lorp-fx-offload-", dir=parent)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
 def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
-    """accelerate's device map: layers on the GPUs, then the CPU, then `offload_dir` on disk, within max_memory."""
+    """accelerate's device map: layers on the GPUs, then the CPU, then a fresh folder on disk, within max_memory."""
     from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import offload_state_dict
 
     no_split = getattr(model, "_no_split_modules", None) or []
     device_map = infer_auto_device_map(model, max_memory=placement.max_memory, no_split_module_classes=no_split,
                                        dtype=placement.dtype)
-    offload_dir = placement.offload_dir
-    if "disk" in device_map.values() and offload_dir is None:
-        offload_dir = temporary_offload_dir()
+    on_disk = [name for name, where in device_map.items() if where == "disk"]
+    offload_dir = None
+    if on_disk:
+        # The model's own weights are written first: accelerate writes none when the whole model goes to disk
+        # (the device map {"": "disk"}), and then looked for an index.json that was not there.
+        offload_dir = offload_folder(placement.offload_dir)
+        offload_state_dict(offload_dir, {key: tensor for key, tensor in model.state_dict().items()
+                                         if any(name in ("", key) or key.startswith(name + ".") for name in on_disk)})
     model = dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
     model.hf_device_map = dict(device_map)
     return model

@@ -32,9 +32,10 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     _check_embeddings(model, windows)
+    _check_causal(model)
     device = _device(model)
     total_nll, count = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in tqdm(windows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
             batch = batch.to(device)
             logits = _logits(model, batch)
@@ -43,6 +44,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
             total_nll += nll.item()
             count += batch[:, 1:].numel()
     return exp_or_inf(total_nll / count)
+
+
+def _check_causal(model) -> None:
+    """A masked LM or an encoder-decoder has no next-token perplexity: refused, not measured as if it had."""
+    from .calibration import causal_lm
+
+    if isinstance(model, nn.Module) and hasattr(model, "can_generate") and not causal_lm(model):
+        raise ConfigError(f"perplexity is the next-token perplexity of a causal LM; {type(model).__name__} is not one")
 
 
 def exp_or_inf(mean_nll: float) -> float:
@@ -103,16 +112,16 @@ def _device(model) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(model):
-    """Eval mode for the duration (dropout off), the previous mode restored afterwards."""
-    was_training = isinstance(model, nn.Module) and model.training
-    if was_training:
+def eval_mode(model):
+    """Eval mode for the duration (dropout off); every module's own mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
+    if any(modes.values()):
         try:
             model.eval()
         except NotImplementedError:  # graphs from torch.export: their mode was fixed at export
-            was_training = False
+            modes = {}
     try:
         yield
     finally:
-        if was_training:
-            model.train()
+        for module, training in modes.items():
+            module.training = training

@@ -4,9 +4,9 @@ A `Family` says where a `transformers` model keeps its residual layers, which
 residual sublayers ("units") each layer has and in what order, which module
 reads the stream entering each unit, which projections write a unit's branch
 output back to the stream, where the norms sit, and which config fields or
-weights depend on a layer's index. Checkpoint surgery (`surgery.py`),
-compensation (`compensation/`) and GGUF writing read this table and nothing
-else; adding a family is one entry here plus its tests.
+weights depend on a layer's index or on a stack's depth. Checkpoint surgery
+(`surgery.py`), compensation (`compensation/`) and GGUF writing read this table
+and nothing else; adding a family is one entry here plus its tests.
 
 A model whose `config.model_type` is not in the table gets `GENERIC`: its layer
 lists are found from the config's layer count, whole layers can be removed, and
@@ -57,6 +57,10 @@ class Family:
     # Hooks for what a layer derives from its index at construction time (see `renumber`).
     renumber_config: Callable | None = field(default=None, compare=False)
     renumber_layer: Callable | None = field(default=None, compare=False)
+    # Hook for what the model's configs need once every stack has its new depth (see `finish_configs`).
+    finish_config: Callable | None = field(default=None, compare=False)
+    # Why the family cannot be calibrated in float16 (None: it can).
+    no_float16: str | None = None
 
     @property
     def described(self) -> bool:
@@ -104,6 +108,35 @@ def _gpt2_inverse_index_scaling(layer: nn.Module, old_index: int, new_index: int
             attn.c_attn.weight[:, :width].mul_(ratio)
             attn.c_attn.bias[:width].mul_(ratio)
         attn.scaling = attn.scaling * (old_index + 1) / (new_index + 1)
+
+
+def _t5_decoder_cache_depth(model: nn.Module) -> None:
+    """Make T5's decoder KV cache as deep as the decoder, not the encoder.
+
+    `generate` (and the decoder stack, when called with `use_cache` and no cache)
+    sizes the cache from `config.get_text_config(decoder=True)`, whose layer count
+    is `num_hidden_layers`, which T5Config maps to `num_layers`: the encoder's
+    depth. An encoder left shallower than the decoder then gives a cache with too
+    few layers (IndexError in `generate`; a dense T5 with num_layers <
+    num_decoder_layers fails the same way). For a flat encoder-decoder config,
+    `get_text_config(decoder=True)` turns a `decoder_layers` field into the decoder
+    view's `num_hidden_layers` (the rule BART-style configs rely on), so recording
+    the decoder depth there sizes the cache right in memory and after
+    `from_pretrained`, while `num_layers` keeps the encoder depth its weights need.
+    Every copy is set: each T5 stack holds a deep copy of the model's config, and
+    the decoder stack's copy is the one it builds a cache from.
+    """
+    top = getattr(model, "config", None)
+    depth = getattr(top, "num_decoder_layers", None)
+    if not isinstance(depth, int):
+        return
+    configs = {id(top): top}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "num_decoder_layers"):
+            configs[id(config)] = config
+    for config in configs.values():
+        config.decoder_layers = depth
 
 
 # --------------------------------------------------------------------------- the table
@@ -170,6 +203,9 @@ T5 = Family(
     norm="pre",
     output_projections=frozenset({"o", "wo"}),
     causal_lm=False,
+    finish_config=_t5_decoder_cache_depth,
+    no_float16=("T5 clamps its activations in float16 against overflow, which hides its residual adds from the graph "
+                "(the blocks found are wrong); use bfloat16 or float32"),
 )
 BERT = Family(
     name="bert",
@@ -280,6 +316,17 @@ def layer_units(family: Family, layer: nn.Module) -> list[Unit]:
     return present
 
 
+def check_dtype(model_type: str | None, dtype) -> None:
+    """ConfigError where the family of `model_type` cannot be calibrated in `dtype` (from the config alone)."""
+    import torch
+
+    from .errors import ConfigError
+
+    why = _BY_MODEL_TYPE.get(model_type, GENERIC).no_float16
+    if dtype == torch.float16 and why is not None:
+        raise ConfigError(f"cannot calibrate a {model_type} model in float16: {why}")
+
+
 def whole_layers_only(model_type: str | None) -> str | None:
     """Why a model of `model_type` cannot lose single sublayers (None when it can).
 
@@ -313,6 +360,12 @@ def _maybe_submodule(module: nn.Module, path: str) -> nn.Module | None:
     except AttributeError:
         return None
     return found if isinstance(found, nn.Module) else None
+
+
+def finish_configs(family: Family, model: nn.Module) -> None:
+    """Apply the family's whole-model config fixes once every stack of `model` has its new depth."""
+    if family.finish_config is not None:
+        family.finish_config(model)
 
 
 def renumber(family: Family, config, layers: list[nn.Module], keep: list[int]) -> None:

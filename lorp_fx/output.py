@@ -189,6 +189,31 @@ def _check_not_an_input(out: Path, given: Path, protect: Iterable) -> None:
                                  "so it is refused even with overwrite: choose another output directory")
 
 
+def check_offload_location(offload_dir, out: Path | None, protect: Iterable = ()) -> Path:
+    """`--offload-dir` resolved, or OutputDirError: not empty, not a file, creatable, and neither the output
+    directory nor inside it (the output is replaced whole when written) nor inside an input. Only a fresh
+    folder inside it is written (`devices.offload_folder`), removed when the run ends."""
+    if not str(offload_dir).strip():
+        raise OutputDirError("--offload-dir is empty (an unset shell variable?); name a folder, or leave the option out "
+                             "for a temporary one")
+    folder = _resolve(Path(os.path.expanduser(str(offload_dir))), "--offload-dir")
+    if folder.exists() and not folder.is_dir():
+        raise OutputDirError(f"--offload-dir {folder} exists and is not a folder; name a folder")
+    if out is not None and (folder == out or out in folder.parents):
+        raise OutputDirError(f"--offload-dir {folder} is or lies inside the output directory {out}, which is written "
+                             "whole at the end; put offloaded weights elsewhere")
+    for item in protect:
+        path = _resolve(Path(os.path.expanduser(str(item))), "input path")
+        if folder == path or path in folder.parents:
+            raise OutputDirError(f"--offload-dir {folder} is or lies inside the input {path}; put offloaded weights elsewhere")
+    existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
+    if not existing.is_dir():
+        raise OutputDirError(f"cannot create --offload-dir {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write to --offload-dir {folder}: permission denied in {existing}")
+    return folder
+
+
 def _check_creatable(out: Path) -> None:
     existing = next(p for p in (out, *out.parents) if os.path.lexists(p))
     if not existing.is_dir():

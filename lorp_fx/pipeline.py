@@ -32,13 +32,14 @@ from torch import nn
 
 from .batches import token_batches
 from .budget import check_budget
-from .calibration import (Calibration, calibration_windows, check_vocabulary, encoder_decoder, on_device,
+from .calibration import (Calibration, calibration_windows, causal_lm, check_vocabulary, encoder_decoder, on_device,
                           one_window_each, residual_statistics, traced_blocks)
 from .candidate_loss import CandidateLoss
 from .compensation import GapFit, check_compensable
 from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
 from .devices import is_offloaded, model_device
+from .evaluate import eval_mode
 from .errors import CalibrationError, ConfigError, InputMismatchError, NotRemovableError
 from .families import whole_layers_only
 from .loss import calibration_loss, next_token_loss
@@ -60,7 +61,9 @@ class PruneResult:
     timings: dict[str, float]
     report: dict
     names: dict[str, str] = field(default_factory=dict)  # kept layers: old name -> new name
-    graph: torch.fx.GraphModule | None = field(default=None, repr=False)  # the traced dense graph (shares the weights)
+    # The traced dense graph. It shares the model's weights, so it is None where `inplace` pruning folded
+    # compensation maps into them (it would no longer compute the dense model) and for an offloaded model.
+    graph: torch.fx.GraphModule | None = field(default=None, repr=False)
     gguf: object | None = field(default=None, repr=False)  # the GGUFSource the model was read from, if any
 
     def folded_parameters(self) -> list[str]:
@@ -113,7 +116,23 @@ def prune_model(
       the device it is on; a model spread by accelerate (`hf_device_map`) is pruned
       through hooks (offload.py).
     """
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"config must be a lorp_fx.PruneConfig, got {type(config).__name__}; "
+                          "e.g. PruneConfig(remove=6), or PruneConfig.from_dict(...) for a mapping")
     check_model(model, config, calibration, tokenizer, evaluation)
+    # Token ids as the model's embedding takes them, whatever integer type they came in (checked above).
+    calibration = calibration.long() if isinstance(calibration, torch.Tensor) else calibration
+    evaluation = evaluation.long() if isinstance(evaluation, torch.Tensor) else evaluation
+    with eval_mode(model):  # no dropout in any pass: the result depends on the inputs and the seed alone
+        result = _prune(model, calibration, config, tokenizer, evaluation, gguf, progress)
+    if result.model is not model:  # a pruned copy made in eval mode: the caller's mode, as the model had it
+        result.model.train(model.training)
+    return result
+
+
+def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, tokenizer, evaluation, gguf,
+           progress: bool) -> PruneResult:
+    """`prune_model` after its checks, with the model in eval mode."""
     offloaded = is_offloaded(model)
     if offloaded:
         from .offload import check_offload_granularity
@@ -143,8 +162,11 @@ def prune_model(
         if judge is None and not offloaded:
             judge = candidate_judge(model, graph, batches, config, progress)
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
+        if offloaded:
+            note_uncompensated_selection(model, config, "the model is offloaded")
         plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
-                             config, progress, judge=judge, eager_model=model if offloaded else None)
+                             config, progress, judge=judge, eager_model=model if offloaded else None,
+                             judged=causal_lm(model))
     if gguf is not None:
         from .gguf_output import check_removal
 
@@ -163,7 +185,8 @@ def prune_model(
             before["tokens"] = int(evaluation.numel())
     report = build_report(plan, stats, windows, source, statistics_source, compensation, before, fx_difference,
                           (parameters_before, layers_before), pruned, clock, unit, config)
-    return PruneResult(pruned, plan, fits, clock.seconds, report, names, None if offloaded else graph, gguf)
+    dense_graph = None if offloaded or (config.inplace and fits) else graph
+    return PruneResult(pruned, plan, fits, clock.seconds, report, names, dense_graph, gguf)
 
 
 def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, source: str, statistics_source: str,
@@ -202,6 +225,9 @@ def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tenso
 
 def check_model(model: nn.Module, config: PruneConfig, calibration: Calibration, tokenizer, evaluation) -> None:
     """Everything that can be checked before any work: budget, compensation, calibration source, evaluation."""
+    from .families import check_dtype
+
+    check_dtype(getattr(getattr(model, "config", None), "model_type", None), next(model.parameters()).dtype)
     if config.granularity == "layer":
         check_budget(count_layers(model), config.remove if config.remove is not None else 1, what="layers")
     elif (why := whole_layers_only(getattr(getattr(model, "config", None), "model_type", None))) is not None:
@@ -209,23 +235,31 @@ def check_model(model: nn.Module, config: PruneConfig, calibration: Calibration,
     if config.compensate not in ("auto", "none"):
         check_compensable(model)  # an explicit method the family cannot take fails now, not after calibration
     is_text = isinstance(calibration, (str, os.PathLike)) or (
-        isinstance(calibration, Sequence) and not isinstance(calibration, torch.Tensor)
+        isinstance(calibration, Sequence) and not isinstance(calibration, (torch.Tensor, bytes))
+        and all(isinstance(p, (str, os.PathLike)) for p in calibration)
     )
+    if not (calibration is None or is_text or isinstance(calibration, torch.Tensor)):
+        raise ConfigError(f"calibration must be a (n, seq_len) tensor of token ids, the path of a text file (or a list "
+                          f"of paths), or None to let the model write its own; got {_kind(calibration)}")
+    if evaluation is not None and not isinstance(evaluation, torch.Tensor):
+        raise ConfigError(f"evaluation must be a (n, seq_len) tensor of token ids, got {_kind(evaluation)}")
     if (calibration is None or is_text) and tokenizer is None:
         raise ConfigError("reading calibration text or sampling it from the model needs the model's tokenizer: pass tokenizer=")
-    if calibration is None and encoder_decoder(model):
-        raise ConfigError("self-calibration samples from a causal LM; give an encoder-decoder calibration text")
+    kind = "an encoder-decoder" if encoder_decoder(model) else f"{type(model).__name__}, not a causal LM,"
+    if calibration is None and not causal_lm(model):
+        raise ConfigError(f"self-calibration samples text from a causal LM; {kind} cannot write it: give calibration text")
     if isinstance(calibration, torch.Tensor):
         _check_windows(model, calibration, "calibration")
     if evaluation is not None:
-        if encoder_decoder(model):
-            raise ConfigError("evaluation measures causal-LM perplexity; it does not apply to encoder-decoder models")
+        if not causal_lm(model):
+            raise ConfigError(f"evaluation measures next-token perplexity, which {kind} does not model; leave it out")
         _check_windows(model, evaluation, "evaluation")
     _check_positions(model, calibration.shape[1] if isinstance(calibration, torch.Tensor) else config.seq_len, "calibration")
     if evaluation is not None:
         _check_positions(model, evaluation.shape[1], "evaluation")
-    if SELECTORS[config.method].required and "loss_fn" in SELECTORS[config.method].required and encoder_decoder(model):
-        raise ConfigError(f"method {config.method!r} judges candidates by causal-LM loss, which an encoder-decoder has not; choose a statistics method")
+    if SELECTORS[config.method].required and "loss_fn" in SELECTORS[config.method].required and not causal_lm(model):
+        raise ConfigError(f"method {config.method!r} judges candidates by next-token loss, which {kind} has not; "
+                          "choose a statistics method")
 
 
 def _check_positions(model: nn.Module, length: int, what: str) -> None:
@@ -239,9 +273,17 @@ def _check_positions(model: nn.Module, length: int, what: str) -> None:
                           f"(max_position_embeddings); use windows of at most {positions} tokens")
 
 
+def _kind(value) -> str:
+    if isinstance(value, (list, tuple)) and value:
+        return f"a {type(value).__name__} of {type(value[0]).__name__}"
+    return f"a {type(value).__name__}"
+
+
 def _check_windows(model: nn.Module, windows: torch.Tensor, what: str) -> None:
     if windows.dtype not in (torch.int64, torch.int32) or windows.dim() != 2 or windows.shape[1] < 2:
         raise InputMismatchError(f"{what} windows must be a (n, seq_len >= 2) tensor of token ids, got {windows.dtype} {tuple(windows.shape)}")
+    if windows.shape[0] < 1:
+        raise InputMismatchError(f"{what} windows: the tensor holds none ({tuple(windows.shape)}); give at least one window")
     check_vocabulary(model, windows)
 
 
@@ -259,6 +301,18 @@ def statistics_of_judge(judge: CandidateLoss | None, config: PruneConfig) -> Lay
         return None
 
 
+def note_uncompensated_selection(model: nn.Module, config: PruneConfig, why: str) -> None:
+    """Say so where a loss-judged selector measures the *uncompensated* loss although compensation is on (an
+    offloaded model, several processes: no compensating judge runs there), since one process with the model in
+    memory judges the compensated loss and can choose other blocks."""
+    from .removal import compensation_method
+
+    if SELECTORS[config.method].judges_by_loss and causal_lm(model) and compensation_method(config) is not None:
+        print(f"lorp-fx: note: {config.method} judges candidates by the uncompensated calibration loss here ({why}); "
+              "in one process with the model in memory it judges the compensated loss, and may choose other blocks",
+              file=sys.stderr)
+
+
 def loss_batch_count(config: PruneConfig) -> int:
     """Batches holding the first `loss_windows` windows (SLEB's 8 x 256 tokens by default)."""
     return max(1, -(-config.loss_windows // config.batch_size))
@@ -267,12 +321,14 @@ def loss_batch_count(config: PruneConfig) -> int:
 
 
 def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], config: PruneConfig, progress: bool,
-                  judge: CandidateLoss | None = None, eager_model: nn.Module | None = None) -> PruningPlan:
+                  judge: CandidateLoss | None = None, eager_model: nn.Module | None = None,
+                  judged: bool = True) -> PruningPlan:
     """Run the configured selector, giving loss-judged methods a calibration-loss function with a progress bar:
     `judge` where given, else the plain calibration loss measured on the graph, or on `eager_model` with
-    layers skipped by hooks when the graph cannot run (an offloaded model)."""
+    layers skipped by hooks when the graph cannot run (an offloaded model). Not `judged`: no loss (a model
+    without a next-token loss, such as a masked LM), so `lorp` chooses from the statistics."""
     options = {**config.selector_options, **options_for(config.method, seed=config.seed)}
-    if SELECTORS[config.method].judges_by_loss:
+    if judged and SELECTORS[config.method].judges_by_loss:
         if judge is not None:
             loss_fn = judge
         elif eager_model is not None:

@@ -32,7 +32,7 @@ from .data import check_text_file, text_windows
 from .errors import ConfigError, InputMismatchError, NotRemovableError
 from .families import whole_layers_only
 from .models import ModelSource, load_tokenizer, resolve_model
-from .output import check_output_location
+from .output import check_offload_location, check_output_location
 
 # option -> smallest allowed value
 NUMBERS = {"seed": 0, "batch_size": 1, "calib_samples": 1, "seq_len": 2, "loss_windows": 1, "eval_samples": 1, "eval_seq_len": 2}
@@ -60,6 +60,8 @@ def preflight(args) -> Ready:
         # output into that same output with --overwrite is a natural thing to do.)
         inputs = [*source.paths, *calibration, *evaluation]
         out = check_output_location(args.out, getattr(args, "overwrite", False), protect=inputs)
+        if getattr(args, "offload_dir", None) is not None:
+            check_offload_location(args.offload_dir, out, protect=inputs)
     check_granularity(source, args)
     check_layer_budget(source, args)
     check_lengths(source, args, evaluation)

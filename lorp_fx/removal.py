@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .batches import prepare_batches
-from .calibration import one_window_each
+from .calibration import causal_lm, one_window_each
 from .candidate_loss import CandidateLoss, eager_fits
 from .compensation import CompensationError, Compensator, apply_compensation, check_compensable
 from .compensation.api import folded_on_trial
@@ -55,8 +55,8 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, prog
     method = _judged_compensation_method(model, config)
     if method is None and not SELECTORS[config.method].judges_by_loss:
         return None
-    if calibration_loss(graph, batches[:1]) is None:
-        return None
+    if not causal_lm(model) or calibration_loss(graph, batches[:1]) is None:
+        return None  # no next-token loss to judge by (an encoder-decoder, a masked LM)
     try:
         # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
         # the default this way), then the whole set by the check in `_judged_compensation`; a method

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .budget import check_stack_budget
-from .errors import NotRemovableError, UnknownBlockError
-from .families import Family, family_of, layer_stacks, owner_of, renumber, sublayers, whole_layers_only
+from .errors import NotRemovableError, PlanError, UnknownBlockError
+from .families import Family, family_of, finish_configs, layer_stacks, owner_of, renumber, sublayers, whole_layers_only
 from .plan import PruningPlan
 
 
@@ -68,6 +68,7 @@ def remove_layers(model: nn.Module, remove: list[str] | PruningPlan, *, inplace:
         if drop:
             _rebuild_stack(pruned, family, path, keep)
         renames.update({f"{path}.{old}": f"{path}.{new}" for new, old in enumerate(keep)})
+    finish_configs(family, pruned)
     return Surgery(pruned, renames)
 
 
@@ -98,7 +99,10 @@ def count_parameters(model: nn.Module) -> int:
 def _resolve_names(model, stacks, names: list[str]) -> tuple[list[str], list[str]]:
     layer_names = {f"{path}.{i}" for path, layers in stacks for i in range(len(layers))}
     layer_removals, sublayer_removals, unknown = [], [], []
-    for name in dict.fromkeys(names):  # drop duplicates, keep order
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:  # as `lorp_fx.prune` refuses them: a repeated name is a mistake in the plan, not a request
+        raise PlanError(f"blocks named more than once: {duplicates}; name each block once")
+    for name in names:
         if name in layer_names:
             layer_removals.append(name)
         elif _split_sublayer_name(model, stacks, name) is not None:

@@ -247,6 +247,7 @@ def _traced_call(
         parameters=params,
         tensors=tensors,
         rank={name: v.dim() for name, v in values.items() if isinstance(v, torch.Tensor)},
+        dtypes={name: v.dtype for name, v in values.items() if isinstance(v, torch.Tensor)},
         sizes=_size_rules(values, ranges),
         var_keyword=var_keyword,
         chosen=chosen,

@@ -103,12 +103,21 @@ def test_process_counts_are_checked_against_the_machine(one_gpu, monkeypatch):
         check_process_count(2, torch.device("mps"))
 
 
-def test_max_memory_is_parsed_and_checked():
-    assert parse_max_memory("0=20GiB, cpu=30GiB,disk=1TB") == {0: "20GiB", "cpu": "30GiB", "disk": "1TB"}
-    assert parse_max_memory("cpu=100KB") == {"cpu": "100KB"}
-    for bad in ("cpu", "cpu=lots", "tpu=1GiB"):
-        with pytest.raises(DeviceError):
+def test_max_memory_is_parsed_to_bytes_and_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert parse_max_memory("0=20GiB, cpu=30GiB") == {0: 20 * 2**30, "cpu": 30 * 2**30}
+    assert parse_max_memory("cpu=100KB") == {"cpu": 100_000}
+    # every spelling the check accepts reaches accelerate as a number it reads (a bare "10" or "1b" did not)
+    assert parse_max_memory("cpu=10") == parse_max_memory("cpu=10b") == parse_max_memory("cpu=10 B") == {"cpu": 10}
+    assert parse_max_memory("cpu=1.5GB") == {"cpu": 1_500_000_000}
+    for bad, why in [("cpu", "DEVICE=SIZE"), ("cpu=lots", "DEVICE=SIZE"), ("tpu=1GiB", "not a GPU index"),
+                     ("disk=1TB", "fits nowhere else"), ("cpu=2GB,cpu=1KB", "twice"), ("1=1GB", "has 1 CUDA GPU"),
+                     ("0=1GB,0=2GB", "twice")]:
+        with pytest.raises(DeviceError, match=why):
             parse_max_memory(bad)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(DeviceError, match="has 0 CUDA"):
+        parse_max_memory("0=1GB,cpu=1GB")
 
 
 def test_device_map_options_that_do_not_go_together_are_refused(no_gpu):
@@ -116,6 +125,8 @@ def test_device_map_options_that_do_not_go_together_are_refused(no_gpu):
         resolve_placement("cpu", "float32", devices=2, device_map="auto")
     with pytest.raises(DeviceError, match="only apply with --device-map"):
         resolve_placement("cpu", "float32", max_memory="cpu=1GiB")
+    with pytest.raises(DeviceError, match="only applies with --devices"):
+        resolve_placement("cpu", "float32", strategy="fsdp")
 
 
 # --------------------------------------------------------------------------- the command line
@@ -175,7 +186,7 @@ def test_a_temporary_offload_folder_is_gone_when_the_process_exits(tmp_path):
     import subprocess
     import sys
 
-    script = "from lorp_fx.devices import temporary_offload_dir as t; import pathlib; p = pathlib.Path(t()); " \
+    script = "from lorp_fx.devices import offload_folder as t; import pathlib; p = pathlib.Path(t(None)); " \
              "(p / 'weights.dat').write_bytes(b'x' * 1000); print(p)"
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)

@@ -97,3 +97,30 @@ def test_a_corrupt_gguf_is_refused_before_any_work(tmp_path, text, capsys):
     code, _, err = run(["prune", "--model", broken, "--remove", 1, "--calib-file", text, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "broken.gguf" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_gguf_model_offloaded_to_disk_saves_its_own_weights(tiny_llama, text, tmp_path, capsys):
+    """A GGUF model is dequantized in memory, then spread by accelerate: with every weight on disk its weights
+    must be written to the offload folder first (accelerate wrote none and failed), and a folder holding another
+    model's offloaded weights must not be read (accelerate reuses any index.json it finds: it saved them)."""
+    from accelerate.utils import offload_state_dict
+    from safetensors.torch import load_file
+
+    stale = tmp_path / "offload"
+    other = load_model(str(write_tiny_gguf(tmp_path / "other.gguf", seed=1)))[0]
+    offload_state_dict(str(stale), other.state_dict())  # what an earlier offloaded run of another model leaves
+    index = (stale / "index.json").read_text()
+    code, _, err = prune(tiny_llama, text, tmp_path / "disk", capsys, "--no-gguf", "--device-map", "auto",
+                         "--max-memory", "cpu=1KB", "--offload-dir", stale)
+    assert code == 0, err
+    code, _, err = prune(tiny_llama, text, tmp_path / "memory", capsys, "--no-gguf")
+    assert code == 0, err
+    offloaded, in_memory = load_file(tmp_path / "disk" / "model.safetensors"), load_file(tmp_path / "memory" / "model.safetensors")
+    assert set(in_memory) <= set(offloaded)
+    assert max(float((offloaded[k] - in_memory[k]).abs().max()) for k in in_memory) < 1e-5
+    for extra in set(offloaded) - set(in_memory):  # the tied head, written out by the offloaded save
+        assert extra == "lm_head.weight" and torch.equal(offloaded[extra], offloaded["model.embed_tokens.weight"])
+    code, _, err = run(["eval", "--model", tmp_path / "disk", "--eval-file", text, "--eval-samples", 2, "--eval-seq-len", 16],
+                       capsys)
+    assert code == 0, err
+    assert (stale / "index.json").read_text() == index  # left as it was: the run wrote into a fresh folder of its own

@@ -56,13 +56,48 @@ def test_a_model_offloaded_to_disk_gives_the_plan_and_weights_of_one_in_memory(f
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
 
 
-def test_offload_refuses_sublayers_in_one_line(files, tmp_path, capsys):
+@pytest.mark.parametrize("memory", [["--max-memory", "cpu=100KB"], []])
+def test_a_device_map_refuses_sublayers_in_one_line_before_loading(files, tmp_path, capsys, monkeypatch, memory):
+    """Refused whether or not the weights would spill to disk: the rule depends on the options, not on memory."""
+    import lorp_fx.devices
+
+    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
     model_dir, text = files
     status = main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--granularity", "sublayer",
-                   "--device-map", "auto", "--max-memory", "cpu=100KB", "--out", str(tmp_path / "out")])
+                   "--device-map", "auto", *memory, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and "layer" in err[-1] and err[-1].startswith("lorp-fx: error:")
+    assert status == 2 and len(err) == 1 and "layer" in err[-1] and err[-1].startswith("lorp-fx: error:")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where, why", [
+    ("", "is empty"), ("a-file", "is not a folder"), ("out", "inside the output directory"),
+    ("out/offload", "inside the output directory"), ("a-file/below", "is a file, not a folder"), ("MODEL", "inside the input"),
+])
+def test_a_bad_offload_dir_is_one_line_before_loading(files, tmp_path, capsys, monkeypatch, where, why):
+    import lorp_fx.devices
+
+    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    model_dir, text = files
+    (tmp_path / "a-file").write_text("x")
+    offload = "" if not where else str(model_dir / "offload") if where == "MODEL" else str(tmp_path / where)
+    status = main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--device-map", "auto",
+                   "--max-memory", "cpu=1KB", "--offload-dir", offload, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and why in err[0] and "--offload-dir" in err[0], err
+    assert not (tmp_path / "out").exists() and not (model_dir / "offload").exists()
+
+
+def test_more_processes_than_calibration_batches_is_one_line_before_loading(files, tmp_path, capsys, monkeypatch):
+    import lorp_fx.devices
+
+    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(lorp_fx.devices, "available_cores", lambda: 4)
+    model_dir, text = files
+    status = main(["prune", "--model", str(model_dir), "--remove", "2", "--calib-samples", "4", "--seq-len", "24",
+                   "--device", "cpu", "--calib-file", str(text), "--devices", "2", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "makes 1" in err[0] and "--calib-samples" in err[0], err
 
 
 def test_the_report_gives_every_step_in_passes(float32_run):
