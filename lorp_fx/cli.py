@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorp-fx", description="Training-free depth pruning of language models.")
+    # No abbreviated flags: `--seq 16` was taken as --seq-len by argparse but not seen as given over a recipe's value.
+    parser = argparse.ArgumentParser(prog="lorp-fx", description="Training-free depth pruning of language models.",
+                                     allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    prune = commands.add_parser("prune", help="choose and remove redundant layers, save a smaller checkpoint")
+    prune = commands.add_parser("prune", allow_abbrev=False, help="choose and remove redundant layers, save a smaller checkpoint")
     prune.add_argument("--config", type=Path, help="a YAML recipe of these options (command-line flags override it)")
     _model_arguments(prune)
     _device_arguments(prune, processes=True)
@@ -75,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                             "(about 1 MB more on SmolLM2, no requantization loss: benchmarks/results/gguf-smollm2.md)")
     prune.set_defaults(run=run_prune)
 
-    analyze = commands.add_parser("analyze", help="statistics, RLS, clusters and heatmap; removes nothing")
+    analyze = commands.add_parser("analyze", allow_abbrev=False, help="statistics, RLS, clusters and heatmap; removes nothing")
     _model_arguments(analyze)
     _device_arguments(analyze)
     _calibration_arguments(analyze)
@@ -84,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--overwrite", action="store_true", help="replace an output directory lorp-fx wrote before")
     analyze.set_defaults(run=run_analyze, config=None)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model or a pruned checkpoint")
+    evaluate = commands.add_parser("eval", allow_abbrev=False, help="perplexity of a model or a pruned checkpoint")
     evaluate.add_argument("--model", default=DEFAULT_MODEL, help=f"directory, .gguf, hub id or {DEFAULT_MODEL}")
     evaluate.add_argument("--eval-file", type=Path, required=True, nargs="+")
     evaluate.add_argument("--eval-samples", type=int, default=40)
@@ -157,6 +159,7 @@ def _with_recipe(args: argparse.Namespace, argv) -> argparse.Namespace:
     unknown = sorted(set(recipe) - known - {"selector_options"})
     if unknown:
         raise ConfigError(f"config file {args.config}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    _check_recipe_types(args.config, recipe, several_eval_files=args.command == "eval")
     given = _given_on_command_line(argv)
     for key, value in recipe.items():
         if key not in given:
@@ -166,6 +169,30 @@ def _with_recipe(args: argparse.Namespace, argv) -> argparse.Namespace:
     if args.calib_file is not None:
         args.calib_file = [Path(p) for p in args.calib_file]
     return args
+
+
+_RECIPE_SWITCHES = ("overwrite", "no_gguf")
+_RECIPE_PATHS = ("model", "out", "offload_dir", "max_memory", "device", "dtype")  # strings; null leaves them unset
+
+
+def _check_recipe_types(path, recipe: dict, several_eval_files: bool) -> None:
+    """ConfigError for a recipe value of the wrong type, which the flags' own parsing would have refused
+    (a string where a switch is meant was taken as true: `overwrite: "no"` replaced an output)."""
+    def refuse(key, what, value):
+        raise ConfigError(f"config file {path}: {key} must be {what}, got {value!r}")
+
+    for key, value in recipe.items():
+        if key in _RECIPE_SWITCHES and not isinstance(value, bool):
+            refuse(key, "true or false", value)
+        elif key in _RECIPE_PATHS and value is not None and not isinstance(value, str):
+            refuse(key, "a string", value)
+        elif key == "selector_options" and value is not None and not isinstance(value, dict):
+            refuse(key, "a mapping of option names to values", value)
+        elif key in ("calib_file", "eval_file") and value is not None:
+            several = key == "calib_file" or several_eval_files
+            items = value if isinstance(value, list) and several else [value]
+            if not items or not all(isinstance(item, str) and item.strip() for item in items):
+                refuse(key, "a file path" + (" or a list of them" if several else ""), value)
 
 
 def _given_on_command_line(argv) -> set[str]:
@@ -185,7 +212,8 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
 
 def recipe_of(args: argparse.Namespace) -> dict:
     """Every option of this run, as a recipe `--config` reads back."""
-    recipe = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug", "config")}
+    # Not `overwrite`: replacing an output is decided per run, on the command line, not replayed from a recipe.
+    recipe = {k: v for k, v in vars(args).items() if k not in ("run", "command", "debug", "config", "overwrite")}
     return json.loads(json.dumps(recipe, default=str))
 
 

@@ -281,8 +281,8 @@ def load_tokenizer(source: ModelSource):
 
     try:
         if source.kind == "gguf":
-            path = Path(source.location)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+            path = Path(source.location).resolve()  # absolute: transformers reads a bare file name from the cwd first
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
@@ -357,7 +357,10 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             # transformers would otherwise keep packed GGUF linear layers, which
             # neither hidden-state hooks nor save_pretrained handle.
             model, info = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True),
+                # The absolute path: transformers reads a bare file name from the current directory first, so
+                # `out/tiny.gguf` loaded a `tiny.gguf` that happened to lie in the current directory.
+                path.resolve().parent, gguf_file=str(path.resolve()), dtype=dtype,
+                quantization_config=GgufConfig(dequantize=True),
                 trust_remote_code=False, output_loading_info=True,
             )
     except Exception as error:  # noqa: BLE001

@@ -84,8 +84,16 @@ class PruneResult:
             self.report["gguf"] = {}
             files[self.gguf.path.name] = writer(self.gguf, self.plan, self.model, self.folded_parameters(),
                                                 gguf_requantize, self.report["gguf"])
-        # report.json is written after the GGUF file, whose writer adds to the report.
-        files["report.json"] = lambda path: path.write_text(json.dumps(self.report, indent=1), encoding="utf-8")
+        # report.json is written after the GGUF file, whose writer adds to the report (with the path it wrote, in the
+        # temporary directory that becomes `out_dir`: the report names where the file will be).
+        final = Path(os.path.expanduser(str(out_dir))).resolve()
+
+        def write_report(path: Path) -> None:
+            if "file" in self.report.get("gguf", {}):
+                self.report["gguf"]["path"] = str(final / self.report["gguf"]["file"])
+            path.write_text(json.dumps(self.report, indent=1), encoding="utf-8")
+
+        files["report.json"] = write_report
         files["plan.json"] = self.plan.to_json()
         files.update(heatmap_file(self.plan))
         files.update(extra_files or {})

@@ -242,6 +242,46 @@ def test_an_unset_out_variable_in_a_recipe_is_refused(tmp_path, capsys, text_fil
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("line, fragment", [
+    ('overwrite: "no"', "overwrite must be true or false"), ("no_gguf: yes please", "no_gguf must be true or false"),
+    ("calib_file: 3", "calib_file must be a file path or a list of them"),
+    ("calib_file: [calibration.txt, null]", "calib_file must be"), ("calib_file: []", "calib_file must be"),
+    ("eval_file: 7", "eval_file must be a file path"), ("selector_options: 5", "selector_options must be a mapping"),
+    ("out: [a, b]", "out must be a string"), ("model: 5", "model must be a string"),
+])
+def test_a_recipe_value_of_the_wrong_type_is_one_line_before_anything_runs(tmp_path, capsys, monkeypatch, line, fragment):
+    """Each used to run (a string taken as a true switch: `overwrite: "no"` replaced an output; a list as a
+    directory name) or fail with a Python TypeError, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calibration.txt").write_text(TEXT)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"remove: 1\nseq_len: 16\n{line}\n")
+    before = snapshot(tmp_path)
+    code, _, err = run(["prune", "--config", recipe, "--out", tmp_path / "o"], capsys)
+    assert_clean_failure(code, err, fragment)
+    assert snapshot(tmp_path) == before
+
+
+def test_abbreviated_flags_are_refused_rather_than_losing_to_the_recipe(tmp_path, capsys):
+    """argparse took `--seq 16` for --seq-len, but the recipe's value won over it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("remove: 1\nseq_len: 32\n")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["prune", "--config", str(recipe), "--seq", "16", "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "unrecognized arguments: --seq" in capsys.readouterr().err
+
+
+def test_a_recipe_written_by_a_run_does_not_replay_overwrite(tmp_path, capsys, text_file):
+    model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
+    common = ["--model", model_dir, "--calib-file", text_file, "--calib-samples", 2, "--seq-len", 16, "--out", out]
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run(["prune", "--remove", 1, "--method", "shortgpt", *common, *extra], capsys)
+        assert code == 0, err
+    assert "overwrite" not in (out / "recipe.yaml").read_text()
+    code, _, err = run(["prune", "--config", out / "recipe.yaml"], capsys)
+    assert_clean_failure(code, err, "exists and is not empty")
+
+
 def test_prune_and_analyze_outputs_replace_each_other_with_overwrite(tmp_path, capsys, text_file):
     model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
     common = ["--model", model_dir, "--calib-file", text_file, "--calib-samples", 2, "--seq-len", 16, "--out", out]

@@ -72,3 +72,21 @@ def test_an_encoder_decoder_gets_the_single_process_plan(tmp_path):
     assert report(outs[2])["removed"] == report(outs[1])["removed"]
     assert report(outs[2])["scores"] == pytest.approx(report(outs[1])["scores"], abs=1e-5)
     assert report(outs[2])["distributed"]["loss_batches_per_rank"] == [0, 0]
+
+
+def test_ranks_holding_unequal_numbers_of_loss_batches_measure_the_single_process_loss(model_dir, tmp_path):
+    """3 loss windows in batches of 1 over 2 ranks: rank 0 holds two, rank 1 one. The ranks' losses are
+    weighted by their batches (an unweighted mean of the two ranks chose other blocks than one process)."""
+    text = calibration_text(tmp_path)
+    args = ["--remove", "3", "--calib-samples", "8", "--seq-len", "24", "--device", "cpu", "--dtype", "float32",
+            "--calib-file", text, "--method", "sleb", "--compensate", "none", "--loss-windows", "3", "--batch-size", "1"]
+    outs = {}
+    for devices in (1, 2):
+        outs[devices] = tmp_path / f"out{devices}"
+        processes = ["--devices", devices] if devices > 1 else []
+        done = lorp_fx("--model", model_dir, *args, *processes, "--out", outs[devices])
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert report(outs[2])["distributed"]["loss_batches_per_rank"] == [2, 1]
+    assert report(outs[2])["removed"] == report(outs[1])["removed"]
+    one, two = report(outs[1])["scores"], report(outs[2])["scores"]
+    assert two == pytest.approx(one, abs=1e-5)

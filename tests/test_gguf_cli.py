@@ -124,3 +124,22 @@ def test_a_gguf_model_offloaded_to_disk_saves_its_own_weights(tiny_llama, text, 
                        capsys)
     assert code == 0, err
     assert (stale / "index.json").read_text() == index  # left as it was: the run wrote into a fresh folder of its own
+
+
+def test_a_gguf_path_is_read_from_where_it_points_whatever_the_current_directory_holds(tmp_path, monkeypatch):
+    """transformers reads a bare GGUF file name from the current directory first: `sub/tiny.gguf` loaded the
+    `tiny.gguf` beside the user (another model), or failed on its missing tensors."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=6, seed=0)
+    (tmp_path / "sub").mkdir()
+    write_tiny_gguf(tmp_path / "sub" / "tiny.gguf", n_layers=8, seed=1)
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("sub/tiny.gguf")
+    assert model.config.num_hidden_layers == 8
+
+
+def test_the_report_names_the_written_gguf_where_it_lies(tiny_llama, text, tmp_path, capsys):
+    """It named the file in the temporary directory that the output was assembled in, gone after the rename."""
+    code, _, err = prune(tiny_llama, text, tmp_path / "out", capsys)
+    assert code == 0, err
+    written = json.loads((tmp_path / "out" / "report.json").read_text())["gguf"]
+    assert written["path"] == str((tmp_path / "out" / written["file"]).resolve()) and (tmp_path / "out" / written["file"]).is_file()
