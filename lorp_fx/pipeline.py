@@ -169,9 +169,9 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
         loss_batches = batches[: loss_batch_count(config)]
         if judge is None and not offloaded:
             judge = candidate_judge(model, graph, batches, config, progress)
-        # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
         if offloaded:
             note_uncompensated_selection(model, config, "the model is offloaded")
+        # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
         plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
                              config, progress, judge=judge, eager_model=model if offloaded else None,
                              judged=causal_lm(model))
