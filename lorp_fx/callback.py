@@ -14,8 +14,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .budget import budget_from_ratio, check_budget
-from .errors import BudgetError, CalibrationError, ConfigError, LoRPError, NotRemovableError, SelectorError
-from .families import whole_layers_only
+from .errors import BudgetError, CalibrationError, ConfigError, LoRPError, SelectorError
+from .families import check_sublayer_pruning
 from .loss import OutputLoss, as_loss, loss_on_calls, next_token_cross_entropy
 from .network_call import NetworkCall
 from .observe import ResidualObserver
@@ -340,9 +340,7 @@ class LoRPCallback(Callback):
         (`apply` removes them from the eager `transformers` model; other networks get the pruned graph)."""
         if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
             return
-        why = whole_layers_only(getattr(getattr(network, "config", None), "model_type", None))
-        if why is not None:
-            raise NotRemovableError(f"cannot prune {type(network).__name__} by sublayers: {why}; use granularity='layer'")
+        check_sublayer_pruning(network)
 
     def _network(self, pl_module: LightningModule) -> torch.nn.Module:
         network = getattr(pl_module, self.attribute, None)

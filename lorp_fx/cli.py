@@ -235,8 +235,8 @@ def run_prune(args: argparse.Namespace) -> int:
         from .offload import check_offload_granularity
 
         check_offload_granularity(config.granularity)  # whether or not the weights end up offloaded
-    if args.devices is not None and -(-config.calib_samples // config.batch_size) < args.devices:
-        batches = -(-config.calib_samples // config.batch_size)
+    batches = -(-config.calib_samples // config.batch_size)
+    if args.devices is not None and batches < args.devices:
         raise ConfigError(f"--devices {args.devices} needs at least {args.devices} calibration batches, one per process; "
                           f"--calib-samples {config.calib_samples} at --batch-size {config.batch_size} makes {batches}: "
                           "raise --calib-samples, or lower --batch-size or --devices")

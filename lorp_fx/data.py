@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import CalibrationError
+from .evaluate import eval_mode
 
 
 def shared_data_dir() -> Path | None:
@@ -149,18 +150,14 @@ def self_calibration(
     if any(not 0 <= i < n_samples for i in chosen):
         raise CalibrationError(f"window indices must lie in 0..{n_samples - 1}, got {chosen}")
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        with tqdm(total=len(chosen) * (seq_len - 1), unit="tok", desc="self-calibration", disable=not progress) as bar:
-            for first in range(0, len(chosen), max(1, int(batch_size))):
-                generators = [
-                    torch.Generator().manual_seed(int(seeds[i].generate_state(1, np.uint64)[0]))
-                    for i in chosen[first : first + batch_size]
-                ]
-                out.append(_sample_batch(model, start, generators, seq_len, temperature, top_p, bar, after_step))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), tqdm(total=len(chosen) * (seq_len - 1), unit="tok", desc="self-calibration",
+                                disable=not progress) as bar:
+        for first in range(0, len(chosen), max(1, int(batch_size))):
+            generators = [
+                torch.Generator().manual_seed(int(seeds[i].generate_state(1, np.uint64)[0]))
+                for i in chosen[first : first + batch_size]
+            ]
+            out.append(_sample_batch(model, start, generators, seq_len, temperature, top_p, bar, after_step))
     return torch.cat(out) if out else torch.empty(0, seq_len, dtype=torch.long)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import NoResidualBlocksError
+from .errors import NoResidualBlocksError, NotRemovableError
 
 
 @dataclass(frozen=True)
@@ -325,6 +325,14 @@ def check_dtype(model_type: str | None, dtype) -> None:
     why = _BY_MODEL_TYPE.get(model_type, GENERIC).no_float16
     if dtype == torch.float16 and why is not None:
         raise ConfigError(f"cannot calibrate a {model_type} model in float16: {why}")
+
+
+def check_sublayer_pruning(model: nn.Module) -> None:
+    """NotRemovableError where `model`'s family can lose whole layers only (`whole_layers_only`): what
+    `prune_model` and `LoRPCallback` refuse before any work when asked to prune by sublayers."""
+    why = whole_layers_only(getattr(getattr(model, "config", None), "model_type", None))
+    if why is not None:
+        raise NotRemovableError(f"cannot prune {type(model).__name__} by sublayers: {why}; use granularity='layer'")
 
 
 def whole_layers_only(model_type: str | None) -> str | None:

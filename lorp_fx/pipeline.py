@@ -40,8 +40,8 @@ from .config import PruneConfig
 from .costs import Stopwatch, plain_pass
 from .devices import is_offloaded, model_device
 from .evaluate import eval_mode
-from .errors import CalibrationError, ConfigError, InputMismatchError, NotRemovableError
-from .families import whole_layers_only
+from .errors import CalibrationError, ConfigError, InputMismatchError
+from .families import check_sublayer_pruning
 from .loss import calibration_loss, next_token_loss
 from .output import save_pretrained_atomic
 from .plan import PruningPlan
@@ -238,8 +238,8 @@ def check_model(model: nn.Module, config: PruneConfig, calibration: Calibration,
     check_dtype(getattr(getattr(model, "config", None), "model_type", None), next(model.parameters()).dtype)
     if config.granularity == "layer":
         check_budget(count_layers(model), config.remove if config.remove is not None else 1, what="layers")
-    elif (why := whole_layers_only(getattr(getattr(model, "config", None), "model_type", None))) is not None:
-        raise NotRemovableError(f"cannot prune {type(model).__name__} by sublayers: {why}; use granularity='layer'")
+    else:
+        check_sublayer_pruning(model)
     if config.compensate not in ("auto", "none"):
         check_compensable(model)  # an explicit method the family cannot take fails now, not after calibration
     is_text = isinstance(calibration, (str, os.PathLike)) or (

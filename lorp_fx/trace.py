@@ -21,6 +21,7 @@ from torch.export import Dim
 
 from .calls import FIXED, TENSOR, UNUSED, SizeRule, TracedCall, TracedCallCodeGen, TracedParameter
 from .errors import ConfigError, InputMismatchError, TraceError
+from .evaluate import eval_mode
 from .graphs import graph_module
 
 ExampleInputs = Mapping[str, Any] | tuple | list | torch.Tensor
@@ -167,13 +168,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.fx.GraphModule
     tensors = _widen_batch(tensors)
     dynamic = {k: {d: Dim.AUTO for d in range(v.dim())} for k, v in tensors.items()}
     wrapper = _named_signature_wrapper(model, fixed, list(tensors))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            program = torch.export.export(wrapper, (), kwargs=tensors, dynamic_shapes=dynamic, strict=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        program = torch.export.export(wrapper, (), kwargs=tensors, dynamic_shapes=dynamic, strict=False)
     # No guard submodule (a local object that cannot be pickled): TracedCall checks sizes itself.
     exported = program.module(check_guards=False)
     graph = exported.graph
