@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def add_text_arguments(parser, batch_help: str | None = None) -> None:
     """The calibration and evaluation text options every quality benchmark takes: WikiText-2 from
     ../shared when it is there (calibrate on valid, evaluate on test), else they must be given."""
-    from lorp_fx.data import shared_data_dir
+    from lorp_fx.io.text import shared_data_dir
 
     data = shared_data_dir()
     wikitext = data / "wikitext-2" if data is not None else None

@@ -10,7 +10,7 @@ tokenised with the model's tokenizer, fp32 on CPU. One statistics pass
 (`collect_statistics`) serves every selector; loss-judged selectors get
 `calibration_loss` on the first 8 calibration windows (as benchmarks/quality.py). Each
 plan is applied with `remove_layers` ("none") or with `compensate` on the same
-calibration windows ("lstsq", "cosine"), and evaluated with `lorp_fx.evaluate.perplexity`.
+calibration windows ("lstsq", "cosine"), and evaluated with `lorp_fx.judge.perplexity.perplexity`.
 
 `--variants` adds, for a few removal sets, the alternatives that docs/compensation.md
 discusses: other ridge strengths, sequential fitting (the pruned model's view), and an
@@ -38,15 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
-from lorp_fx.batches import token_batches  # noqa: E402
-from lorp_fx.compensation import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
-from lorp_fx.data import text_windows  # noqa: E402
-from lorp_fx.evaluate import perplexity  # noqa: E402
-from lorp_fx.loss import calibration_loss  # noqa: E402
-from lorp_fx.report import compress  # noqa: E402
-from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
-from lorp_fx.observe import collect_statistics  # noqa: E402
-from lorp_fx.selectors import options_for  # noqa: E402
+from lorp_fx.calibration.batches import token_batches  # noqa: E402
+from lorp_fx.compensation.fit import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
+from lorp_fx.judge.loss import calibration_loss  # noqa: E402
+from lorp_fx.core.names import compress  # noqa: E402
+from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
+from lorp_fx.selection.registry import options_for  # noqa: E402
 
 DEFAULT_SELECTORS = "shortgpt,uidl,streamline,lorp-paper,lorp"
 # REFERENCE.md, uncompensated perplexity on this protocol (a cross-check of the "none" column).
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
         "version": CACHE_VERSION,
     }
     cache = Cache(args.cache, args.fresh, protocol)
-    from lorp_fx.models import load_model
+    from lorp_fx.io.models import load_model
 
     log(f"loading {args.model}")
     model, tokenizer = load_model(args.model)

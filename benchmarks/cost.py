@@ -83,13 +83,14 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
         torch.set_num_threads(threads)
     import transformers  # noqa: F401
 
-    import lorp_fx
     import lorp_fx.cli
-    import lorp_fx.devices
-    import lorp_fx.pipeline
+    import lorp_fx.cli.commands
+    import lorp_fx.core.model
+    import lorp_fx.pipeline.result
+    import lorp_fx.pipeline.run
 
     record: dict = {"baseline_kb": _status_kb("VmRSS"), "steps": {}, "torch_threads": torch.get_num_threads()}
-    original_load = lorp_fx.devices.load_placed
+    original_load = lorp_fx.cli.commands.load_placed
 
     def load_and_measure(*args, **kwargs):
         start = time.perf_counter()
@@ -97,17 +98,17 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
         record["load_s"] = time.perf_counter() - start
         record["load_peak_kb"] = _status_kb("VmHWM")
         record["after_load_kb"] = _status_kb("VmRSS")
-        record["weights_bytes"] = lorp_fx.devices.weight_bytes(model)
+        record["weights_bytes"] = lorp_fx.core.model.weight_bytes(model)
         record.update(_before_the_run(model))
         _reset_peak()
         record["run_start"] = time.perf_counter()
         return model
 
-    class MeasuredStopwatch(lorp_fx.pipeline.Stopwatch):
+    class MeasuredStopwatch(lorp_fx.pipeline.run.Stopwatch):
         def __call__(self, step):
             return _measured_step(super().__call__(step), step, record)
 
-    original_save = lorp_fx.pipeline.PruneResult.save
+    original_save = lorp_fx.pipeline.result.PruneResult.save
 
     def measured_save(self, *args, **kwargs):
         with _measured_step(_nothing(), "save", record):
@@ -116,9 +117,9 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
             record["save_s"] = time.perf_counter() - start
         return path
 
-    lorp_fx.devices.load_placed = load_and_measure
-    lorp_fx.pipeline.Stopwatch = MeasuredStopwatch
-    lorp_fx.pipeline.PruneResult.save = measured_save
+    lorp_fx.cli.commands.load_placed = load_and_measure
+    lorp_fx.pipeline.run.Stopwatch = MeasuredStopwatch
+    lorp_fx.pipeline.result.PruneResult.save = measured_save
     status = lorp_fx.cli.main(argv)
     record["run_wall_s"] = time.perf_counter() - record.pop("run_start")
     record["run_peak_kb"] = max([_status_kb("VmHWM")] + [s["peak_kb"] for s in record["steps"].values()])
@@ -130,8 +131,8 @@ def _before_the_run(model) -> dict:
     """The RSS one plain forward of one batch adds, and the median of 3 such forwards' times."""
     import torch
 
-    from lorp_fx.batches import with_model_defaults
-    from lorp_fx.devices import model_device, synchronize
+    from lorp_fx.calibration.batches import with_model_defaults
+    from lorp_fx.core.model import model_device, synchronize
 
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 256), generator=torch.Generator().manual_seed(0))
     batch = with_model_defaults(model, {"input_ids": ids.to(model_device(model)), "attention_mask": torch.ones_like(ids).to(model_device(model))})

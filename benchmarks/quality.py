@@ -51,15 +51,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
-from lorp_fx.selectors import options_for  # noqa: E402
-from lorp_fx.selectors import DEFAULT_METHOD  # noqa: E402
-from lorp_fx.data import text_windows  # noqa: E402
-from lorp_fx.evaluate import perplexity  # noqa: E402
-from lorp_fx.batches import token_batches  # noqa: E402
-from lorp_fx.loss import MemoLoss, calibration_loss  # noqa: E402
-from lorp_fx.report import compress, layer_index  # noqa: E402
-from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
-from lorp_fx.observe import collect_statistics  # noqa: E402
+from lorp_fx.selection.registry import options_for  # noqa: E402
+from lorp_fx.selection.registry import DEFAULT_SELECTOR  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
+from lorp_fx.calibration.batches import token_batches  # noqa: E402
+from lorp_fx.judge.loss import MemoLoss, calibration_loss  # noqa: E402
+from lorp_fx.core.names import compress, layer_index  # noqa: E402
+from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -301,7 +301,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
         print(f"[quality {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     if model is None:
-        from lorp_fx.models import load_model
+        from lorp_fx.io.models import load_model
 
         log(f"loading {args.model}")
         model, tokenizer = load_model(args.model)
@@ -441,7 +441,7 @@ def run_lm_eval(args, model, tokenizer, results, log) -> dict:
     """lm-eval on saved dense and pruned checkpoints, if it is installed; nothing else depends on it."""
     if importlib.util.find_spec("lm_eval") is None:
         return {"status": "lm-eval is not installed (pip install lm-eval); skipped"}
-    from lorp_fx.output import save_pretrained_atomic
+    from lorp_fx.io.output_dir import save_pretrained_atomic
 
     out = {}
     rows = [r for r in results["rows"] if r["method"] in ("dense", args.lm_eval_method) and "error" not in r]
@@ -497,7 +497,7 @@ def render(results: dict, args, notes: str | None) -> str:
         f"- calibration: the first {protocol['calib'][0]} x {protocol['calib'][1]} tokens of `{Path(protocol['calib_file']).name}`; "
         f"one statistics pass for all methods ({common.fmt_seconds(results.get('statistics_seconds'))} s, including the torch.export trace)",
         f"- evaluation: perplexity on the first {protocol['eval'][0]} x {protocol['eval'][1]} tokens of `{Path(protocol['eval_file']).name}`, fp32, "
-        "each plan applied with `lorp_fx.surgery.remove_layers` (the saved-checkpoint surgery)",
+        "each plan applied with `lorp_fx.arch.surgery.remove_layers` (the saved-checkpoint surgery)",
         f"- loss-judged selectors: `calibration_loss` on the first {protocol['loss_samples']} calibration windows",
     ]
     mc = protocol["mc"]
@@ -631,7 +631,7 @@ def default_against_published(rows: list[dict], label) -> list[str]:
     budgets = sorted({b for _, b in ok})
     table = []
     for b in budgets:
-        mine = ok.get((DEFAULT_METHOD, b))
+        mine = ok.get((DEFAULT_SELECTOR, b))
         published = [ok[(m, b)] for m in PUBLISHED if (m, b) in ok]
         if mine is None or not published:
             continue
@@ -644,9 +644,9 @@ def default_against_published(rows: list[dict], label) -> list[str]:
                       common.fmt_seconds(_cold_seconds(mine)), common.fmt_seconds(_cold_seconds(sleb)) if sleb else "", ratio])
     if not table:
         return []
-    header = ["removed", f"{DEFAULT_METHOD} ppl", "best published ppl", "default is", f"{DEFAULT_METHOD} selection s",
+    header = ["removed", f"{DEFAULT_SELECTOR} ppl", "best published ppl", "default is", f"{DEFAULT_SELECTOR} selection s",
               "sleb selection s", "time ratio"]
-    return [f"## The default (`{DEFAULT_METHOD}`) against the best published selector", "",
+    return [f"## The default (`{DEFAULT_SELECTOR}`) against the best published selector", "",
             f"Best of {', '.join(PUBLISHED)} at each budget. Selection times are cold (losses a smaller budget of the same "
             "method had already measured are counted at this run's mean cost per measurement); the ratio is given only "
             "when both ran in this run.", "", common.table(header, table), ""]

@@ -73,8 +73,8 @@ def trace_large(name: str, shape: dict) -> dict:
     so nothing is computed; the real model's trace adds one forward over 2 windows)."""
     import transformers as T
 
-    from lorp_fx.blocks import find_blocks
-    from lorp_fx.offload import skeleton_graph
+    from lorp_fx.graph.blocks import find_blocks
+    from lorp_fx.graph.trace import skeleton_graph
 
     config = T.LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):

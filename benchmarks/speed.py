@@ -5,7 +5,7 @@
     python benchmarks/speed.py --rounds 9 --threads 1 # more repetitions; one thread on a busy machine
 
 1. Checkpoints. ShortGPT chooses the layers (on `--calib-samples` windows of WikiText-2
-   valid.txt; for speed the choice barely matters), `lorp_fx.surgery.remove_layers` cuts
+   valid.txt; for speed the choice barely matters), `lorp_fx.arch.surgery.remove_layers` cuts
    them, `save_pretrained_atomic` saves each model (dense too) and every measurement
    runs on the checkpoint reloaded with `from_pretrained`. Each reload is checked
    against the in-memory pruned model (logits) and must `generate` with the KV cache.
@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import lorp_fx  # noqa: E402
-from lorp_fx.data import shared_data_dir, text_windows  # noqa: E402
-from lorp_fx.families import layer_stacks  # noqa: E402
-from lorp_fx.output import save_pretrained_atomic  # noqa: E402
-from lorp_fx.surgery import count_parameters, remove_layers  # noqa: E402
-from lorp_fx.observe import ResidualObserver  # noqa: E402
+from lorp_fx.io.text import shared_data_dir, text_windows  # noqa: E402
+from lorp_fx.arch.families import layer_stacks  # noqa: E402
+from lorp_fx.io.output_dir import save_pretrained_atomic  # noqa: E402
+from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.calibration.graph_observer import ResidualObserver  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 # The measurement of plain module surgery removing 9 of 30 layers here.
@@ -143,7 +143,7 @@ def n_layers(model) -> int:
 def reload(path: Path):
     from transformers import AutoConfig
 
-    from lorp_fx.models import model_class
+    from lorp_fx.io.models import model_class
 
     config = AutoConfig.from_pretrained(path)
     return model_class(config).from_pretrained(path, dtype=torch.float32).eval()
@@ -396,7 +396,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
         common.write_text(out_md, render(results, args, notes))
         return results
     if model is None:
-        from lorp_fx.models import load_model
+        from lorp_fx.io.models import load_model
 
         log(f"loading {args.model}")
         model, tokenizer = load_model(args.model)
@@ -412,7 +412,7 @@ def main(argv=None, *, model=None, tokenizer=None) -> dict:
     # 1. plans (and the pipeline's own cost, measured on the way)
     plan_budgets = sorted(set(args.budgets) | ({args.compile_budget or max(args.budgets)} if args.compile else set()))
     if args.no_pipeline:
-        from lorp_fx.observe import collect_statistics
+        from lorp_fx.calibration.graph_observer import collect_statistics
 
         stats, _ = collect_statistics(model, [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(args.calib_batch_size)], progress=False)
         plans = {k: lorp_fx.select(stats, k, method=args.method) for k in plan_budgets}

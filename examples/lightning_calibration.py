@@ -16,9 +16,10 @@ import lightning as L
 import torch
 
 from lorp_fx import LoRPCallback
-from lorp_fx.selectors import DEFAULT_METHOD
-from lorp_fx.data import self_calibration, shared_data_dir, text_windows
-from lorp_fx.models import load_model
+from lorp_fx.selection.registry import DEFAULT_SELECTOR
+from lorp_fx.calibration.sampling import self_calibration
+from lorp_fx.io.text import shared_data_dir, text_windows
+from lorp_fx.io.models import load_model
 
 
 class CausalLM(L.LightningModule):
@@ -37,7 +38,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--text", help="calibration text file (default: WikiText-2 validation if present, else text the model writes)")
     parser.add_argument("--remove", type=int, default=3)
-    parser.add_argument("--method", default=DEFAULT_METHOD)
+    parser.add_argument("--method", default=DEFAULT_SELECTOR)
     args = parser.parse_args()
 
     model, tokenizer = load_model("smollm2-135m")

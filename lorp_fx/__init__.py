@@ -1,66 +1,78 @@
 """lorp-fx: training-free depth pruning of residual networks on torch.fx graphs.
 
-The pipeline, one module a step: `trace` -> `find_blocks` -> statistics
-(`collect_statistics`, `LoRPCallback`) -> selection (`select`) -> `prune` (graph
-rewrite) or `remove_layers` (checkpoint surgery) -> `compensate` -> save. The whole
-of it is one call: `prune_model(model, calibration, PruneConfig(remove=6))`.
+The pipeline, one subpackage a layer (docs/architecture.md): `graph.trace` ->
+`graph.blocks` -> statistics (`calibration`, `LoRPCallback`) -> `selection` ->
+`graph.rewrite` (`prune`) or `arch.surgery` (`remove_layers`) -> `compensation` -> save.
+The whole of it is one call: `prune_model(model, calibration, PruneConfig(remove=6))`.
+
+`import lorp_fx` is cheap: each public name below is imported from its module on first
+use (PEP 562), so a process that needs only the command line's checks, or one error
+class, does not pay for Lightning, matplotlib or the GGUF code.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .blocks import ResidualBlock, find_blocks
-from .budget import budget_from_ratio, check_budget
-from .callback import LoRPCallback
-from .compensation import Compensated, GapFit, apply_compensation, compensate, fit_compensation
-from .config import PruneConfig
-from .errors import (
-    BudgetError,
-    CalibrationError,
-    CallError,
-    CompensationError,
-    ConfigError,
-    DeviceError,
-    DistributedError,
-    FixedArgumentError,
-    GGUFError,
-    InputMismatchError,
-    LoRPError,
-    ModelLoadError,
-    NoResidualBlocksError,
-    NotRemovableError,
-    OutputDirError,
-    PlanError,
-    SelectorError,
-    TraceError,
-    UnknownBlockError,
-)
-from .evaluate import perplexity
-from .families import FAMILIES, Family, family_of, layer_stacks
-from .candidate_loss import CandidateLoss
-from .loss import calibration_loss
-from .models import load_model
-from .observe import ResidualObserver, collect_statistics
-from .output import save_pretrained_atomic
-from .pipeline import PruneResult, prune_model
-from .plan import PruningPlan
-from .rewrite import PruneBlocks, prune
-from .selectors import DEFAULT_METHOD, SELECTORS, select
-from .stats import LayerStatistics, SimilarityAccumulator
-from .surgery import Surgery, count_parameters, remove_layers
-from .trace import trace
+import importlib
 
-try:
-    __version__ = version("lorp-fx")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
-    __version__ = "0+unknown"
+from lorp_fx.core.version import __version__
 
-__all__ = [
-    "BudgetError", "CalibrationError", "CallError", "Compensated", "CompensationError", "ConfigError", "DEFAULT_METHOD", "DeviceError", "DistributedError", "FixedArgumentError", "GGUFError",
-    "FAMILIES", "Family", "GapFit", "InputMismatchError", "LayerStatistics", "LoRPCallback", "LoRPError",
-    "ModelLoadError", "NoResidualBlocksError", "NotRemovableError", "OutputDirError", "PlanError", "PruneBlocks",
-    "PruneConfig", "PruneResult", "PruningPlan", "ResidualBlock", "ResidualObserver", "SELECTORS", "SelectorError",
-    "SimilarityAccumulator", "Surgery", "TraceError", "UnknownBlockError", "__version__", "apply_compensation",
-    "CandidateLoss", "budget_from_ratio", "calibration_loss", "check_budget", "collect_statistics", "compensate", "count_parameters",
-    "family_of", "find_blocks", "fit_compensation", "layer_stacks", "load_model", "perplexity", "prune",
-    "prune_model", "remove_layers", "save_pretrained_atomic", "select", "trace",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(
+        ("BudgetError", "CalibrationError", "CallError", "CompensationError", "ConfigError", "DeviceError",
+         "DistributedError", "FixedArgumentError", "GGUFError", "InputMismatchError", "LoRPError", "ModelLoadError",
+         "NoResidualBlocksError", "NotRemovableError", "OutputDirError", "PlanError", "SelectorError", "TraceError",
+         "UnknownBlockError"),
+        "lorp_fx.core.errors"),
+    "budget_from_ratio": "lorp_fx.core.budget",
+    "check_budget": "lorp_fx.core.budget",
+    "PruningPlan": "lorp_fx.core.plan",
+    "LayerStatistics": "lorp_fx.core.stats",
+    "SimilarityAccumulator": "lorp_fx.core.stats",
+    "trace": "lorp_fx.graph.trace",
+    "ResidualBlock": "lorp_fx.graph.blocks",
+    "find_blocks": "lorp_fx.graph.blocks",
+    "prune": "lorp_fx.graph.rewrite",
+    "PruneBlocks": "lorp_fx.graph.rewrite",
+    "FAMILIES": "lorp_fx.arch.families",
+    "Family": "lorp_fx.arch.families",
+    "family_of": "lorp_fx.arch.families",
+    "layer_stacks": "lorp_fx.arch.families",
+    "Surgery": "lorp_fx.arch.surgery",
+    "count_parameters": "lorp_fx.arch.surgery",
+    "remove_layers": "lorp_fx.arch.surgery",
+    "load_model": "lorp_fx.io.models",
+    "save_pretrained_atomic": "lorp_fx.io.output_dir",
+    "ResidualObserver": "lorp_fx.calibration.graph_observer",
+    "collect_statistics": "lorp_fx.calibration.graph_observer",
+    "DEFAULT_SELECTOR": "lorp_fx.selection.registry",
+    "SELECTORS": "lorp_fx.selection.registry",
+    "select": "lorp_fx.selection.registry",
+    "Compensated": "lorp_fx.compensation.fit",
+    "GapFit": "lorp_fx.compensation.fit",
+    "apply_compensation": "lorp_fx.compensation.fit",
+    "compensate": "lorp_fx.compensation.fit",
+    "fit_compensation": "lorp_fx.compensation.fit",
+    "CandidateLoss": "lorp_fx.judge.candidates",
+    "calibration_loss": "lorp_fx.judge.loss",
+    "perplexity": "lorp_fx.judge.perplexity",
+    "PruneConfig": "lorp_fx.pipeline.config",
+    "PruneResult": "lorp_fx.pipeline.result",
+    "prune_model": "lorp_fx.pipeline.run",
+    "LoRPCallback": "lorp_fx.lightning.callback",
+}
+
+__all__ = sorted([*_PUBLIC, "__version__"])
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorp_fx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -26,7 +26,7 @@ def main():
     sets = {f"chosen on {source}": json.loads((RESULTS / f"rows-{source}-32.json").read_text())["9:cosine"]["remove"]
             for source in ("wiki", "self")}
     m, _ = C.model()
-    from lorp_fx.evaluate import perplexity as ppl
+    from lorp_fx.judge.perplexity import perplexity as ppl
 
     dense = ppl(m, C.evaluation("self-held"), batch_size=4, progress=False)
     rows = []

@@ -2,7 +2,7 @@
 
 Protocol (../shared/REFERENCE.md, benchmarks/results/quality-smollm2.md): SmolLM2-135M-Instruct,
 fp32 on CPU, one torch thread. Calibration: the first 32 x 256 tokens of WikiText-2 valid.txt
-("wiki") or 32 x 256 tokens the model samples itself (`lorp_fx.data.self_calibration`, seed 0:
+("wiki") or 32 x 256 tokens the model samples itself (`lorp_fx.calibration.sampling.self_calibration`, seed 0:
 "self"). Candidate losses on the first 8 calibration windows. Reported, never used for a
 decision:
   * test      : perplexity on the first 40 x 512 tokens of test.txt (the benchmark's numbers);
@@ -31,7 +31,7 @@ CACHE = ROOT / "research" / "cache"
 DATA = Path("/work/shared/data/wikitext-2")
 sys.path.insert(0, str(ROOT))
 
-from lorp_fx.candidate_loss import CandidateLoss  # noqa: E402
+from lorp_fx.judge.candidates import CandidateLoss  # noqa: E402
 
 HELD_VALID_START = 32768
 _STATE: dict = {}
@@ -45,7 +45,7 @@ def threads(n: int = 1) -> None:
 def model():
     """(model, tokenizer), loaded once per process."""
     if "model" not in _STATE:
-        from lorp_fx.models import load_model
+        from lorp_fx.io.models import load_model
 
         _STATE["model"] = load_model("smollm2-135m")
     return _STATE["model"]
@@ -76,7 +76,7 @@ def calibration(source: str, n: int = 32, length: int = 256) -> torch.Tensor:
     total = max(n, 64)
     path = CACHE / f"self_{total}x{length}.pt"
     if not path.exists():
-        from lorp_fx.data import self_calibration
+        from lorp_fx.calibration.sampling import self_calibration
 
         m, tok = model()
         clock = time.perf_counter()
@@ -104,7 +104,7 @@ def batches(windows: torch.Tensor, size: int = 4) -> list[dict]:
 def graph():
     """The traced graph of the dense model (traced once per process)."""
     if "graph" not in _STATE:
-        from lorp_fx.trace import trace
+        from lorp_fx.graph.trace import trace
 
         m, _ = model()
         example = batches(calibration("wiki", 4))[0]
@@ -114,13 +114,13 @@ def graph():
 
 def statistics(source: str, n: int = 32, length: int = 256):
     """LayerStatistics of the calibration windows (collect_statistics), memoised on disk."""
-    from lorp_fx.stats import LayerStatistics
+    from lorp_fx.core.stats import LayerStatistics
 
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"stats_{source}_{n}x{length}.json"
     if path.exists():
         return LayerStatistics.from_dict(json.loads(path.read_text()))
-    from lorp_fx.observe import collect_statistics
+    from lorp_fx.calibration.graph_observer import collect_statistics
 
     m, _ = model()
     stats, _ = collect_statistics(m, batches(calibration(source, n, length)), progress=False)
@@ -202,9 +202,9 @@ def perplexity(indices, fits=None, which: str = "test", tag: str = "plain") -> f
     key = f"{which}:{tag}:{set_key(indices)}"
     if memo.get(key) is not None:
         return memo.get(key)
-    from lorp_fx.compensation import apply_compensation
-    from lorp_fx.evaluate import perplexity as ppl
-    from lorp_fx.surgery import remove_layers
+    from lorp_fx.compensation.fit import apply_compensation
+    from lorp_fx.judge.perplexity import perplexity as ppl
+    from lorp_fx.arch.surgery import remove_layers
 
     m, _ = model()
     names = layer_names(indices)

@@ -52,7 +52,7 @@ CACHE = Path(os.environ.get("LORP7_CACHE", "/tmp/lorp7"))
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 sys.path.insert(0, str(ROOT))
-from lorp_fx.stats import SimilarityAccumulator  # noqa: E402
+from lorp_fx.core.stats import SimilarityAccumulator  # noqa: E402
 
 
 # --------------------------------------------------------------------------- model & data
@@ -172,7 +172,7 @@ def cached_calibration(model, tok, n=32, length=256, source="wikitext"):
 
 
 def load_stats(model, tok, n=32, length=256):
-    from lorp_fx.stats import LayerStatistics
+    from lorp_fx.core.stats import LayerStatistics
 
     key = CACHE / f"stats_{n}x{length}.json"
     if key.exists():
@@ -333,7 +333,7 @@ def run_cost_fn(stats, kind: str):
     "mean": (run + bi) / 2, the default's context model (lorp.run_cost);
     "area": sum over l in a..b of D(in_a, out_l), the drift accumulated along the run.
     """
-    from lorp_fx.selectors.lorp import run_cost
+    from lorp_fx.selection.lorp import run_cost
 
     if kind == "mean":
         return run_cost(stats)
@@ -350,7 +350,7 @@ def run_cost_fn(stats, kind: str):
 
 def set_cost(stats, cost, removed) -> float:
     """J(R): the sum of c over the maximal runs of R."""
-    from lorp_fx.selectors.lorp import runs_of
+    from lorp_fx.selection.lorp import runs_of
 
     return sum(cost(a, b) for a, b in runs_of(stats, removed))
 
@@ -503,7 +503,7 @@ SLEB_PATH = [14, 13, 26, 12, 25, 17, 3, 16, 18]  # SLEB's removal order on this 
 
 def cmd_lorp(args):
     """The default selector at each budget, timed on the real (never replayed) loss."""
-    from lorp_fx.selectors import select
+    from lorp_fx.selection.registry import select
 
     model, tok, stats, loss = setup(8)
     test = test_windows(tok)
@@ -523,7 +523,7 @@ def cmd_lorp(args):
 
 def cmd_sleb(args):
     """SLEB (greedy on the 8-window calibration loss), timed with the cached-prefix loss."""
-    from lorp_fx.selectors import sleb
+    from lorp_fx.selection.baselines import sleb
 
     model, tok, stats, loss = setup(8)
     test = test_windows(tok)
@@ -625,7 +625,7 @@ def cmd_simg(args):
 
 def cmd_default(args):
     """The default `lorp` through the same memo replay as the ablations (losses, not timings)."""
-    from lorp_fx.selectors import select
+    from lorp_fx.selection.registry import select
 
     model, tok, stats, loss = setup(8)
     loss.use_memo = True

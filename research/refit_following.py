@@ -28,26 +28,26 @@ EVALS = ("valid-held", "test")
 
 def residual_states(model, batches, stack) -> list[dict]:
     """Every point of `stack` on every batch."""
-    from lorp_fx.compensation.capture import Capture
+    from lorp_fx.calibration.capture import Capture
 
     capture = Capture({stack.point(i)[0]: stack.point(i)[1:] for i in range(len(stack.units) + 1)})
     return [{k: v.clone() for k, v in capture.run(model, b).items()} for b in batches]
 
 
 def perplexities(model) -> dict:
-    from lorp_fx.evaluate import perplexity
+    from lorp_fx.judge.perplexity import perplexity
 
     return {w: perplexity(model, C.evaluation(w), batch_size=4, progress=False) for w in EVALS}
 
 
 def refit_following(dense_model, indices, batches) -> tuple[dict, dict, list[dict]]:
     """Perplexities with the sequential gap maps, then with every following unit refitted; the fit log."""
-    from lorp_fx.compensation import compensate
-    from lorp_fx.compensation.capture import Capture
+    from lorp_fx.compensation.fit import compensate
+    from lorp_fx.calibration.capture import Capture
     from lorp_fx.compensation.fold import fold, projections
     from lorp_fx.compensation.solver import FoldedStatistics, beats_no_map
-    from lorp_fx.compensation.structure import stacks_of
-    from lorp_fx.families import family_of
+    from lorp_fx.arch.anatomy import stacks_of
+    from lorp_fx.arch.families import family_of
 
     names = C.layer_names(indices)
     dense_stack = stacks_of(dense_model)[0]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import research.common as C  # noqa: E402
-from lorp_fx.selectors import select  # noqa: E402
+from lorp_fx.selection.registry import select  # noqa: E402
 
 RESULTS = C.ROOT / "research" / "results"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import research.common as C  # noqa: E402
-from lorp_fx.candidate_loss import CandidateLoss  # noqa: E402
-from lorp_fx.loss import calibration_loss  # noqa: E402
-from lorp_fx.selectors import select  # noqa: E402
+from lorp_fx.judge.candidates import CandidateLoss  # noqa: E402
+from lorp_fx.judge.loss import calibration_loss  # noqa: E402
+from lorp_fx.selection.registry import select  # noqa: E402
 
 
 def plain_pass_seconds(graph, batches) -> float:
@@ -77,7 +77,7 @@ def main():
     args = parser.parse_args()
     C.threads(1)
     ks = [int(k) for k in args.ks.split(",")]
-    from lorp_fx.observe import collect_statistics
+    from lorp_fx.calibration.graph_observer import collect_statistics
 
     model, _ = C.model()
     batches = C.batches(C.calibration(args.source))

@@ -3,7 +3,7 @@
     python save_helper.py OUT RUN_ID [--overwrite] [--files N]
 
 Writes N files holding RUN_ID plus a manifest into OUT through
-`lorp_fx.output.write_directory_atomic` (marker in report.json included), with the
+`lorp_fx.io.output_dir.write_directory_atomic` (marker in report.json included), with the
 fault-injection hook `LORP_FX_FAULT` (lorp_fx/atomic.py) active. It imports only
 lorp_fx's errors, atomic and output modules, not the package (torch, transformers):
 a run takes a few tens of milliseconds. Exit status: 0 written, 2 refused
@@ -21,9 +21,9 @@ package.__path__ = [str(ROOT / "lorp_fx")]
 package.__version__ = "test"
 sys.modules.setdefault("lorp_fx", package)
 
-from lorp_fx import atomic  # noqa: E402
-from lorp_fx.errors import OutputDirError  # noqa: E402
-from lorp_fx.output import write_directory_atomic  # noqa: E402
+from lorp_fx.io import atomic  # noqa: E402
+from lorp_fx.core.errors import OutputDirError  # noqa: E402
+from lorp_fx.io.output_dir import write_directory_atomic  # noqa: E402
 
 
 def write_run(tmp: Path, run_id: str, files: int) -> None:

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 from hypothesis import assume, strategies as st
 
-from lorp_fx.stats import LayerStatistics
+from lorp_fx.core.stats import LayerStatistics
 
 
 def random_walk_stats(n_blocks: int, seed: int, dim: int = 6) -> LayerStatistics:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorp_fx
-from lorp_fx.errors import ConfigError, InputMismatchError, LoRPError, PlanError
+from lorp_fx.core.errors import ConfigError, InputMismatchError, LoRPError, PlanError
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 WINDOWS = torch.randint(4, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))

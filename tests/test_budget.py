@@ -3,8 +3,15 @@
 import pytest
 
 import lorp_fx
-from lorp_fx.budget import MIN_KEPT, budget_from_ratio, check_budget, check_kept, check_stack_budget, resolve_budget
-from lorp_fx.errors import BudgetError
+from lorp_fx.core.budget import (
+    MIN_KEPT,
+    budget_from_ratio,
+    check_budget,
+    check_kept,
+    check_stack_budget,
+    resolve_budget,
+)
+from lorp_fx.core.errors import BudgetError
 
 
 def test_remove_at_least_one_keep_at_least_two():

@@ -9,16 +9,17 @@ import itertools
 import pytest
 import torch
 
-from lorp_fx.calibration import one_window_each
-from lorp_fx.candidate_loss import CandidateLoss, eager_fits
-from lorp_fx.compensation import RIDGE_GRID, GapStatistics, compensate, fit_compensation
-from lorp_fx import errors as lorp_fx_errors
-from lorp_fx.errors import ConfigError
-from lorp_fx.gap_fit import cv_errors
-from lorp_fx.graph_runner import GraphRunner
-from lorp_fx.loss import calibration_loss, next_token_loss
-from lorp_fx.selectors import select
-from lorp_fx.trace import trace
+from lorp_fx.calibration.batches import one_window_each
+from lorp_fx.judge.candidates import CandidateLoss, eager_fits
+from lorp_fx.compensation.solver import RIDGE_GRID, GapStatistics
+from lorp_fx.compensation.fit import compensate, fit_compensation
+from lorp_fx.core import errors as lorp_fx_errors
+from lorp_fx.core.errors import ConfigError
+from lorp_fx.compensation.gap_fit import cv_errors
+from lorp_fx.graph.runner import GraphRunner
+from lorp_fx.judge.loss import calibration_loss, next_token_loss
+from lorp_fx.selection.registry import select
+from lorp_fx.graph.trace import trace
 from tiny_models import VOCAB, tiny_model, trace_inputs
 
 PREFIX = {"llama": "model.layers", "gpt2": "transformer.h", "mixtral": "model.layers", "gemma3": "model.layers",
@@ -191,7 +192,7 @@ def test_costs_are_counted():
 
 @pytest.mark.parametrize("compensation", [None, "cosine"])
 def test_statistics_from_the_caching_pass_equal_collect_statistics(compensation):
-    from lorp_fx.observe import collect_statistics
+    from lorp_fx.calibration.graph_observer import collect_statistics
 
     model, graph, batches = setup("llama")
     windows = 12 if compensation else 8

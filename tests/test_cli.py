@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from lorp_fx import cli
-from lorp_fx.families import layer_stacks
+from lorp_fx.arch.families import layer_stacks
 from tiny_models import tiny_model, tiny_tokenizer
 from shared_data import require_shared_data
 

@@ -11,7 +11,7 @@ from saved_models import calibration_text, report, saved_tiny
 import lorp_fx
 from lorp_fx.cli import main
 from lorp_fx.compensation.solver import FoldedStatistics
-from lorp_fx.config import PruneConfig
+from lorp_fx.pipeline.config import PruneConfig
 from tiny_models import VOCAB, tiny_model
 
 WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
@@ -90,10 +90,10 @@ def test_without_a_judge_the_folded_maps_close_the_gaps_the_held_out_check_measu
     """The no-judge path (offloaded models, encoder-decoders) folds maps refitted on every window for the
     gaps whose held-out maps were checked, and no others: on this tiny Llama the held-out fit leaves the gap
     of layer 4 open, where cross-validation on every window alone would fold a map into layer 3."""
-    from lorp_fx.calibration import one_window_each
-    from lorp_fx.compensation import Compensator
-    from lorp_fx.plan import PruningPlan
-    from lorp_fx.removal import remove_and_compensate
+    from lorp_fx.calibration.batches import one_window_each
+    from lorp_fx.compensation.fit import Compensator
+    from lorp_fx.core.plan import PruningPlan
+    from lorp_fx.pipeline.removal import remove_and_compensate
 
     plan = PruningPlan(remove=["model.layers.4"], method="given")
     batches = [{"input_ids": WINDOWS[i : i + 4]} for i in range(0, 12, 4)]

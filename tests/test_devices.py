@@ -7,16 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import lorp_fx.devices as devices
+import lorp_fx.cli.commands
+import lorp_fx.io.placement as devices
 from lorp_fx.cli import main
-from lorp_fx.devices import (
-    check_process_count,
-    parse_max_memory,
-    resolve_device,
-    resolve_dtype,
-    resolve_placement,
-)
-from lorp_fx.errors import DeviceError, LoRPError
+from lorp_fx.io.placement import check_process_count, parse_max_memory, resolve_device, resolve_dtype, resolve_placement
+from lorp_fx.core.errors import DeviceError, LoRPError
 
 
 @pytest.fixture
@@ -137,7 +132,7 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded although the arguments were bad")
 
-    monkeypatch.setattr(devices, "load_placed", refuse)
+    monkeypatch.setattr(lorp_fx.cli.commands, "load_placed", refuse)
 
 
 @pytest.mark.parametrize("arguments, words", [
@@ -186,7 +181,7 @@ def test_a_temporary_offload_folder_is_gone_when_the_process_exits(tmp_path):
     import subprocess
     import sys
 
-    script = "from lorp_fx.devices import offload_folder as t; import pathlib; p = pathlib.Path(t(None)); " \
+    script = "from lorp_fx.io.placement import offload_folder as t; import pathlib; p = pathlib.Path(t(None)); " \
              "(p / 'weights.dat').write_bytes(b'x' * 1000); print(p)"
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)

@@ -12,8 +12,8 @@ from gguf import GGUFReader  # noqa: E402
 
 from gguf_files import write_tiny_gguf  # noqa: E402
 from lorp_fx import cli  # noqa: E402
-from lorp_fx.models import load_model  # noqa: E402
-from lorp_fx.surgery import remove_layers  # noqa: E402
+from lorp_fx.io.models import load_model  # noqa: E402
+from lorp_fx.arch.surgery import remove_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,12 @@ from gguf import GGUFEndian, GGUFReader, dequantize  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
 
 from gguf_files import write_tiny_gguf  # noqa: E402
-from lorp_fx import gguf_export  # noqa: E402
-from lorp_fx.errors import GGUFError, LoRPError  # noqa: E402
-from lorp_fx.surgery import remove_layers  # noqa: E402
-from lorp_fx.gguf_export import check_transformers_can_read, read_gguf, write_pruned_gguf  # noqa: E402
-from lorp_fx.gguf_layout import plan_metadata  # noqa: E402
-from lorp_fx.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
+from lorp_fx.io.gguf import export as gguf_export  # noqa: E402
+from lorp_fx.core.errors import GGUFError, LoRPError  # noqa: E402
+from lorp_fx.arch.surgery import remove_layers  # noqa: E402
+from lorp_fx.io.gguf.export import check_transformers_can_read, read_gguf, write_pruned_gguf  # noqa: E402
+from lorp_fx.io.gguf.layout import plan_metadata  # noqa: E402
+from lorp_fx.io.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -359,7 +359,7 @@ def test_the_source_is_read_again_for_writing_and_a_file_changed_meanwhile_is_re
     """The CLI drops the parsed file while it prunes (its vocabulary's arrays are large) and reopens it to write."""
     import os
 
-    from lorp_fx.gguf_output import open_source
+    from lorp_fx.io.gguf.pruned_file import open_source
 
     copy = tmp_path / "model.gguf"
     copy.write_bytes(tiny_llama.read_bytes())

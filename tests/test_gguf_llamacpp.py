@@ -20,10 +20,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
 from shared_data import require_shared_data  # noqa: E402
-from lorp_fx.data import text_windows  # noqa: E402
-from lorp_fx.evaluate import perplexity  # noqa: E402
-from lorp_fx.gguf_export import read_gguf, write_pruned_gguf  # noqa: E402
-from lorp_fx.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
+from lorp_fx.io.gguf.export import read_gguf, write_pruned_gguf  # noqa: E402
+from lorp_fx.io.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
 
 # shortgpt's choice for 6 layers on the WikiText-2 valid calibration (benchmarks/gguf_requant.py)
 REMOVED = [12, 13, 14, 17, 25, 26]
@@ -61,7 +61,7 @@ def test_llama_cpp_loads_the_pruned_file_and_generates(pruned):
 
 
 def _llama_cpp_perplexity(path, windows: torch.Tensor) -> float:
-    """exp(mean NLL) with each window scored on its own, its first token not predicted (as lorp_fx.evaluate does)."""
+    """exp(mean NLL) with each window scored on its own, its first token not predicted (as lorp_fx.judge.perplexity does)."""
     llm = _open(path, logits_all=True)
     total, count = 0.0, 0
     for window in windows.tolist():
@@ -102,7 +102,7 @@ def test_llama_cpp_follows_the_per_layer_sliding_window_pattern(tmp_path):
     from gguf_files import write_tiny_gguf
     from test_gguf_export import _load_causal_lm
 
-    from lorp_fx.surgery import remove_layers
+    from lorp_fx.arch.surgery import remove_layers
 
     source = write_tiny_gguf(tmp_path / "gemma3.gguf", arch="gemma3", n_layers=12)
     pruned = tmp_path / "gemma3-pruned.gguf"

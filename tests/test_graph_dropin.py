@@ -12,7 +12,7 @@ from torch.export import Dim
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import lorp_fx
-from lorp_fx.errors import FixedArgumentError
+from lorp_fx.core.errors import FixedArgumentError
 from tiny_models import eager_without, example_inputs, tiny_model
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import lorp_fx
 from strategies import legal_removals
-from lorp_fx.errors import FixedArgumentError
+from lorp_fx.core.errors import FixedArgumentError
 from tiny_models import FAMILIES, eager_without, example_inputs, layer_lists, tiny_model
 
 PER_LAYER = ("hidden_states", "attentions", "router_logits")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lorp_fx
-from lorp_fx.data import text_windows
-from lorp_fx.models import load_model
-from lorp_fx.observe import collect_statistics
+from lorp_fx.io.text import text_windows
+from lorp_fx.io.models import load_model
+from lorp_fx.calibration.graph_observer import collect_statistics
 from shared_data import require_shared_data
 
 

@@ -12,10 +12,11 @@ import torch
 import transformers
 from torch import nn
 
-from lorp_fx.data import _nucleus, self_calibration, shared_data_dir, text_windows
-from lorp_fx.errors import CalibrationError, InputMismatchError
-from lorp_fx.evaluate import perplexity
-from lorp_fx.models import DEFAULT_MODEL, ModelLoadError, load_model, smollm2_gguf_path
+from lorp_fx.calibration.sampling import _nucleus, self_calibration
+from lorp_fx.io.text import shared_data_dir, text_windows
+from lorp_fx.core.errors import CalibrationError, InputMismatchError
+from lorp_fx.judge.perplexity import perplexity
+from lorp_fx.io.models import DEFAULT_MODEL, ModelLoadError, load_model, smollm2_gguf_path
 from shared_data import require_shared_data
 from tiny_models import tiny_tokenizer as tiny_tokenizer_of_size
 
@@ -278,7 +279,7 @@ def test_perplexity_accepts_callables_returning_logits_in_any_common_form(wrap):
 
 
 def test_perplexity_of_a_traced_graph_module():
-    from lorp_fx.trace import trace
+    from lorp_fx.graph.trace import trace
 
     model = tiny_llama()
     windows = torch.randint(3, VOCAB, (3, 8))

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from lorp_fx.errors import OutputDirError
-from lorp_fx.output import MARKER, check_output_location, is_lorp_fx_output, save_pretrained_atomic
-from lorp_fx.surgery import remove_layers
+from lorp_fx.core.errors import OutputDirError
+from lorp_fx.io.output_dir import MARKER, check_output_location, is_lorp_fx_output, save_pretrained_atomic
+from lorp_fx.arch.surgery import remove_layers
 from tiny_models import REMOVALS, tiny_model, tiny_tokenizer
 
 
@@ -203,7 +203,7 @@ def test_over_long_names_are_refused_before_any_work(tmp_path):
 
 
 def test_a_model_is_never_saved_over_the_directory_it_was_loaded_from(tmp_path):
-    from lorp_fx.models import load_model
+    from lorp_fx.io.models import load_model
 
     source = save_pretrained_atomic(build("llama")[0], tiny_tokenizer(), tmp_path / "model")
     model, tokenizer = load_model(source)

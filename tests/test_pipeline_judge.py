@@ -9,10 +9,10 @@ import functools
 import torch
 
 import lorp_fx
-from lorp_fx.config import PruneConfig
-from lorp_fx.loss import calibration_loss
-from lorp_fx.report import summary_lines
-from lorp_fx.surgery import remove_layers
+from lorp_fx.pipeline.config import PruneConfig
+from lorp_fx.judge.loss import calibration_loss
+from lorp_fx.pipeline.report import summary_lines
+from lorp_fx.arch.surgery import remove_layers
 from tiny_models import VOCAB, tiny_model
 
 WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
@@ -67,7 +67,7 @@ def test_without_compensation_the_plain_loss_judges():
 
 
 def test_the_summary_line_gives_the_guards_evidence():
-    from lorp_fx.report import _compensation_phrase
+    from lorp_fx.pipeline.report import _compensation_phrase
 
     gap = {"error_before": 0.237, "error_after": 0.106}
     loss = {"compensated": 3.4378, "uncompensated": 3.6258, "held_out": True, "windows": 8}

@@ -59,9 +59,9 @@ def test_a_model_offloaded_to_disk_gives_the_plan_and_weights_of_one_in_memory(f
 @pytest.mark.parametrize("memory", [["--max-memory", "cpu=100KB"], []])
 def test_a_device_map_refuses_sublayers_in_one_line_before_loading(files, tmp_path, capsys, monkeypatch, memory):
     """Refused whether or not the weights would spill to disk: the rule depends on the options, not on memory."""
-    import lorp_fx.devices
+    import lorp_fx.cli.commands
 
-    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(lorp_fx.cli.commands, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
     model_dir, text = files
     status = main(["prune", "--model", str(model_dir), *ARGS, "--calib-file", str(text), "--granularity", "sublayer",
                    "--device-map", "auto", *memory, "--out", str(tmp_path / "out")])
@@ -75,9 +75,9 @@ def test_a_device_map_refuses_sublayers_in_one_line_before_loading(files, tmp_pa
     ("out/offload", "inside the output directory"), ("a-file/below", "is a file, not a folder"), ("MODEL", "inside the input"),
 ])
 def test_a_bad_offload_dir_is_one_line_before_loading(files, tmp_path, capsys, monkeypatch, where, why):
-    import lorp_fx.devices
+    import lorp_fx.cli.commands
 
-    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(lorp_fx.cli.commands, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
     model_dir, text = files
     (tmp_path / "a-file").write_text("x")
     offload = "" if not where else str(model_dir / "offload") if where == "MODEL" else str(tmp_path / where)
@@ -89,10 +89,11 @@ def test_a_bad_offload_dir_is_one_line_before_loading(files, tmp_path, capsys, m
 
 
 def test_more_processes_than_calibration_batches_is_one_line_before_loading(files, tmp_path, capsys, monkeypatch):
-    import lorp_fx.devices
+    import lorp_fx.cli.commands
+    import lorp_fx.io.placement
 
-    monkeypatch.setattr(lorp_fx.devices, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
-    monkeypatch.setattr(lorp_fx.devices, "available_cores", lambda: 4)
+    monkeypatch.setattr(lorp_fx.cli.commands, "load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(lorp_fx.io.placement, "available_cores", lambda: 4)
     model_dir, text = files
     status = main(["prune", "--model", str(model_dir), "--remove", "2", "--calib-samples", "4", "--seq-len", "24",
                    "--device", "cpu", "--calib-file", str(text), "--devices", "2", "--out", str(tmp_path / "out")])

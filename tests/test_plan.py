@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lorp_fx
-from lorp_fx.budget import check_stream_budget
-from lorp_fx.errors import BudgetError, LoRPError, PlanError
-from lorp_fx.plan import PruningPlan
-from lorp_fx.selectors import SELECTORS, options_for, select
+from lorp_fx.core.budget import check_stream_budget
+from lorp_fx.core.errors import BudgetError, LoRPError, PlanError
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.selection.registry import SELECTORS, options_for, select
 from strategies import random_walk_stats
 
 

@@ -21,9 +21,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from lorp_fx import cli
-from lorp_fx.errors import LoRPError, ModelLoadError
-from lorp_fx.evaluate import exp_or_inf, perplexity
-from lorp_fx.models import load_model, resolve_model
+from lorp_fx.core.errors import LoRPError, ModelLoadError
+from lorp_fx.judge.perplexity import exp_or_inf, perplexity
+from lorp_fx.io.models import load_model, resolve_model
 from tiny_models import FAMILIES, TINY, tiny_model, tiny_tokenizer
 
 TEXT = " ".join(f"w{i % 90}" for i in range(3000))
@@ -404,7 +404,7 @@ def test_a_confident_model_still_gets_its_pruned_output_saved(tmp_path, capsys, 
 
 def test_the_library_refuses_windows_beyond_the_positions_too():
     from lorp_fx import PruneConfig, prune_model
-    from lorp_fx.errors import ConfigError
+    from lorp_fx.core.errors import ConfigError
 
     model = tiny_model("gpt2", layers=4)
     with pytest.raises(ConfigError, match="longer than the model's 64 positions"):
@@ -430,7 +430,7 @@ def test_a_bad_budget_names_its_flag(budget, words, tmp_path, capsys):
 def test_sublayers_of_a_whole_layer_family_are_refused_before_the_weights_load(tmp_path, capsys, text_file, monkeypatch):
     """BERT (post-norm) loses whole layers only: refused from its config, before loading, sampling or statistics."""
     model_dir = save_tiny(tmp_path, "bert")
-    monkeypatch.setattr("lorp_fx.devices.load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr("lorp_fx.cli.commands.load_placed", lambda *a, **k: pytest.fail("the weights were loaded"))
     code, _, err = run(prune_args(model_dir, text_file, tmp_path / "out", "--granularity", "sublayer"), capsys)
     assert_refused_before_work(code, err, "post-norm", "--granularity layer")
     assert not (tmp_path / "out").exists()
@@ -439,8 +439,8 @@ def test_sublayers_of_a_whole_layer_family_are_refused_before_the_weights_load(t
 @pytest.mark.parametrize("compensate", ["auto", "none"])
 def test_the_library_refuses_sublayers_of_a_whole_layer_family_before_any_forward(compensate):
     from lorp_fx import prune_model
-    from lorp_fx.config import PruneConfig
-    from lorp_fx.errors import NotRemovableError
+    from lorp_fx.pipeline.config import PruneConfig
+    from lorp_fx.core.errors import NotRemovableError
 
     model = tiny_model("bert", layers=6)
     forwards = []

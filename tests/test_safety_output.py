@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorp_fx import atomic
-from lorp_fx.output import check_output_location, is_lorp_fx_output
+from lorp_fx.io import atomic
+from lorp_fx.io.output_dir import check_output_location, is_lorp_fx_output
 
 HELPER = Path(__file__).with_name("save_helper.py")
 PATHS = {"renameat2": {}, "portable": {"LORP_FX_PORTABLE_RENAME": "1"}}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from lorp_fx.data import _full_nucleus, _nucleus, self_calibration
+from lorp_fx.calibration.sampling import _full_nucleus, _nucleus, self_calibration
 
 
 @torch.no_grad()
@@ -57,9 +57,9 @@ def test_windows_are_sampled_together_where_the_judge_will_hold_more_than_their_
     """The KV cache may grow to what the selection's judge caches anyway, not beyond: all
     windows in one round where the compensated judge keeps more states than their cache,
     rounds where nothing but the 0.3x-weights allowance is free (ShortGPT, no compensation)."""
-    from lorp_fx.calibration import kv_bytes_per_token, sampling_batch_size
-    from lorp_fx.config import PruneConfig
-    from lorp_fx.removal import judge_state_bytes
+    from lorp_fx.pipeline.calibrate import kv_bytes_per_token, sampling_batch_size
+    from lorp_fx.pipeline.config import PruneConfig
+    from lorp_fx.pipeline.removal import judge_state_bytes
 
     model = tiny_model("llama", layers=4)
     judged = PruneConfig(remove=1, seq_len=64, calib_samples=64, batch_size=1)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lorp_fx.errors import BudgetError, SelectorError
-from lorp_fx.selectors import SELECTORS, select
-from lorp_fx.stats import LayerStatistics
+from lorp_fx.core.errors import BudgetError, SelectorError
+from lorp_fx.selection.registry import SELECTORS, select
+from lorp_fx.core.stats import LayerStatistics
 from shared_data import require_shared_data
 from strategies import selection_scenarios
 
-# `lorp_fx.selectors.lorp` is the function once the package is imported; the module:
-lorp_module = importlib.import_module("lorp_fx.selectors.lorp")
+# `lorp_fx.selection.lorp` is the function once the package is imported; the module:
+lorp_module = importlib.import_module("lorp_fx.selection.lorp")
 run_cost, run_surrogate, runs_of, free_sets = (
     lorp_module.run_cost, lorp_module.run_surrogate, lorp_module.runs_of, lorp_module.free_sets)
 

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 
 from lorp_fx import SimilarityAccumulator
-from lorp_fx.errors import CalibrationError
+from lorp_fx.core.errors import CalibrationError
 from strategies import residual_states
 import pytest
 

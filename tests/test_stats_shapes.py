@@ -7,8 +7,8 @@ import torch
 
 import lorp_fx
 from calibration_run import PLAIN_FIELDS, Calibrated, loader, plain_data, trainer
-from lorp_fx.observe import collect_statistics
-from lorp_fx.stats import token_vectors
+from lorp_fx.calibration.graph_observer import collect_statistics
+from lorp_fx.core.stats import token_vectors
 from test_callback_conventions import MLP
 
 

@@ -9,11 +9,11 @@ import torch
 import transformers
 from torch import nn
 
-from lorp_fx.errors import BudgetError, NoResidualBlocksError, NotRemovableError, UnknownBlockError
-from lorp_fx.families import layer_stacks, sublayers
-from lorp_fx.output import save_pretrained_atomic
-from lorp_fx.plan import PruningPlan
-from lorp_fx.surgery import count_parameters, remove_layers
+from lorp_fx.core.errors import BudgetError, NoResidualBlocksError, NotRemovableError, UnknownBlockError
+from lorp_fx.arch.families import layer_stacks, sublayers
+from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.arch.surgery import count_parameters, remove_layers
 from tiny_models import REMOVALS, TINY, eager_without, example_inputs, tiny_model, tiny_tokenizer
 
 GENERATIVE = [name for name in REMOVALS if name != "bert"]
@@ -325,7 +325,7 @@ def test_count_parameters_counts_shared_storage_once():
 
 @pytest.mark.slow
 def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path):
-    from lorp_fx.models import load_model
+    from lorp_fx.io.models import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     assert len(model.model.layers) == 30 and not model.training

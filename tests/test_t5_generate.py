@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from lorp_fx.output import save_pretrained_atomic
-from lorp_fx.surgery import remove_layers
+from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.arch.surgery import remove_layers
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 STEPS = 6

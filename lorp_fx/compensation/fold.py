@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CompensationError
-from ..families import Family
-from .capture import Capture
-from .structure import Gap, Stack, UnitRef
+from lorp_fx.arch.anatomy import Gap, Stack, UnitRef
+from lorp_fx.arch.families import Family
+from lorp_fx.calibration.capture import Capture
+from lorp_fx.core.errors import CompensationError
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..errors import CalibrationError, CompensationError
+from lorp_fx.core.errors import CalibrationError, CompensationError
 
 METHODS = ("lstsq", "cosine")
 FORMS = ("full", "diagonal")

@@ -1,0 +1,155 @@
+"""Plain facts about a model that every step asks: where its inputs go, what kind of model it is, its mode.
+
+Nothing here changes a model's weights or layout: `eval_mode` switches dropout off for
+a while and restores every module's own mode.
+"""
+
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorp_fx.core.errors import InputMismatchError
+
+# --------------------------------------------------------------------------- what kind of model
+
+
+def encoder_decoder(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def causal_lm(model: nn.Module) -> bool:
+    """Whether `model` predicts the next token, as the calibration loss, self-calibration and perplexity
+    assume: not an encoder-decoder, and a `transformers` model that can generate (a masked LM such as
+    `BertForMaskedLM` cannot; `BertLMHeadModel` can). Any other network is taken at its outputs."""
+    if encoder_decoder(model):
+        return False
+    can_generate = getattr(model, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
+
+
+def vocabulary_size(model) -> int | None:
+    """The number of input embeddings, or None for a network without `get_input_embeddings`."""
+    try:
+        size = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+    return size if isinstance(size, int) else None
+
+
+def check_token_ids(windows: torch.Tensor, vocabulary: int | None, what: str = "") -> None:
+    """InputMismatchError for a token id outside 0 .. vocabulary - 1: the one vocabulary check, made on the
+    loaded model (`check_vocabulary`) and before loading, from the model's configuration (the command line)."""
+    if vocabulary is None or not windows.numel():
+        return
+    where = f" in the {what} text" if what else ""
+    if int(windows.min()) < 0:
+        raise InputMismatchError(f"token id {int(windows.min())}{where} is negative: token ids are indices into the "
+                                 f"model's {vocabulary} embeddings, 0 to {vocabulary - 1}")
+    if int(windows.max()) >= vocabulary:
+        raise InputMismatchError(f"the tokenizer produces token id {int(windows.max())}{where} but the model has "
+                                 f"{vocabulary} embeddings: tokenizer and model do not match")
+
+
+def check_vocabulary(model, windows: torch.Tensor) -> None:
+    """`check_token_ids` against the model's input embeddings (nothing to check without them)."""
+    check_token_ids(windows, vocabulary_size(model))
+
+
+@contextmanager
+def eval_mode(model):
+    """Eval mode for the duration (dropout off); every module's own mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()} if isinstance(model, nn.Module) else {}
+    if any(modes.values()):
+        try:
+            model.eval()
+        except NotImplementedError:  # graphs from torch.export: their mode was fixed at export
+            modes = {}
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+# --------------------------------------------------------------------------- where it is
+
+
+def model_device(model) -> torch.device:
+    """Where the model's inputs go: the input embedding's device (also for a model spread over devices),
+    else the first parameter or buffer that is not on the meta device (accelerate may offload the
+    embedding), else the CPU."""
+    try:
+        weight = model.get_input_embeddings().weight
+        if weight.device.type != "meta":
+            return weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type != "meta":
+                return tensor.device
+    return torch.device("cpu")
+
+
+def is_offloaded(model: nn.Module) -> bool:
+    """True when accelerate keeps some weights off the model (meta tensors filled in by hooks as layers run)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def float64_device(device: torch.device) -> torch.device:
+    """Where float64 sums of states on `device` are kept: that device, or the CPU for MPS (no float64 there)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (offloaded ones too), each shared tensor once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = id(tensor)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# --------------------------------------------------------------------------- the device's clock and memory
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock reads the work's time, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed memory back: the device's cached blocks, and the C heap's free pages (glibc keeps them).
+
+    Between steps, so that a step's freed activations (the sampling KV cache, a batch's
+    logits) do not stay resident under the next step's peak.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _trim_c_heap()
+
+
+def _trim_c_heap() -> None:
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes  # only here: glibc's malloc_trim, looked up once
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None

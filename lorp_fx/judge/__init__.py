@@ -1,0 +1,1 @@
+"""Measuring a candidate removal or a model: calibration losses, the compensated candidate judge, perplexity."""

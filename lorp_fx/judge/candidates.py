@@ -1,0 +1,444 @@
+"""Cheap calibration-loss measurements for loss-judged selectors, with or without compensation.
+
+`CandidateLoss(graph, batches)` is a `loss_fn`: called with the names of the removed
+blocks, it returns the mean next-token loss of the model without them on the first
+`loss_windows` calibration windows (the number `loss.calibration_loss` returns),
+computed faster (`lorp_fx.judge.loss.calibration_loss` is the reference it equals):
+
+* **depth locality.** The model without R computes what the dense model computes up
+  to the first unit R changes. The states entering every unit are kept for the dense
+  model and for the last few measured models; a measurement starts from the cached
+  state of the model that agrees with it longest (a greedy's committed set R and a
+  candidate R + {b} agree up to b's entry). The dense loss comes free with the
+  caching pass.
+* **checkpoints, not every state.** Only the states entering each layer (and the final
+  state) are kept; a state inside a layer (the input of the unit a map folds into, a
+  resume point between a layer's sublayers) is recomputed from the layer's entry when
+  asked for (`_state`: one sublayer, about 1/60 of a pass on SmolLM2). That halves the
+  cache of a two-sublayer decoder for the same results.
+* **compensation without copies.** With `compensation="cosine"` (or "lstsq") the
+  measured model is the compensated one: each gap (maximal run of removed units) is
+  closed by `lorp_fx.compensation`'s map, applied on the branch output of the unit
+  before the gap (`GraphRunner`), which is what folding it into that unit's output
+  projection does (a per-channel map, `form="diagonal"`, where the branch is normalised
+  before the add: Gemma's sandwich norms, folded into that norm's weight). The map is fitted from cached dense states (`gap_fit`): it depends
+  on its gap only, so it is fitted once and shared by every candidate with that gap.
+  With `fit_on="others"` (the default) the maps are fitted on the calibration windows
+  *other* than the loss windows, so the compensated loss is a held-out number and an
+  unhelpful map shows as one; `fit_on="all"` fits on every window, as `compensate`
+  does. `final_fits(names)` returns the maps fitted on every window as `GapFit`s for
+  `compensation.apply_compensation` (`eager_fits` names their parameters), so the final
+  model needs no further pass; `sequential_fits(names)` fits gap after
+  gap from the pruned model's view (as `compensate(..., sequential=True)`).
+
+Costs are counted: `seconds`, `measurements`, and `passes()`: time in units of one plain
+forward pass over all calibration windows, timed during the caching pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+from torch.fx import GraphModule
+
+from lorp_fx.arch.anatomy import check_compensable, stacks_of
+from lorp_fx.compensation.fit import GapFit, _width
+from lorp_fx.compensation.fold import projections
+from lorp_fx.compensation.gap_fit import fit_gap
+from lorp_fx.compensation.solver import METHODS
+from lorp_fx.core.errors import CalibrationError, ConfigError
+from lorp_fx.core.model import release_memory
+from lorp_fx.core.stats import (
+    LayerStatistics,
+    SimilarityAccumulator,
+    check_finite_states,
+)
+from lorp_fx.graph.runner import GraphRunner
+from lorp_fx.judge.loss import as_loss, next_token_cross_entropy
+
+KEPT = None
+REMOVED = "removed"
+
+
+class CandidateLoss:
+    """`loss_fn(removed_names) -> float` from cached states, memoised, optionally compensated."""
+
+    def __init__(
+        self,
+        graph: GraphModule,
+        batches: list[dict],
+        *,
+        loss_windows: int = 8,
+        compensation: str | None = None,
+        ridge: float | str = "auto",
+        form: str | None = None,
+        fit_on: str = "others",
+        cached_models: int = 3,
+        reject_unhelpful_maps: bool = True,
+        progress: bool = False,
+    ):
+        if compensation is not None and compensation not in METHODS:
+            raise ConfigError(f"unknown compensation method {compensation!r}; choose one of {', '.join(METHODS)} or None")
+        if fit_on not in ("others", "all"):
+            raise ConfigError(f"fit_on must be 'others' or 'all', got {fit_on!r}")
+        if form not in (None, "full", "diagonal"):
+            raise ConfigError(f"unknown compensation form {form!r}; choose full, diagonal or None (chosen per model)")
+        self.runner = GraphRunner(graph)
+        self.compensation, self.ridge, self.reject = compensation, ridge, reject_unhelpful_maps
+        normalised = any(self.runner.branch_normalised(u) for u in range(len(self.runner.units)))
+        # As `compensation.default_form`: per channel where any branch is normalised before its add.
+        self.form = form or ("diagonal" if normalised else "full")
+        inputs = {n.name for n in graph.graph.nodes if n.op == "placeholder"}
+        windows = _rows(batches, inputs)
+        if not windows or "input_ids" not in windows[0]:
+            raise CalibrationError("CandidateLoss needs causal-LM batches with input_ids")
+        # One window per forward call: a call holds one window's logits (and their log-softmax), not a
+        # batch's (SmolLM2: 50 MB instead of 200 MB each); the mean over equal windows is the same.
+        self.loss_windows = max(1, min(loss_windows, len(windows)))
+        self.loss_batches = windows[: self.loss_windows]
+        rest = windows[self.loss_windows :]
+        if compensation is None:
+            fit_rows = []
+        elif fit_on == "others" and rest:
+            fit_rows = rest
+        else:
+            fit_rows = windows
+        self.fit_on = "others" if fit_rows is rest and rest else "all"
+        self.fit_batches = fit_rows
+        self.calibration_batches = len(windows)
+        self.cached_models = cached_models
+        self.memo: dict = {}
+        self.released = False
+        self.seconds = 0.0
+        self.measurements = 0
+        self._fits: dict = {}
+        self._cache: OrderedDict = OrderedDict()
+        self.device = windows[0]["input_ids"].device
+        self.checkpoints = frozenset([group[0] for group in self.runner.layer_units] + [len(self.runner.units)])
+        self._cache_dense(progress)
+        release_memory(self.device)
+
+    # ------------------------------------------------------------------ the loss
+
+    def __call__(self, removed: Iterable[str]) -> float:
+        return self.loss(removed)
+
+    def loss(self, removed: Iterable[str], *, compensate: bool | None = None) -> float:
+        """The calibration loss without `removed` (compensated unless `compensate=False`)."""
+        units = self.runner.units_of(removed)
+        compensate = bool(self.compensation) if compensate is None else compensate
+        key = (units, compensate)
+        if key not in self.memo:
+            self._check_not_released()
+            clock = time.perf_counter()
+            self.memo[key] = self._measure(self._config(units, compensate))
+            # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
+            # so that freed states do not stay resident under the next one (measured: -0.5 GiB on SmolLM2).
+            release_memory(self.device)
+            self.seconds += time.perf_counter() - clock
+            self.measurements += 1
+        return self.memo[key]
+
+    @property
+    def dense_loss(self) -> float:
+        return self.memo[(frozenset(), False)]
+
+    def passes(self, seconds: float | None = None) -> float:
+        """`seconds` (default: all measurements so far) in plain forward passes over every calibration window."""
+        return (self.seconds if seconds is None else seconds) / self.pass_seconds
+
+    # ------------------------------------------------------------------ configurations
+
+    def gaps(self, units: frozenset[int]) -> list[tuple[int, int]]:
+        """Maximal runs (first, last) of removed units on one stream."""
+        found: list[tuple[int, int]] = []
+        for u in sorted(units):
+            if found and found[-1][1] == u - 1 and self.runner.units[u].stream == self.runner.units[u - 1].stream:
+                found[-1] = (found[-1][0], u)
+            else:
+                found.append((u, u))
+        return found
+
+    def _config(self, units: frozenset[int], compensate: bool) -> tuple:
+        """Per unit: KEPT, REMOVED, or the gap (first, last) whose map it carries."""
+        config = [REMOVED if u in units else KEPT for u in range(len(self.runner.units))]
+        if compensate:
+            for first, last in self.gaps(units):
+                if self._fit(first, last) is not None:
+                    config[first - 1] = (first, last)
+        return tuple(config)
+
+    # ------------------------------------------------------------------ measuring
+
+    @torch.no_grad()
+    def _measure(self, config: tuple) -> float:
+        source, agree = self._closest(config)
+        start = self._checkpoint(agree)  # the two agree before `agree`, hence before the checkpoint too
+        removed = frozenset(u for u, s in enumerate(config) if s == REMOVED)
+        maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
+        total, states = 0.0, []
+        for batch, cached in zip(self.loss_batches, source):
+            resume = (start, cached[start]) if start else None
+            output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
+            total += _next_token_loss(output, batch)
+            states.append({**{u: cached[u] for u in cached if u < (start or 0)}, **self._kept(recorded)})
+        self._remember(config, states)
+        return total / len(self.loss_batches)
+
+    def _closest(self, config: tuple) -> tuple[list[dict], int]:
+        """The cached model agreeing with `config` longest, and the first unit where they differ."""
+        best, start = None, -1
+        for key in self._cache:
+            agree = next((u for u, (a, b) in enumerate(zip(key, config)) if a != b), len(config))
+            if agree > start:
+                best, start = key, agree
+        self._cache.move_to_end(best)
+        return self._cache[best], start
+
+    def _checkpoint(self, unit: int) -> int | None:
+        """The last checkpoint at or before `unit` (None: none, run from the inputs)."""
+        return max((c for c in self.checkpoints if c <= unit), default=None)
+
+    def _kept(self, recorded: dict) -> dict:
+        return {u: state for u, state in recorded.items() if u in self.checkpoints}
+
+    def _state(self, states: dict, batch: dict, unit: int, removed: frozenset[int] = frozenset(),
+               maps: dict | None = None) -> torch.Tensor:
+        """The state entering `unit` of the model (`removed`, `maps`) whose checkpoints `states` holds:
+        kept, or recomputed from the checkpoint before it."""
+        if unit in states:
+            return states[unit]
+        start = self._checkpoint(unit)
+        resume = (start, states[start]) if start is not None else None
+        return self.runner.run(batch, removed, maps, resume=resume, record=True, stop=unit)[1][unit]
+
+    def _remember(self, config: tuple, states: list[dict]) -> None:
+        self._cache[config] = states
+        self._cache.move_to_end(config)
+        while len(self._cache) > self.cached_models + 1:
+            del self._cache[next(k for k in self._cache if k != self._dense_key)]
+
+    @torch.no_grad()
+    def _cache_dense(self, progress: bool) -> None:
+        """One pass: every layer's entry state on the loss and fit windows; the dense loss."""
+        from tqdm.auto import tqdm
+
+        final = len(self.runner.units)
+        shared = self.fit_on == "all"
+        bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",
+                   desc="caching calibration states", disable=not progress)
+        total, clock = 0.0, time.perf_counter()
+        loss_states = []
+        for batch in self.loss_batches:
+            output, recorded = self.runner.run(batch, record=True)
+            total += _next_token_loss(output, batch)
+            loss_states.append(self._kept(recorded))
+            bar.update()
+        # A plain forward pass over every calibration window, timed on the loss windows.
+        self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
+        self._fit_states = []
+        for i, batch in enumerate(self.fit_batches):
+            if shared and i < len(loss_states):
+                self._fit_states.append(loss_states[i])
+            else:
+                self._fit_states.append(self._kept(self.runner.run(batch, record=True, stop=final)[1]))
+                bar.update()
+        bar.close()
+        dense = total / len(self.loss_batches)
+        self.memo[(frozenset(), False)] = self.memo[(frozenset(), True)] = dense
+        self._dense_key = tuple([KEPT] * final)
+        self._cache[self._dense_key] = loss_states
+
+    # ------------------------------------------------------------------ statistics
+
+    def statistics(self) -> LayerStatistics:
+        """The layer statistics `observe.collect_statistics` computes on the same windows, from
+        the states the caching pass kept (no further pass). Needs every window cached, i.e.
+        compensation on (fit windows) or only loss windows given; one residual stream."""
+        self._check_not_released()
+        runner = self.runner
+        if len({u.stream for u in runner.units}) != 1:
+            raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
+        if self.fit_on != "others" and len(self._fit_states) + len(self.loss_batches) < self.calibration_batches:
+            raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
+        points = [group[0] for group in runner.layer_units] + [len(runner.units)]
+        accumulator = SimilarityAccumulator(len(points))
+        pairs = list(zip(self.loss_batches, self._cache[self._dense_key]))
+        if self.fit_on == "others":
+            pairs += list(zip(self.fit_batches, self._fit_states))
+        blocks = runner.layers
+        names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
+        for batch, states in pairs:
+            check_finite_states([states[p] for p in points], names)
+            accumulator.update([states[p] for p in points], batch.get("attention_mask"))
+        return accumulator.statistics(
+            names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
+            [b.kind for b in blocks], [b.removable for b in blocks],
+        )
+
+    # ------------------------------------------------------------------ compensation
+
+    def _foldable(self, first: int) -> bool:
+        """A gap starting at unit `first` can take a map: a compensable unit precedes it on its stream
+        (a full map does not pass a norm between the branch and its add)."""
+        units, before = self.runner.units, first - 1
+        if first == 0 or units[before].stream != units[first].stream or not self.runner.compensable(before):
+            return False
+        return self.form == "diagonal" or not self.runner.branch_normalised(before)
+
+    def _fit(self, first: int, last: int) -> GapFit | None:
+        """The map of gap first..last from the dense view (memoised); None where no map applies."""
+        key = (first, last)
+        if key not in self._fits:
+            self._check_not_released()
+            self._fits[key] = self._solve(first, last, self._fit_states, self._fit_states, self.fit_batches)
+        return self._fits[key]
+
+    def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
+               removed: frozenset[int] = frozenset(), maps: dict | None = None, reject: bool | None = None) -> GapFit | None:
+        """Fit gap first..last: the fold unit's input and output from `view` (the model without
+        `removed`, with `maps`), the target from `dense`; `reject` defaults to the judge's."""
+        if not self._foldable(first):
+            return None
+        units = self.runner.units
+        views = [(self._state(s, b, first - 1, removed, maps), self._state(s, b, first, removed, maps),
+                  self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches)]
+        masks = [b.get("attention_mask") for b in batches]
+        names = [units[u].name for u in range(first, last + 1)]
+        reject = self.reject if reject is None else reject
+        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form)
+
+    def fits(self, removed: Iterable[str]) -> list[GapFit]:
+        """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
+        units = self.runner.units_of(removed)
+        return [f for f in (self._fit(a, b) for a, b in self.gaps(units)) if f is not None]
+
+    def final_fits(self, removed: Iterable[str], *, sequential: bool = False) -> list[GapFit]:
+        """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
+        more tokens than the fit windows alone), from cached states: dense-view maps cost no
+        pass, sequential ones about one pass without the head. They close exactly the gaps that
+        the measured maps (`fits`, which `compensation_report` judged) close: a gap whose map was
+        dropped there stays open, and a kept one is not dropped by the refit's own cross-validation,
+        so what ships is what was checked, refitted on more tokens."""
+        self._check_not_released()
+        if self.fit_on == "all":
+            states, batches = self._fit_states, self.fit_batches
+        else:
+            states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
+        checked = {gap for gap in self.gaps(self.runner.units_of(removed)) if self._fit(*gap) is not None}
+        return self._fit_all(removed, states, batches, sequential, only=checked)
+
+    @torch.no_grad()
+    def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
+        """Maps fitted gap after gap from the pruned model's view (earlier gaps compensated) on the
+        fit windows, as `compensate(..., sequential=True)`."""
+        return self._fit_all(removed, self._fit_states, self.fit_batches, True)
+
+    @torch.no_grad()
+    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool,
+                 only: set | None = None) -> list[GapFit]:
+        """The maps of `removed`'s gaps; with `only`, of those gaps alone, none of them rejected."""
+        self._check_not_released()
+        units = self.runner.units_of(removed)
+        fits, maps, view, resume_at = [], {}, dense, None
+        for first, last in self.gaps(units):
+            if only is not None and (first, last) not in only:
+                continue
+            if sequential and maps:  # the pruned model's states up to this gap, earlier maps folded in
+                start = self._checkpoint(resume_at)
+                view = [
+                    {**{u: s[u] for u in s if u < (start or 0)},
+                     **self._kept(self.runner.run(batch, units, maps, resume=(start, s[start]) if start else None,
+                                                  record=True, stop=first)[1])}
+                    for batch, s in zip(batches, view)
+                ]
+            fit = self._solve(first, last, view, dense, batches, units if sequential else frozenset(),
+                              maps if sequential else None, reject=False if only is not None else None)
+            if fit is not None:
+                fits.append(fit)
+                maps[first - 1] = fit.transform.float()
+                resume_at = first - 1
+        return fits
+
+    def compensation_report(self, removed: Iterable[str]) -> dict:
+        """Whether compensating `removed` is not harmful: its compensated loss (maps fitted on the
+        other windows, so held out when fit_on='others') against the uncompensated loss."""
+        removed = list(removed)
+        compensated, plain = self.loss(removed), self.loss(removed, compensate=False)
+        return {
+            "method": self.compensation,
+            "compensated_loss": compensated,
+            "uncompensated_loss": plain,
+            "held_out": self.fit_on == "others",
+            "apply": bool(self.compensation) and compensated <= plain,  # not worse than no compensation
+            "gaps_without_map": [
+                [self.runner.units[u].name for u in range(a, b + 1)]
+                for a, b in self.gaps(self.runner.units_of(removed)) if self._fit(a, b) is None
+            ] if self.compensation else [],
+        }
+
+    def _check_not_released(self) -> None:
+        if self.released:
+            raise CalibrationError("this CandidateLoss released its cached states; build a new one to measure more")
+
+    def release(self) -> None:
+        """Drop the cached states (the model's pruning and saving need the memory); the memoised
+        losses stay, and a measurement after this is refused."""
+        self._cache.clear()
+        self._fit_states = []
+        self.released = True
+        release_memory(self.device)
+
+    @torch.no_grad()
+    def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
+        """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
+        self._check_not_released()
+        units = self.runner.units_of(removed)
+        index = {unit.name: u for u, unit in enumerate(self.runner.units)}
+        maps = {index[f.fold_into]: f.transform.float() for f in fits}
+        clock = time.perf_counter()
+        start = self._checkpoint(min([*units, *maps])) if units or maps else None
+        total = 0.0
+        for batch, states in zip(self.loss_batches, self._cache[self._dense_key]):
+            output = self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None)
+            total += _next_token_loss(output, batch)
+        self.seconds += time.perf_counter() - clock
+        self.measurements += 1
+        return total / len(self.loss_batches)
+
+
+def eager_fits(model: torch.nn.Module, fits: list[GapFit]) -> list[GapFit]:
+    """`fits` with `projections` filled in: the eager `model`'s parameters each map folds into
+    (what `PruneResult.folded_parameters` and the GGUF writer read). CompensationError where
+    a unit has nothing to fold into."""
+    from dataclasses import replace
+
+
+    family = check_compensable(model)
+    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
+    d = _width(model)
+    named = []
+    for fit in fits:
+        if fit.fold_into not in units:
+            raise CalibrationError(f"internal error: the graph's unit {fit.fold_into} is not a unit of the eager model")
+        found = projections(model, family, units[fit.fold_into], d, fit.form)
+        named.append(replace(fit, projections=[p.name for p in found]))
+    return named
+
+
+def _rows(batches: list[dict], inputs: set[str]) -> list[dict]:
+    """Every window of `batches` as its own dict of (1, seq) tensors, keys limited to the graph's inputs."""
+    rows = []
+    for batch in batches:
+        tensors = {k: v for k, v in batch.items() if k in inputs and isinstance(v, torch.Tensor)}
+        for r in range(tensors["input_ids"].shape[0]):
+            rows.append({k: v[r : r + 1] for k, v in tensors.items()})
+    return rows
+
+
+def _next_token_loss(output, batch: dict) -> float:
+    """`loss.next_token_cross_entropy` of a graph output (NaN counts as +inf), as `calibration_loss` measures it."""
+    return as_loss(next_token_cross_entropy(output, batch))

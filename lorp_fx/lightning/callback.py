@@ -1,0 +1,447 @@
+"""`LoRPCallback`: collect residual-stream statistics inside a Lightning loop and choose blocks to prune."""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lorp_fx.arch.families import check_sublayer_pruning
+from lorp_fx.calibration.graph_observer import ResidualObserver
+from lorp_fx.calibration.network_call import NetworkCall
+from lorp_fx.core.budget import budget_from_ratio, check_budget
+from lorp_fx.core.errors import (
+    BudgetError,
+    CalibrationError,
+    ConfigError,
+    LoRPError,
+    SelectorError,
+)
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
+from lorp_fx.judge.loss import (
+    OutputLoss,
+    as_loss,
+    loss_on_calls,
+    next_token_cross_entropy,
+)
+from lorp_fx.lightning.pruned_network import is_transformers_model, pruned_network
+from lorp_fx.selection.common import protected_indices
+from lorp_fx.selection.registry import (
+    DEFAULT_SELECTOR,
+    SELECTORS,
+    check_options,
+    select,
+)
+from lorp_fx.selection.rls import resolve_k
+
+STAGES = ("fit", "validate", "test", "predict")
+_STEP = {"fit": "validation_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
+
+
+class LoRPCallback(Callback):
+    """Observe the residual stream of `pl_module.<attribute>` during one Lightning stage, then plan a pruning.
+
+    Usage::
+
+        cb = LoRPCallback(n_remove=9, method="shortgpt")
+        Trainer(callbacks=[cb], accelerator="cpu", logger=False).validate(module, dataloaders=calibration)
+        pruned = lorp_fx.prune(cb.graph_module, cb.plan)
+
+    The LightningModule is used as written. For the duration of the loop its network
+    attribute is replaced by a `ResidualObserver`, which takes whatever call the
+    network takes (positional, keyword or both, from dict, tuple or list batches),
+    traces the network on the first call and records the residual states of every
+    call (padding excluded through the `attention_mask` passed to the network). At
+    the end the sums are all-reduced across processes (DDP, FSDP), every rank
+    selects the same plan, and the network is put back, or with `apply=True`
+    replaced by the pruned one. The callback calibrates once, in `stage` ("validate":
+    `trainer.validate`; "fit": the first validation loop of `trainer.fit` after its
+    sanity check; "test"; "predict"), never on sanity-check batches; later loops
+    only measure. Used on another LightningModule or network it raises, until
+    `reset()`.
+
+    With `apply=True` the LightningModule gets back (see `lorp_fx/pruned_network.py`):
+
+    * for a `transformers` network, the eager model with the layers removed
+      (`lorp_fx.remove_layers`, in place for layer plans): a `PreTrainedModel` with
+      a consistent config that generates, saves with `save_pretrained` and pickles,
+      checked against the pruned graph on a calibration call;
+    * for any other network, the pruned graph (`lorp_fx.prune`), which keeps the
+      network's modules when `symbolic_trace` could trace it (dropout and
+      `.train()` work, `torch.save` works).
+
+    Loss-judged methods (`lorp`, the default, and `sleb`) compare candidates by the
+    loss of the pruned graph on the first `loss_batches` calls of the network,
+    recorded as the network received them: next-token cross-entropy where the
+    output has logits and the inputs token ids (`lorp_fx.judge.loss`), otherwise
+    `loss_fn(output, inputs)` (inputs: the network's arguments by parameter name)
+    must be given. Whether the loss can be measured, and whether the budget can be
+    met, is checked on the first batch.
+
+    Args:
+        n_remove: number of blocks to remove; or `ratio`, a fraction of the blocks.
+        method: a name from `lorp_fx.SELECTORS`.
+        granularity: "layer" or "sublayer" (attention and MLP separately).
+        apply: hand the LightningModule the pruned network when the loop ends (True or
+            False; 1 and 0 are taken for them). A `transformers` network of a family
+            that removes whole layers only (post-norm, such as BERT) is refused with
+            `granularity="sublayer"` when the callback first sees it, before calibrating.
+        stage: the Lightning stage that calibrates: "validate", "fit", "test" or "predict".
+        loss_fn: `loss_fn(output, inputs) -> scalar` for loss-judged methods where
+            next-token cross-entropy is not defined.
+        attribute: where the LightningModule keeps its network.
+        plan_path: where rank zero writes the plan as JSON; the way to get the plan
+            back from `strategy="ddp_spawn"`, whose workers share no memory with the
+            parent process (`cb.plan` reads it there).
+        loss_batches: network calls kept for the calibration loss; under DDP each
+            rank keeps its own and the loss is their mean over ranks.
+        measure_loss: False chooses from the statistics alone even with a loss-judged
+            method that can do without (`lorp`; `sleb` cannot), as `prune_model` does
+            for encoder-decoders, which have no causal-LM loss.
+        protected, seed, n_clusters: passed to the selector (`protected`: a block name or
+            index, or a list of them; `seed`: a whole number >= 0; `n_clusters`: a whole
+            number >= 1, at most the number of blocks, checked on the first batch).
+
+    Every argument is checked here, and whatever depends on the network (budget,
+    protected blocks, n_clusters, whether `apply` can remove sublayers) when the
+    callback first sees it, before any statistics are collected.
+    """
+
+    def __init__(
+        self,
+        n_remove: int | None = None,
+        *,
+        ratio: float | None = None,
+        method: str = DEFAULT_SELECTOR,
+        granularity: str = "layer",
+        apply: bool = False,
+        stage: str = "validate",
+        loss_fn: OutputLoss | None = None,
+        attribute: str = "model",
+        plan_path: str | os.PathLike | None = None,
+        loss_batches: int = 2,
+        measure_loss: bool = True,
+        protected: Sequence[str | int] | None = None,
+        seed: int | None = None,
+        n_clusters: int | None = None,
+    ):
+        if (n_remove is None) == (ratio is None):
+            raise BudgetError("give exactly one budget: n_remove (a number of blocks) or ratio (a fraction)")
+        if n_remove is not None and (isinstance(n_remove, bool) or not isinstance(n_remove, int) or n_remove < 1):
+            raise BudgetError(f"n_remove must be a whole number of blocks, at least 1, got {n_remove!r}")
+        if ratio is not None:
+            budget_from_ratio(10, ratio)  # validates the range
+        if not isinstance(method, str) or method not in SELECTORS:
+            raise SelectorError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
+        if granularity not in ("layer", "sublayer"):
+            raise ConfigError(f"granularity must be 'layer' or 'sublayer', not {granularity!r}")
+        if stage not in STAGES:
+            raise ConfigError(f"stage must be one of {', '.join(STAGES)} (the Lightning stage that calibrates), not {stage!r}")
+        if isinstance(loss_batches, bool) or not isinstance(loss_batches, int) or loss_batches < 1:
+            raise ConfigError(f"loss_batches must be a whole number of calls, at least 1, got {loss_batches!r}")
+        given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
+        check_options(method, given, require=False)
+        _check_selector_values(given)
+        if not (isinstance(apply, (bool, np.bool_)) or (isinstance(apply, int) and apply in (0, 1))):
+            raise ConfigError(f"apply must be True or False (hand the LightningModule the pruned network or not), got {apply!r}")
+        if not isinstance(attribute, str) or not attribute.isidentifier():
+            raise ConfigError(f"attribute must be the name of the LightningModule attribute that holds the network, "
+                              f"such as 'model', got {attribute!r}")
+        if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
+                                      or isinstance(os.fspath(plan_path), bytes)):
+            raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
+        if not isinstance(measure_loss, bool):
+            raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
+        if not measure_loss and "loss_fn" in SELECTORS[method].required:
+            raise ConfigError(f"method {method!r} cannot choose without a calibration loss; keep measure_loss=True "
+                              "or choose a method that can (lorp, or a statistics method)")
+        if not measure_loss and loss_fn is not None:
+            raise ConfigError("loss_fn was given with measure_loss=False; drop one of them")
+        self.judges_by_loss = SELECTORS[method].judges_by_loss and measure_loss
+        if loss_fn is not None and not self.judges_by_loss:
+            raise ConfigError(
+                f"method {method!r} chooses from the statistics alone and takes no loss_fn; "
+                "drop loss_fn, or choose a loss-judged method (lorp, sleb)"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be a function (output, inputs) -> loss, not {type(loss_fn).__name__}")
+        self.n_remove, self.ratio, self.method, self.granularity = n_remove, ratio, method, granularity
+        self.apply, self.stage, self.loss_fn, self.attribute = bool(apply), stage, loss_fn, attribute
+        self.loss_batches = loss_batches
+        self.plan_path = None if plan_path is None else Path(plan_path)
+        self.selector_options = given
+        self._failed = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self.graph_module: torch.fx.GraphModule | None = None
+        self._plan: PruningPlan | None = None
+        self._observer: ResidualObserver | None = None
+        self._original: torch.nn.Module | None = None
+        self._calls: list[NetworkCall] = []
+        self._first_call_checked = False
+        self._batches_seen = 0
+        self._module: weakref.ref | None = None  # the LightningModule the plan belongs to
+        self._networks: list[weakref.ref] = []  # its network, and what `apply` handed it
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def plan(self) -> PruningPlan | None:
+        """The plan; after `ddp_spawn`, read from `plan_path`, which rank zero wrote."""
+        if self._plan is None and self.plan_path is not None and self.plan_path.exists():
+            self._plan = PruningPlan.load(self.plan_path)
+        return self._plan
+
+    def reset(self) -> None:
+        """Forget the plan (and delete `plan_path`, which holds it), so the next run of `stage` calibrates
+        again, on any LightningModule."""
+        self._clear()
+        if self.plan_path is not None and self.plan_path.exists():
+            self.plan_path.unlink()
+
+    # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._failed = False
+        network = getattr(pl_module, self.attribute, None)
+        if stage == self.stage and self._plan is None and isinstance(network, torch.nn.Module):
+            self._check_network(network)  # before any loop; a network made later is checked when its loop starts
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Swap the network for an observer, in the calibrating stage and only until a plan exists."""
+        if trainer.sanity_checking or trainer.state.fn != self.stage:
+            return
+        network = self._network(pl_module)
+        if self._plan is not None:
+            self._check_same_module(pl_module, network)
+            return
+        self._check_network(network)
+        self._original, self._module = network, weakref.ref(pl_module)
+        self._calls, self._first_call_checked, self._batches_seen = [], False, 0
+        self._observer = ResidualObserver(network, self.granularity, on_call=self._on_network_call)
+        setattr(pl_module, self.attribute, self._observer)
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._observer is None:
+            return
+        self._batches_seen += 1
+        if self._batches_seen == 1 and not self._first_call_checked:
+            raise LoRPError(
+                f"{_STEP[self.stage]} did not call {type(pl_module).__name__}.{self.attribute} on the first batch, so "
+                "nothing was observed; pass LoRPCallback(attribute=...) naming the network it calls"
+            )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Reduce the sums across processes, select, and put the network back (or the pruned one)."""
+        if self._observer is None:
+            return
+        observer, network = self._observer, self._original
+        try:
+            self._reduce(trainer, observer.accumulators(), observer.calls)
+            stats = observer.statistics()
+            self.graph_module = observer.graph
+            options = dict(self.selector_options)
+            if self.judges_by_loss:
+                options["loss_fn"] = self._loss_function(trainer)
+            plan = select(stats, self.n_remove, ratio=self.ratio, method=self.method, **options)
+        finally:
+            self._restore(pl_module)
+        self._plan, self._networks = plan, [weakref.ref(network)]
+        if self.plan_path is not None and trainer.is_global_zero:
+            plan.save(self.plan_path)
+        rank_zero_info(f"LoRP ({self.method}): remove {', '.join(plan.remove)}")
+        if self.apply:
+            replacement = pruned_network(network, self.graph_module, plan, self._calls[0] if self._calls else None)
+            setattr(pl_module, self.attribute, replacement)
+            self._networks.append(weakref.ref(replacement))
+        self._calls = []  # the recorded inputs are no longer needed
+
+    on_test_start = on_predict_start = on_validation_start
+    on_test_batch_end = on_predict_batch_end = on_validation_batch_end
+    on_test_end = on_predict_end = on_validation_end
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Whatever failed, the LightningModule gets its own network back."""
+        self._failed = True
+        self._restore(pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """A calibrating stage that saw no batch (Lightning skips an empty loop without a hook) says so."""
+        if stage == self.stage and self._plan is None and not self._failed:
+            where = "any validation loop after the sanity check" if stage == "fit" else f"the {self.stage} loop"
+            raise CalibrationError(
+                f"no calibration batch was seen in {where}: the calibration loader is empty or missing; pass a "
+                f"dataloader with at least one batch of calibration data (LoRPCallback calibrates in stage={self.stage!r})"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plan (it holds the statistics: similarity, angular distances, token counts)."""
+        return {"plan": None if self._plan is None else self._plan.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; a restored plan belongs to the first module it meets."""
+        plan = state_dict.get("plan")
+        self._clear()
+        self._plan = None if plan is None else PruningPlan.from_dict(plan)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)  # weak references do not pickle (ddp_spawn pickles the trainer)
+        state["_module"], state["_networks"] = None, []
+        return state
+
+    # ------------------------------------------------------------------ first call
+
+    def _on_network_call(self, call: NetworkCall, output: Any) -> None:
+        """Keep the calls a loss (or the `apply` check) needs; check budget and loss on the first one."""
+        if len(self._calls) < (self.loss_batches if self.judges_by_loss else int(self.apply)):
+            self._calls.append(call.detached())
+        if self._first_call_checked:
+            return
+        self._first_call_checked = True
+        self._check_budget(self._observer.blocks)
+        if "n_clusters" in self.selector_options:
+            resolve_k(len(self._observer.blocks), self.selector_options["n_clusters"], rls=0.0)  # SelectorError if too many
+        if self.judges_by_loss:
+            self._check_loss(call, output)
+
+    def _check_budget(self, blocks) -> None:
+        names = [b.name for b in blocks]
+        wanted = self.n_remove if self.n_remove is not None else budget_from_ratio(len(names), self.ratio)
+        eligible = [i for i, b in enumerate(blocks) if b.removable]
+        if "protected" in SELECTORS[self.method].options:
+            # The selector's own rule for protected blocks (first and last unless named); it reads only the names.
+            guarded = protected_indices(LayerStatistics.from_similarity(np.eye(len(names) + 1), names),
+                                        self.selector_options.get("protected"))
+            eligible = [i for i in eligible if i not in guarded]
+        check_budget(len(names), wanted, eligible=len(eligible), what=f"{self.granularity} blocks")
+
+    def _check_loss(self, call: NetworkCall, output: Any) -> None:
+        measure = self.loss_fn or next_token_cross_entropy
+        try:
+            value = as_loss(measure(output, call.inputs))
+        except CalibrationError as error:
+            if self.loss_fn is not None:
+                raise
+            raise SelectorError(
+                f"method {self.method!r} judges candidates by calibration loss, but {error}, so next-token "
+                "cross-entropy is not defined; pass LoRPCallback(loss_fn=lambda output, inputs: ...) returning one "
+                "call's loss, or choose a statistics-only method such as 'shortgpt'"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - the user's loss_fn: say which call broke it
+            raise SelectorError(
+                f"loss_fn(output, inputs) failed on the first calibration call ({type(error).__name__}: "
+                f"{_first_line(error)}); inputs holds the network's arguments by name ({', '.join(call.inputs)}) "
+                "and loss_fn must return one number"
+            ) from error
+        if not math.isfinite(value):
+            raise CalibrationError(
+                f"the calibration loss of the unpruned network is {value} on the first call; check the model's dtype "
+                "and the calibration inputs (and loss_fn, if you gave one)"
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_network(self, network: torch.nn.Module) -> None:
+        """What `prune_model` refuses before any work: sublayers of a family that removes whole layers only
+        (`apply` removes them from the eager `transformers` model; other networks get the pruned graph)."""
+        if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
+            return
+        check_sublayer_pruning(network)
+
+    def _network(self, pl_module: LightningModule) -> torch.nn.Module:
+        network = getattr(pl_module, self.attribute, None)
+        if not isinstance(network, torch.nn.Module):
+            children = ", ".join(name for name, _ in pl_module.named_children()) or "none"
+            raise LoRPError(
+                f"{type(pl_module).__name__} has no network attribute {self.attribute!r} "
+                f"(its submodules: {children}); pass LoRPCallback(attribute=...)"
+            )
+        return network
+
+    def _check_same_module(self, pl_module: LightningModule, network: torch.nn.Module) -> None:
+        """A plan belongs to the module it was made for; a restored plan adopts the first module it meets."""
+        if self._module is None:
+            self._module, self._networks = weakref.ref(pl_module), [weakref.ref(network)]
+            return
+        known = [ref() for ref in self._networks]
+        if self._module() is pl_module and any(network is other for other in known):
+            return
+        raise CalibrationError(
+            f"this LoRPCallback already holds a plan for another network than {type(pl_module).__name__}."
+            f"{self.attribute}; call cb.reset() to calibrate again, or use a new LoRPCallback"
+        )
+
+    def _restore(self, pl_module: LightningModule) -> None:
+        if self._original is not None:
+            setattr(pl_module, self.attribute, self._original)
+        self._original = None
+        self._observer = None
+
+    @staticmethod
+    def _reduce(trainer: Trainer, accumulators: list[SimilarityAccumulator], calls: int) -> None:
+        """All-reduce the sums once; clones, because `strategy.reduce` may work in place."""
+        total_calls = trainer.strategy.reduce(torch.tensor(float(calls), device=trainer.strategy.root_device), reduce_op="sum")
+        if float(total_calls) == 0:
+            raise CalibrationError("no calibration batch was seen: the calibration loader is empty")
+        for accumulator in accumulators:
+            for name in SimilarityAccumulator.SUM_NAMES:
+                value = getattr(accumulator, name).clone()
+                setattr(accumulator, name, trainer.strategy.reduce(value, reduce_op="sum").to(torch.float64))
+
+    def _loss_function(self, trainer: Trainer) -> Callable[[list[str]], float]:
+        """Calibration loss on the recorded calls, averaged over the ranks.
+
+        Loss-judged selectors choose their next candidates from the losses they have
+        seen, so every rank must see the same numbers to ask the same questions (the
+        reductions stay matched) and end with the same plan.
+        """
+        local = loss_on_calls(self.graph_module, self._calls, self.loss_fn) if self._calls else None
+        if trainer.world_size == 1:
+            return local
+        reduce, device = trainer.strategy.reduce, trainer.strategy.root_device  # NCCL reduces device tensors only
+
+        def loss(removed: list[str]) -> float:
+            # Weighted by this rank's calls (its loss is their mean): ranks may hold unequal numbers of loss batches.
+            value, count = (local(removed), float(len(self._calls))) if local is not None else (0.0, 0.0)
+            total = reduce(torch.tensor([value * count, count], dtype=torch.float64, device=device), reduce_op="sum")
+            return float(total[0] / total[1])
+
+        return loss
+
+
+def _check_selector_values(options: dict[str, Any]) -> None:
+    """The selector options whose values alone can be wrong; names and ranges that depend on the network
+    (protected blocks, n_clusters above the block count) are checked on the first batch."""
+    if "seed" in options and not _whole(options["seed"], 0):
+        raise ConfigError(f"seed must be a whole number >= 0 (numpy's random generator seed), got {options['seed']!r}")
+    if "n_clusters" in options and not _whole(options["n_clusters"], 1):
+        raise SelectorError(f"n_clusters={options['n_clusters']!r} must be a whole number of clusters, at least 1; "
+                            "leave it unset to choose K from RLS")
+    if "protected" in options:
+        protected = options["protected"]
+        items = [protected] if isinstance(protected, (str, int, np.integer)) else protected
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) or _whole(i, None) for i in items):
+            raise ConfigError(f"protected must be a block name or index, or a list of them (such as "
+                              f"['model.layers.0', -1]), got {protected!r}")
+
+
+def _whole(value: Any, minimum: int | None) -> bool:
+    """A whole number (not a bool) of at least `minimum` (None: any)."""
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and (minimum is None or value >= minimum))
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

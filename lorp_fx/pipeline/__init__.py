@@ -1,0 +1,1 @@
+"""The whole run: configuration, calibration, selection, removal and compensation, the report."""

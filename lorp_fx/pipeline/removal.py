@@ -1,0 +1,201 @@
+"""The removal step: the loss candidates are judged by, the surgery, and compensation folded only where it helps.
+
+`candidate_judge` builds the calibration loss that both selection and compensation
+answer to (`candidate_loss.CandidateLoss`: compensated when compensation is on).
+`remove_and_compensate` removes the plan's layers from the eager model, checks the
+result against the fx-pruned graph on one window, and folds the gap maps: the
+judge's, only if they do not make its held-out calibration loss worse ("auto"), or
+a `Compensator`'s where there is no judge, checked the same way (gap by gap on held-out
+sequences, then the set on the loss windows with maps fitted on the other windows).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from lorp_fx.arch.anatomy import check_compensable, find_gaps, removed_units, stacks_of
+from lorp_fx.arch.surgery import count_layers, remove_layers
+from lorp_fx.calibration.batches import one_window_each, prepare_batches
+from lorp_fx.compensation.fit import Compensator, apply_compensation, folded_on_trial
+from lorp_fx.core.errors import CalibrationError, CompensationError
+from lorp_fx.core.model import causal_lm, encoder_decoder, is_offloaded
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.graph.rewrite import prune as prune_graph
+from lorp_fx.io.placement import make_resident
+from lorp_fx.judge.candidates import CandidateLoss, eager_fits
+from lorp_fx.judge.loss import calibration_loss, next_token_loss
+from lorp_fx.pipeline.config import PruneConfig
+from lorp_fx.selection.registry import SELECTORS
+
+
+def compensation_method(config: PruneConfig) -> str | None:
+    """The compensation method `config` asks for ("auto" is cosine), or None."""
+    method = "cosine" if config.compensate == "auto" else config.compensate
+    return None if method == "none" else method
+
+
+def _judged_compensation_method(model, config: PruneConfig) -> str | None:
+    """The compensation the judge measures: `config`'s, unless the family takes none."""
+    method = compensation_method(config)
+    if method is not None:
+        try:
+            check_compensable(model)
+        except CompensationError:  # "auto" on a family without compensation (an explicit one failed earlier)
+            method = None
+    return method
+
+
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False) -> CandidateLoss | None:
+    """The calibration loss candidates and the final compensation are judged by: compensated when
+    compensation is on and the family takes it, plain otherwise; None where there is nothing to
+    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+    method = _judged_compensation_method(model, config)
+    if method is None and not SELECTORS[config.method].judges_by_loss:
+        return None
+    if not causal_lm(model) or calibration_loss(graph, batches[:1]) is None:
+        return None  # no next-token loss to judge by (an encoder-decoder, a masked LM)
+    try:
+        # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
+        # the default this way), then the whole set by the check in `_judged_compensation`; a method
+        # named explicitly maps every gap, as `compensate` does.
+        return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
+                             reject_unhelpful_maps=config.compensate == "auto", progress=progress)
+    except CalibrationError:
+        return None
+
+
+def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
+    """What the `candidate_judge` of `model` and `config` will cache, in bytes (0 where there is none):
+    the state entering every layer, and the final one, of each window it keeps (every window
+    when it fits maps, the loss windows otherwise; `CandidateLoss`'s checkpoints)."""
+    method = _judged_compensation_method(model, config)
+    if encoder_decoder(model) or (method is None and not SELECTORS[config.method].judges_by_loss):
+        return 0
+    windows = config.calib_samples if method is not None else min(config.loss_windows, config.calib_samples)
+    width = model.get_input_embeddings().embedding_dim
+    element = next(model.parameters()).element_size()
+    return (count_layers(model) + 1) * width * element * config.seq_len * windows
+
+
+def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
+                          judge: CandidateLoss | None = None):
+    """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
+
+    Compensation reads the dense model before the surgery (which may be in place) and
+    folds its maps after the fx self-check. `auto` falls back to none, with the reason,
+    where the family cannot take a folded map; an explicit method fails instead. With a
+    compensating `judge`, the maps are the judge's (fitted on every window) and are folded
+    only if the held-out compensated calibration loss is not worse than the plain one; without
+    a judge, a `Compensator`'s maps are checked the same way (`_held_out_check`).
+    Without a graph (an offloaded model) there is no fx self-check, and the fold units'
+    weights are made resident first so that maps fold into them.
+    """
+    if judge is not None and judge.compensation:
+        return _judged_compensation(model, graph, plan, batches, config, judge)
+    if judge is not None:
+        judge.release()  # a plain-loss judge: selection is over
+    method = compensation_method(config) or "none"
+    compensator, held_out, compensation = None, None, {"method": "none"}
+    # One window per forward call: the captured states of every gap point are a window's, not a batch's.
+    windows = one_window_each(batches)
+    loss_windows, fit_windows = windows[: config.loss_windows], windows[config.loss_windows :]
+    if method != "none":
+        try:
+            if is_offloaded(model):
+                _make_fold_units_resident(model, plan)
+            # As the judge: "auto" leaves a gap open where its map does not beat none on held-out sequences,
+            # decided on the other windows, whose maps judge compensation on the loss windows held out; the
+            # maps folded close the same gaps, refitted on every window.
+            reject = config.compensate == "auto"
+            compensator = Compensator(model, plan, windows, method, progress=progress,
+                                      reject_unhelpful=reject and not fit_windows)
+            held_out = compensator
+            if fit_windows:
+                held_out = Compensator(model, plan, fit_windows, method, progress=progress, reject_unhelpful=reject)
+                compensator.keep_gaps_of(held_out.fits)
+        except CompensationError as error:
+            if config.compensate != "auto":
+                raise
+            print(f"lorp-fx: note: saved without compensation ({error})", file=sys.stderr)
+            compensation = {"method": "none", "skipped": str(error)}
+    surgery = remove_layers(model, plan, inplace=config.inplace)
+    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
+    fits = []
+    if compensator is not None:
+        check = _held_out_check(surgery, held_out, loss_windows)
+        fold = check["apply"] or config.compensate != "auto"
+        _note_unhelpful(method, check, fold)
+        fits = compensator.apply(surgery) if fold else []
+        compensation = {
+            "method": method if fits else "none", "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits],
+            "applied": fold, "helps": check["apply"], "requested": method,
+            "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                                 "held_out": bool(fit_windows), "windows": len(loss_windows)},
+        }
+    return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+@torch.no_grad()
+def _held_out_check(surgery, held_out: Compensator, loss_windows: list[dict]) -> dict:
+    """The pruned model's mean next-token loss on `loss_windows` without maps and with `held_out`'s
+    maps (fitted on the other windows) folded in on trial."""
+    model = surgery.model
+    calls = prepare_batches(model, loss_windows)
+
+    def mean_loss() -> float:
+        return sum(next_token_loss(model, call) for call in calls) / len(calls)
+
+    plain = mean_loss()
+    with folded_on_trial(surgery, held_out.fits):
+        compensated = mean_loss()
+    return {"compensated_loss": compensated, "uncompensated_loss": plain, "apply": compensated <= plain}
+
+
+def _note_unhelpful(method: str, check: dict, fold: bool) -> None:
+    if not check["apply"]:
+        print(f"lorp-fx: note: {method} compensation makes the calibration loss worse "
+              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
+              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
+
+
+def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
+    """`remove_and_compensate` with the judge's maps. With "auto" they are folded only if they do not
+    make the held-out calibration loss worse; an explicitly named method is folded anyway, with a note."""
+    check = judge.compensation_report(plan.remove)
+    fold = check["apply"] or config.compensate != "auto"
+    _note_unhelpful(judge.compensation, check, fold)
+    fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
+    judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
+    surgery = remove_layers(model, plan, inplace=config.inplace)
+    fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
+    apply_compensation(surgery, plan.remove, fits)
+    compensation = {
+        "method": judge.compensation if fits else "none", "form": judge.form, "gaps": [fit.to_dict() for fit in fits],
+        "applied": fold, "helps": check["apply"], "requested": judge.compensation,
+        "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                             "held_out": check["held_out"], "windows": judge.loss_windows},
+        "gaps_without_map": check["gaps_without_map"],
+    }
+    return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+@torch.no_grad()
+def fx_agreement(graph, plan: PruningPlan, pruned: nn.Module, batch: dict) -> float | None:
+    """Max |logits| difference between the fx-pruned graph and the eager surgery on one window (a self-check)."""
+    if plan.granularity != "layer" or graph is None:
+        return None
+    one = {k: v[:1] for k, v in batch.items()}
+    difference = prune_graph(graph, plan)(**one).logits
+    eager_logits = pruned(**one, use_cache=False).logits
+    return float(difference.sub_(eager_logits).abs_().max())  # in place: two logit tensors held, not four
+
+
+def _make_fold_units_resident(model, plan: PruningPlan) -> None:
+    stacks = stacks_of(model)
+    for gap in find_gaps(stacks, removed_units(stacks, list(plan.remove))):
+        make_resident(gap.fold_unit.module)
+        if gap.fold_unit.branch_norm is not None:  # Gemma: the per-channel map folds into the norm after the branch
+            make_resident(gap.fold_unit.branch_norm)
