@@ -1,4 +1,5 @@
 import os
+
 from hypothesis import HealthCheck, settings
 
 # CI: reproducible examples and no per-example deadline (2 shared cores are slow and noisy).

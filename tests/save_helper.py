@@ -21,8 +21,8 @@ package.__path__ = [str(ROOT / "lorp_fx")]
 package.__version__ = "test"
 sys.modules.setdefault("lorp_fx", package)
 
-from lorp_fx.io import atomic  # noqa: E402
 from lorp_fx.core.errors import OutputDirError  # noqa: E402
+from lorp_fx.io import atomic  # noqa: E402
 from lorp_fx.io.output_dir import write_directory_atomic  # noqa: E402
 
 

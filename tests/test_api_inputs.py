@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 import lorp_fx
 from lorp_fx.core.errors import ConfigError, InputMismatchError, LoRPError, PlanError
-from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 WINDOWS = torch.randint(4, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
 

@@ -13,11 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from calibration_run import (
+    Calibrated,
+    calibration_data,
+    eager_statistics,
+    loader,
+    trainer,
+)
+from tiny_models import example_inputs, tiny_model
 
 import lorp_fx
-from calibration_run import Calibrated, calibration_data, eager_statistics, loader, trainer
 from lorp_fx import LoRPCallback, PruningPlan
-from tiny_models import example_inputs, tiny_model
 
 HERE = Path(__file__).parent
 CausalLM = Calibrated  # keyword calls from dict batches: input_ids, attention_mask, use_cache=False

@@ -4,11 +4,19 @@ the network's own inputs for the loss, and failures on the first batch rather th
 import numpy as np
 import pytest
 import torch
+from calibration_run import (
+    PLAIN_FIELDS,
+    Calibrated,
+    calibration_data,
+    eager_statistics,
+    loader,
+    plain_data,
+    trainer,
+)
+from tiny_models import eager_without, tiny_model
 
 import lorp_fx
-from calibration_run import PLAIN_FIELDS, Calibrated, calibration_data, eager_statistics, loader, plain_data, trainer
 from lorp_fx import LoRPCallback
-from tiny_models import eager_without, tiny_model
 
 # (how validation_step calls the network, the batch form, whether the network sees the padding mask)
 CONVENTIONS = [

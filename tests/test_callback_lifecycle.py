@@ -7,12 +7,19 @@ import pickle
 import pytest
 import torch
 import transformers
-
-import lorp_fx
-from calibration_run import PLAIN_FIELDS, Calibrated, calibration_data, loader, plain_data, trainer
-from lorp_fx import LoRPCallback
+from calibration_run import (
+    PLAIN_FIELDS,
+    Calibrated,
+    calibration_data,
+    loader,
+    plain_data,
+    trainer,
+)
 from test_callback_conventions import MLP
 from tiny_models import eager_without, tiny_model
+
+import lorp_fx
+from lorp_fx import LoRPCallback
 
 TOKENS = sum(int(sample["attention_mask"].sum()) for sample in calibration_data())
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from calibration_run import Calibrated, loader, trainer
+from tiny_models import tiny_model
 
 import lorp_fx
-from calibration_run import Calibrated, loader, trainer
 from lorp_fx import LoRPCallback
-from tiny_models import tiny_model
 
 # (arguments besides n_remove=1, the error class, what the message must say)
 BAD_ARGUMENTS = [

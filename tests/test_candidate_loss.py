@@ -8,19 +8,19 @@ import itertools
 
 import pytest
 import torch
+from tiny_models import VOCAB, tiny_model, trace_inputs
 
 from lorp_fx.calibration.batches import one_window_each
-from lorp_fx.judge.candidates import CandidateLoss, eager_fits
+from lorp_fx.compensation.fit import compensate, eager_fits, fit_compensation
+from lorp_fx.compensation.gap_fit import cv_errors
 from lorp_fx.compensation.solver import RIDGE_GRID, GapStatistics
-from lorp_fx.compensation.fit import compensate, fit_compensation
 from lorp_fx.core import errors as lorp_fx_errors
 from lorp_fx.core.errors import ConfigError
-from lorp_fx.compensation.gap_fit import cv_errors
 from lorp_fx.graph.runner import GraphRunner
+from lorp_fx.graph.trace import trace
+from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.judge.loss import calibration_loss, next_token_loss
 from lorp_fx.selection.registry import select
-from lorp_fx.graph.trace import trace
-from tiny_models import VOCAB, tiny_model, trace_inputs
 
 PREFIX = {"llama": "model.layers", "gpt2": "transformer.h", "mixtral": "model.layers", "gemma3": "model.layers",
           "qwen3": "model.layers"}

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 import transformers
+from shared_data import require_shared_data
+from tiny_models import tiny_model, tiny_tokenizer
 
 from lorp_fx import cli
 from lorp_fx.arch.families import layer_stacks
-from tiny_models import tiny_model, tiny_tokenizer
-from shared_data import require_shared_data
 
 TEXT = " ".join(f"w{i % 90}" for i in range(3000))
 

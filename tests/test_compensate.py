@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import transformers
+from tiny_models import VOCAB, tiny_model, trace_inputs
 
 import lorp_fx
 from lorp_fx.arch import families
-from lorp_fx.core.errors import CompensationError
-from lorp_fx.compensation.solver import GapStatistics
-from lorp_fx.compensation.fit import apply_compensation, compensate, fit_compensation
-from lorp_fx.compensation.solver import FALLBACK_RIDGE, RIDGE_GRID, FoldedStatistics
-from lorp_fx.core.errors import LoRPError
-from lorp_fx.io.output_dir import save_pretrained_atomic
-from lorp_fx.core.plan import PruningPlan
 from lorp_fx.arch.surgery import count_parameters, remove_layers
-from tiny_models import VOCAB, tiny_model, trace_inputs
+from lorp_fx.compensation.fit import apply_compensation, compensate, fit_compensation
+from lorp_fx.compensation.solver import (
+    FALLBACK_RIDGE,
+    RIDGE_GRID,
+    FoldedStatistics,
+    GapStatistics,
+)
+from lorp_fx.core.errors import CompensationError, LoRPError
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.io.output_dir import save_pretrained_atomic
 
 # family -> removals: scattered runs, a run at the end of the stack, sublayers, both T5 stacks.
 REMOVALS = {

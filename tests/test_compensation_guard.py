@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from saved_models import calibration_text, report, saved_tiny
+from tiny_models import VOCAB, tiny_model
 
 import lorp_fx
 from lorp_fx.cli import main
 from lorp_fx.compensation.solver import FoldedStatistics
 from lorp_fx.pipeline.config import PruneConfig
-from tiny_models import VOCAB, tiny_model
 
 WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
 T5 = PruneConfig(remove=2, compensate="auto", loss_windows=4)

@@ -4,11 +4,19 @@ import copy
 
 import pytest
 import torch
+from tiny_models import (
+    FAMILIES,
+    eager_without,
+    example_inputs,
+    layer_names,
+    logits,
+    tiny_model,
+    trace_inputs,
+)
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 import lorp_fx
-from tiny_models import FAMILIES, eager_without, example_inputs, layer_names, logits, tiny_model, trace_inputs
 
 EXPECTED_SUBLAYER_KINDS = {
     "llama": ["attention", "mlp"],

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import legal_removals
 from torch import nn
 
 import lorp_fx
-from strategies import legal_removals
 
 
 class Branch(nn.Module):

@@ -10,8 +10,14 @@ import torch
 import lorp_fx.cli.commands
 import lorp_fx.io.placement as devices
 from lorp_fx.cli import main
-from lorp_fx.io.placement import check_process_count, parse_max_memory, resolve_device, resolve_dtype, resolve_placement
 from lorp_fx.core.errors import DeviceError, LoRPError
+from lorp_fx.io.placement import (
+    check_process_count,
+    parse_max_memory,
+    resolve_device,
+    resolve_dtype,
+    resolve_placement,
+)
 
 
 @pytest.fixture

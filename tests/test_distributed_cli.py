@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from saved_models import calibration_text, report, saved_tiny, similarity
 from safetensors.torch import load_file
+from saved_models import calibration_text, report, saved_tiny, similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 windows in batches of 4: rank 0 calibrates batches 0 and 2, rank 1 batch 1; the

@@ -9,11 +9,11 @@ import torch
 
 pytest.importorskip("gguf")
 from gguf import GGUFReader  # noqa: E402
-
 from gguf_files import write_tiny_gguf  # noqa: E402
+
 from lorp_fx import cli  # noqa: E402
-from lorp_fx.io.models import load_model  # noqa: E402
 from lorp_fx.arch.surgery import remove_layers  # noqa: E402
+from lorp_fx.io.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

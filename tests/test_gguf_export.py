@@ -18,12 +18,16 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import GGUFEndian, GGUFReader, dequantize  # noqa: E402
 from gguf.quants import quantize  # noqa: E402
-
 from gguf_files import write_tiny_gguf  # noqa: E402
-from lorp_fx.io.gguf import export as gguf_export  # noqa: E402
-from lorp_fx.core.errors import GGUFError, LoRPError  # noqa: E402
+
 from lorp_fx.arch.surgery import remove_layers  # noqa: E402
-from lorp_fx.io.gguf.export import check_transformers_can_read, read_gguf, write_pruned_gguf  # noqa: E402
+from lorp_fx.core.errors import GGUFError, LoRPError  # noqa: E402
+from lorp_fx.io.gguf import export as gguf_export  # noqa: E402
+from lorp_fx.io.gguf.export import (  # noqa: E402
+    check_transformers_can_read,
+    read_gguf,
+    write_pruned_gguf,
+)
 from lorp_fx.io.gguf.layout import plan_metadata  # noqa: E402
 from lorp_fx.io.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
 

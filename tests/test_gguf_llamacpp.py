@@ -20,10 +20,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.llamacpp
 
 from shared_data import require_shared_data  # noqa: E402
-from lorp_fx.io.text import text_windows  # noqa: E402
-from lorp_fx.judge.perplexity import perplexity  # noqa: E402
+
 from lorp_fx.io.gguf.export import read_gguf, write_pruned_gguf  # noqa: E402
 from lorp_fx.io.models import ModelLoadError, load_model, smollm2_gguf_path  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
 
 # shortgpt's choice for 6 layers on the WikiText-2 valid calibration (benchmarks/gguf_requant.py)
 REMOVED = [12, 13, 14, 17, 25, 26]

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import eager_without, example_inputs, tiny_model
 from torch import nn
 from torch.export import Dim
 from torch.fx.passes.infra.pass_manager import PassManager
 
 import lorp_fx
 from lorp_fx.core.errors import FixedArgumentError
-from tiny_models import eager_without, example_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")

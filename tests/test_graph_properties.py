@@ -11,13 +11,14 @@ import functools
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import legal_removals
+from tiny_models import FAMILIES, eager_without, example_inputs, layer_lists, tiny_model
 from torch import nn
 
 import lorp_fx
-from strategies import legal_removals
 from lorp_fx.core.errors import FixedArgumentError
-from tiny_models import FAMILIES, eager_without, example_inputs, layer_lists, tiny_model
 
 PER_LAYER = ("hidden_states", "attentions", "router_logits")
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, example_inputs, tiny_model, tiny_tokenizer
 
-from lorp_fx.graph.blocks import find_blocks
-from lorp_fx.calibration.sampling import self_calibration
-from lorp_fx.calibration.hook_observer import HookObserver, collect_hook_statistics
 from lorp_fx.calibration.graph_observer import collect_statistics
+from lorp_fx.calibration.hook_observer import HookObserver, collect_hook_statistics
+from lorp_fx.calibration.sampling import self_calibration
+from lorp_fx.graph.blocks import find_blocks
 
 PRE_NORM = ["llama", "qwen3", "gemma3", "gpt2", "mixtral", "qwen2_moe"]
 

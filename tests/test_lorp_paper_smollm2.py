@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from shared_data import require_shared_data
 
 import lorp_fx
-from lorp_fx.io.text import text_windows
-from lorp_fx.io.models import load_model
 from lorp_fx.calibration.graph_observer import collect_statistics
-from shared_data import require_shared_data
+from lorp_fx.io.models import load_model
+from lorp_fx.io.text import text_windows
 
 
 @pytest.mark.slow

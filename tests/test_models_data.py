@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from shared_data import require_shared_data
+from tiny_models import tiny_tokenizer as tiny_tokenizer_of_size
 from torch import nn
 
 from lorp_fx.calibration.sampling import _nucleus, self_calibration
-from lorp_fx.io.text import shared_data_dir, text_windows
 from lorp_fx.core.errors import CalibrationError, InputMismatchError
+from lorp_fx.io.models import (
+    DEFAULT_MODEL,
+    ModelLoadError,
+    load_model,
+    smollm2_gguf_path,
+)
+from lorp_fx.io.text import shared_data_dir, text_windows
 from lorp_fx.judge.perplexity import perplexity
-from lorp_fx.io.models import DEFAULT_MODEL, ModelLoadError, load_model, smollm2_gguf_path
-from shared_data import require_shared_data
-from tiny_models import tiny_tokenizer as tiny_tokenizer_of_size
 
 VOCAB = 100
 

@@ -6,11 +6,16 @@ import json
 import os
 
 import pytest
-
-from lorp_fx.core.errors import OutputDirError
-from lorp_fx.io.output_dir import MARKER, check_output_location, is_lorp_fx_output, save_pretrained_atomic
-from lorp_fx.arch.surgery import remove_layers
 from tiny_models import REMOVALS, tiny_model, tiny_tokenizer
+
+from lorp_fx.arch.surgery import remove_layers
+from lorp_fx.core.errors import OutputDirError
+from lorp_fx.io.output_dir import (
+    MARKER,
+    check_output_location,
+    is_lorp_fx_output,
+    save_pretrained_atomic,
+)
 
 
 def build(name: str):

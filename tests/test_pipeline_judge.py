@@ -7,13 +7,13 @@ from __future__ import annotations
 import functools
 
 import torch
+from tiny_models import VOCAB, tiny_model
 
 import lorp_fx
-from lorp_fx.pipeline.config import PruneConfig
-from lorp_fx.judge.loss import calibration_loss
-from lorp_fx.pipeline.report import summary_lines
 from lorp_fx.arch.surgery import remove_layers
-from tiny_models import VOCAB, tiny_model
+from lorp_fx.judge.loss import calibration_loss
+from lorp_fx.pipeline.config import PruneConfig
+from lorp_fx.pipeline.report import summary_lines
 
 WINDOWS = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(3))
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from saved_models import calibration_text, report, saved_tiny, similarity
 from safetensors.torch import load_file
+from saved_models import calibration_text, report, saved_tiny, similarity
 
 from lorp_fx.cli import main
 

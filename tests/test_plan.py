@@ -8,13 +8,13 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import random_walk_stats
 
 import lorp_fx
 from lorp_fx.core.budget import check_stream_budget
 from lorp_fx.core.errors import BudgetError, LoRPError, PlanError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.selection.registry import SELECTORS, options_for, select
-from strategies import random_walk_stats
 
 
 def toy_loss(stats):

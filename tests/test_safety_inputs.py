@@ -19,12 +19,12 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from tiny_models import FAMILIES, TINY, tiny_model, tiny_tokenizer
 
 from lorp_fx import cli
 from lorp_fx.core.errors import LoRPError, ModelLoadError
-from lorp_fx.judge.perplexity import exp_or_inf, perplexity
 from lorp_fx.io.models import load_model, resolve_model
-from tiny_models import FAMILIES, TINY, tiny_model, tiny_tokenizer
+from lorp_fx.judge.perplexity import exp_or_inf, perplexity
 
 TEXT = " ".join(f"w{i % 90}" for i in range(3000))
 WORK_MARKERS = ("self-calibration", "statistics", "perplexity", "calibration-loss", "compensat")
@@ -439,8 +439,8 @@ def test_sublayers_of_a_whole_layer_family_are_refused_before_the_weights_load(t
 @pytest.mark.parametrize("compensate", ["auto", "none"])
 def test_the_library_refuses_sublayers_of_a_whole_layer_family_before_any_forward(compensate):
     from lorp_fx import prune_model
-    from lorp_fx.pipeline.config import PruneConfig
     from lorp_fx.core.errors import NotRemovableError
+    from lorp_fx.pipeline.config import PruneConfig
 
     model = tiny_model("bert", layers=6)
     forwards = []

@@ -11,13 +11,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
-
-from lorp_fx.core.errors import BudgetError, SelectorError
-from lorp_fx.selection.registry import SELECTORS, select
-from lorp_fx.core.stats import LayerStatistics
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shared_data import require_shared_data
 from strategies import selection_scenarios
+
+from lorp_fx.core.errors import BudgetError, SelectorError
+from lorp_fx.core.stats import LayerStatistics
+from lorp_fx.selection.registry import SELECTORS, select
 
 # `lorp_fx.selection.lorp` is the function once the package is imported; the module:
 lorp_module = importlib.import_module("lorp_fx.selection.lorp")

@@ -4,26 +4,39 @@ authors' SmolLM2 numbers (../shared/data/reference/smollm2-lorp-paper.json)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
-from lorp_fx.core.errors import BudgetError, UnknownBlockError
-from lorp_fx.core.errors import SelectorError
-from lorp_fx.selection.registry import SELECTORS, options_for, select
-from lorp_fx.core.budget import budget_from_ratio
-from lorp_fx.selection.lorp_paper import cluster_redundancy, lorp_paper_order, lorp_paper_stages
-from lorp_fx.selection.rls import clusters_for_rls, paper_clusters, relative_layer_similarity
-from lorp_fx.selection.lorp_hier import hierarchical_clusters, lorp_hier_order, proportional_quotas, ward_increment
-from lorp_fx.selection.spectral import spectral_clustering
-from lorp_fx.selection.baselines import uniform_positions
-from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from shared_data import require_shared_data
 from strategies import random_walk_stats, selection_scenarios, stats_over_inputs
+
+from lorp_fx.core.budget import budget_from_ratio
+from lorp_fx.core.errors import BudgetError, SelectorError, UnknownBlockError
+from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
+from lorp_fx.selection.baselines import uniform_positions
+from lorp_fx.selection.lorp_hier import (
+    hierarchical_clusters,
+    lorp_hier_order,
+    proportional_quotas,
+    ward_increment,
+)
+from lorp_fx.selection.lorp_paper import (
+    cluster_redundancy,
+    lorp_paper_order,
+    lorp_paper_stages,
+)
+from lorp_fx.selection.registry import SELECTORS, options_for, select
+from lorp_fx.selection.rls import (
+    clusters_for_rls,
+    paper_clusters,
+    relative_layer_similarity,
+)
+from lorp_fx.selection.spectral import spectral_clustering
 
 CONTIGUOUS = {"uidl", "streamline"}
 

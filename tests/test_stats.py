@@ -1,13 +1,13 @@
 """The streaming accumulator against a direct float64 computation."""
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
+from strategies import residual_states
 
 from lorp_fx import SimilarityAccumulator
 from lorp_fx.core.errors import CalibrationError
-from strategies import residual_states
-import pytest
 
 
 def direct(states: np.ndarray, mask: np.ndarray):

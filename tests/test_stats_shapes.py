@@ -4,12 +4,12 @@ observed through the graph, against a direct numpy computation of the statistics
 import numpy as np
 import pytest
 import torch
+from calibration_run import PLAIN_FIELDS, Calibrated, loader, plain_data, trainer
+from test_callback_conventions import MLP
 
 import lorp_fx
-from calibration_run import PLAIN_FIELDS, Calibrated, loader, plain_data, trainer
 from lorp_fx.calibration.graph_observer import collect_statistics
 from lorp_fx.core.stats import token_vectors
-from test_callback_conventions import MLP
 
 
 class ConvBlock(torch.nn.Module):

@@ -7,14 +7,26 @@ import copy
 import pytest
 import torch
 import transformers
+from tiny_models import (
+    REMOVALS,
+    TINY,
+    eager_without,
+    example_inputs,
+    tiny_model,
+    tiny_tokenizer,
+)
 from torch import nn
 
-from lorp_fx.core.errors import BudgetError, NoResidualBlocksError, NotRemovableError, UnknownBlockError
 from lorp_fx.arch.families import layer_stacks, sublayers
-from lorp_fx.io.output_dir import save_pretrained_atomic
-from lorp_fx.core.plan import PruningPlan
 from lorp_fx.arch.surgery import count_parameters, remove_layers
-from tiny_models import REMOVALS, TINY, eager_without, example_inputs, tiny_model, tiny_tokenizer
+from lorp_fx.core.errors import (
+    BudgetError,
+    NoResidualBlocksError,
+    NotRemovableError,
+    UnknownBlockError,
+)
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.io.output_dir import save_pretrained_atomic
 
 GENERATIVE = [name for name in REMOVALS if name != "bert"]
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
-from lorp_fx.io.output_dir import save_pretrained_atomic
-from lorp_fx.arch.surgery import remove_layers
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
+
+from lorp_fx.arch.surgery import remove_layers
+from lorp_fx.io.output_dir import save_pretrained_atomic
 
 STEPS = 6
 

@@ -27,8 +27,9 @@ def attach_state_hooks(points, store) -> list:
             else module.register_forward_hook(after(key), with_kwargs=True) for key, module, kind in points]
 
 
-class _Stop(Exception):
-    """Raised from a hook once every state a pass needs has been captured."""
+class StopForward(Exception):
+    """Raised from a hook once every state a pass needs has been read: the rest of the forward pass is skipped
+    (`Capture` and `HookObserver` catch it)."""
 
 
 class Capture:
@@ -45,7 +46,7 @@ class Capture:
         try:
             with torch.no_grad():
                 model(**batch)
-        except _Stop:
+        except StopForward:
             pass
         finally:
             for handle in handles:
@@ -60,4 +61,4 @@ class Capture:
             raise CompensationError(f"internal error: the hook for {key} saw no hidden-state tensor")
         self.states[key] = state.detach()
         if len(self.states) == len(self.points):
-            raise _Stop
+            raise StopForward

@@ -27,7 +27,7 @@ from torch import nn
 from lorp_fx.arch.anatomy import stacks_of
 from lorp_fx.arch.families import layer_stacks
 from lorp_fx.calibration.batches import stream_mask, with_model_defaults
-from lorp_fx.calibration.capture import attach_state_hooks
+from lorp_fx.calibration.capture import StopForward, attach_state_hooks
 from lorp_fx.core.errors import CalibrationError, ConfigError, LoRPError
 from lorp_fx.core.stats import (
     LayerStatistics,
@@ -36,10 +36,6 @@ from lorp_fx.core.stats import (
     combine_streams,
 )
 from lorp_fx.graph.blocks import ResidualBlock
-
-
-class _Stop(Exception):
-    """Raised from a hook once every point of a forward pass has been read."""
 
 
 @dataclass
@@ -71,7 +67,7 @@ class HookObserver:
     @contextlib.contextmanager
     def attached(self, stop_at_last_point: bool = False):
         """Hooks on the model's modules while the block runs; with `stop_at_last_point` a pass ends
-        (raising _Stop, which `run` catches) once every point is read."""
+        (raising StopForward, which `run` catches) once every point is read."""
         self._stop, self.states = stop_at_last_point, {}
         handles = attach_state_hooks([(i, r.module, r.kind) for i, r in enumerate(self.readers)], self._store)
         try:
@@ -85,7 +81,7 @@ class HookObserver:
         with self.attached(stop_at_last_point=True), torch.no_grad():
             try:
                 model(**with_model_defaults(model, batch))
-            except _Stop:
+            except StopForward:
                 pass
         self.add(batch)
 
@@ -116,7 +112,7 @@ class HookObserver:
             raise CalibrationError(f"internal error: the hook for {self.readers[index].name} saw no hidden-state tensor")
         self.states[index] = state.detach()  # the accumulator moves it to where its float64 sums are kept
         if self._stop and len(self.states) == len(self.readers):
-            raise _Stop
+            raise StopForward
 
     # ------------------------------------------------------------------ results
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from lorp_fx.cli.commands import run_analyze, run_eval, run_prune
-from lorp_fx.core.errors import LoRPError
+from lorp_fx.core.errors import LoRPError, describe
 from lorp_fx.core.plan import GRANULARITIES
 from lorp_fx.io.models import DEFAULT_MODEL
 from lorp_fx.io.placement import DEVICE_MAPS, DTYPES, STRATEGIES
@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one line, not a stack trace from deep inside torch
         if args.debug:
             raise
-        lines = str(error).strip().splitlines()
-        print(f"lorp-fx: error: {type(error).__name__}: {lines[0] if lines else ''} (rerun with --debug for details)", file=sys.stderr)
+        print(f"lorp-fx: error: {describe(error)} (rerun with --debug for details)", file=sys.stderr)
         return 1
 
 

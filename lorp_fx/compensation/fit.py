@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -102,7 +102,7 @@ class _Setup:
         self.stacks = stacks_of(model)
         self.gaps = find_gaps(self.stacks, removed_units(self.stacks, self.names))
         self.batches = prepare_batches(model, batches)
-        self.d = _width(model)
+        self.d = branch_width(model)
         self.device = float64_device(model_device(model))  # where the fits' float64 sums are kept
         self.projections = [projections(model, self.family, gap.fold_unit, self.d, self.form) for gap in self.gaps]
         if verify:
@@ -168,7 +168,7 @@ def folded_on_trial(pruned: Surgery, fits: list[GapFit]):
 def _fold_targets(pruned: Surgery, fits: list[GapFit]) -> list[list[Projection]]:
     """Per fit, the pruned model's parameters its map folds into (`fold.projections`)."""
     model = pruned.model
-    family, units, d = family_of(model), {u.full_name: u for s in stacks_of(model) for u in s.units}, _width(model)
+    family, units, d = family_of(model), {u.full_name: u for s in stacks_of(model) for u in s.units}, branch_width(model)
     found = []
     for fit in fits:
         target = pruned.rename(fit.fold_into)
@@ -278,7 +278,8 @@ def _fit_one_pass(setup: _Setup, progress: bool) -> list[GapFit]:
     return [fit for fit in fits if fit is not None]
 
 
-def _width(model: nn.Module) -> int:
+def branch_width(model: nn.Module) -> int:
+    """The residual stream's width d (a full map is d x d), from the model's config."""
     config = getattr(model, "config", None)
     for key in ("hidden_size", "d_model", "n_embd"):
         value = getattr(config, key, None)
@@ -340,3 +341,19 @@ def _fit_sequentially(setup: _Setup, pruned: Surgery, targets, progress: bool) -
         fold(projs, fit.transform, setup.family.norm_weight_offset)
         fits.append(fit)
     return fits
+
+
+def eager_fits(model: torch.nn.Module, fits: list[GapFit]) -> list[GapFit]:
+    """`fits` with `projections` filled in: the eager `model`'s parameters each map folds into
+    (what `PruneResult.folded_parameters` and the GGUF writer read). CompensationError where
+    a unit has nothing to fold into."""
+    family = check_compensable(model)
+    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
+    d = branch_width(model)
+    named = []
+    for fit in fits:
+        if fit.fold_into not in units:
+            raise CompensationError(f"internal error: the graph's unit {fit.fold_into} is not a unit of the eager model")
+        found = projections(model, family, units[fit.fold_into], d, fit.form)
+        named.append(replace(fit, projections=[p.name for p in found]))
+    return named

@@ -4,6 +4,8 @@ Each says what is wrong and what the user can do about it; the CLI prints
 `str(error)` on one line and exits with status 2, so the message must stand alone.
 """
 
+import re
+
 
 class LoRPError(Exception):
     """Base class of every error lorp-fx raises on purpose."""
@@ -82,3 +84,16 @@ class DeviceError(LoRPError, ValueError):
 
 class DistributedError(LoRPError):
     """A rank of a multi-process run failed, so the run stopped and wrote nothing."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, without terminal colour codes, or its type's name if it has none:
+    what a one-line message quotes of an error raised deep inside torch or transformers."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def describe(error: BaseException) -> str:
+    """`TypeName: first line of the message`."""
+    line = first_line(error)
+    return type(error).__name__ if line == type(error).__name__ else f"{type(error).__name__}: {line}"

@@ -84,10 +84,6 @@ class GraphRunner:
             found.update(chosen)
         return frozenset(found)
 
-    def stream_end(self, unit: int) -> bool:
-        """True when `unit` is the last of its residual stream."""
-        return unit + 1 == len(self.units) or self.units[unit + 1].stream != self.units[unit].stream
-
     def compensable(self, unit: int) -> bool:
         """Whether a map on unit's branch output equals a fold into its weights: pre-norm (the add
         is the unit's exit) with the branch operand found. Where the branch is normalised before

@@ -21,7 +21,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from lorp_fx.core.errors import ConfigError, InputMismatchError, TraceError
+from lorp_fx.core.errors import ConfigError, InputMismatchError, TraceError, first_line
 from lorp_fx.core.model import eval_mode
 from lorp_fx.graph.module import graph_module
 from lorp_fx.graph.traced_call import (
@@ -61,7 +61,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs | None = None, *, fron
         except InputMismatchError:
             raise
         except Exception as error:  # noqa: BLE001 - every frontend failure is reported together below
-            failures.append(f"{name}: {type(error).__name__}: {_first_line(error)}")
+            failures.append(f"{name}: {type(error).__name__}: {first_line(error)}")
             continue
         if args or kwargs:
             _check_runs(gm, model, args, kwargs)
@@ -110,11 +110,6 @@ def _split_inputs(example_inputs: ExampleInputs | None) -> tuple[tuple, dict]:
         f"example_inputs must be a dict of keyword arguments or a tuple of positional arguments, "
         f"not {type(example_inputs).__name__}"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
@@ -325,7 +320,7 @@ def _check_runs(gm: torch.fx.GraphModule, model: nn.Module, args: tuple, kwargs:
     except Exception as error:  # noqa: BLE001
         raise InputMismatchError(
             f"the traced {type(model).__name__} does not run on the example inputs "
-            f"({type(error).__name__}: {_first_line(error)}); check their names, shapes and dtypes"
+            f"({type(error).__name__}: {first_line(error)}); check their names, shapes and dtypes"
         ) from None
 
 

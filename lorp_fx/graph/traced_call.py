@@ -207,11 +207,6 @@ class TracedCallCodeGen(_PyTreeCodeGen):
         return [("_lorp_fx_call", self.call)]
 
 
-def traced_call(graph: torch.fx.Graph) -> TracedCall | None:
-    codegen = graph._codegen
-    return codegen.call if isinstance(codegen, TracedCallCodeGen) else None
-
-
 def same_value(given: Any, traced: Any) -> bool:
     """Whether a non-tensor argument is the traced one: identical, or equal and of the same type."""
     if given is traced:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from lorp_fx.core.errors import ModelLoadError
+from lorp_fx.core.errors import ModelLoadError, describe
 from lorp_fx.io.gguf.header import read_metadata
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -173,7 +173,7 @@ def _transformers_source(name: str, kind: str, location: str, paths: list[Path])
     try:
         config = AutoConfig.from_pretrained(location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
-        raise ModelLoadError(f"could not load a model from {where}: {_one_line(error)}") from error
+        raise ModelLoadError(f"could not load a model from {where}: {describe(error)}") from error
     model_class(config)  # an architecture that disagrees with model_type fails now
     return ModelSource(name, kind, location, config, positions=max_positions(config), layers=_layer_count(config),
                        vocab_size=getattr(config, "vocab_size", None), paths=paths)
@@ -286,7 +286,7 @@ def load_tokenizer(source: ModelSource):
             tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
         what = f"GGUF file {source.location}" if source.kind == "gguf" else f"the tokenizer of {source.name}"
-        raise ModelLoadError(f"could not load {what}: {_one_line(error)}") from error
+        raise ModelLoadError(f"could not load {what}: {describe(error)}") from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -314,7 +314,7 @@ def load_weights(source: ModelSource, dtype: torch.dtype | str = torch.float32, 
                 "weights only with torch.load(weights_only=True), which refuses them: convert the checkpoint to safetensors"
             ) from error
         except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
-            raise ModelLoadError(f"could not load a model from {source.kind} {source.location}: {_one_line(error)}") from error
+            raise ModelLoadError(f"could not load a model from {source.kind} {source.location}: {describe(error)}") from error
     return finish_loading(model, info, source, tokenizer)
 
 
@@ -337,7 +337,7 @@ def check_loading_info(info: dict, source: ModelSource) -> None:
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             problems.append(f"{len(names)} {what} ({shown})")
     if info.get("error_msgs"):
-        problems.append(_one_line(Exception(info["error_msgs"][0])))
+        problems.append(describe(Exception(info["error_msgs"][0])))
     if not problems:
         return
     architectures = getattr(source.config, "architectures", None) or []
@@ -364,7 +364,7 @@ def _load_gguf(path: Path, dtype: torch.dtype):
             )
     except Exception as error:  # noqa: BLE001
         raise ModelLoadError(
-            f"could not load GGUF file {path}: {_one_line(error)} (transformers loads only some GGUF architectures)"
+            f"could not load GGUF file {path}: {describe(error)} (transformers loads only some GGUF architectures)"
         ) from error
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
@@ -384,8 +384,3 @@ def _quiet_loading_report():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _one_line(error: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()  # no terminal colour codes
-    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -122,11 +122,6 @@ def check_output_location(out_dir, overwrite: bool, protect: Iterable = ()) -> P
     return out
 
 
-# Kept for callers of the issue-12 API.
-def check_output_dir(out_dir, overwrite: bool, protect: Iterable = ()) -> Path:
-    return check_output_location(out_dir, overwrite, protect)
-
-
 def is_lorp_fx_output(directory: str | os.PathLike) -> bool:
     """True when `directory` holds a report.json (a regular file) with the lorp-fx marker key."""
     report = Path(directory) / REPORT

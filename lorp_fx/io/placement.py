@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorp_fx.core.errors import ConfigError, DeviceError, ModelLoadError
+from lorp_fx.core.errors import ConfigError, DeviceError, ModelLoadError, describe
 from lorp_fx.io.models import finish_loading, load_weights, model_class
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -258,9 +258,8 @@ def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
             offload_folder=offload_dir, trust_remote_code=False, weights_only=True, output_loading_info=True,
         )
     except Exception as error:  # noqa: BLE001 - one line for any loading failure
-        lines = str(error).strip().splitlines()
         raise ModelLoadError(f"could not load {source.location} with --device-map {placement.device_map}: "
-                             f"{type(error).__name__}: {lines[0] if lines else ''}") from error
+                             f"{describe(error)}") from error
     return finish_loading(model, info, source, tokenizer)
 
 

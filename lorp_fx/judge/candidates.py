@@ -44,9 +44,7 @@ from collections.abc import Iterable
 import torch
 from torch.fx import GraphModule
 
-from lorp_fx.arch.anatomy import check_compensable, stacks_of
-from lorp_fx.compensation.fit import GapFit, _width
-from lorp_fx.compensation.fold import projections
+from lorp_fx.compensation.fit import GapFit
 from lorp_fx.compensation.gap_fit import fit_gap
 from lorp_fx.compensation.solver import METHODS
 from lorp_fx.core.errors import CalibrationError, ConfigError
@@ -408,25 +406,6 @@ class CandidateLoss:
         self.seconds += time.perf_counter() - clock
         self.measurements += 1
         return total / len(self.loss_batches)
-
-
-def eager_fits(model: torch.nn.Module, fits: list[GapFit]) -> list[GapFit]:
-    """`fits` with `projections` filled in: the eager `model`'s parameters each map folds into
-    (what `PruneResult.folded_parameters` and the GGUF writer read). CompensationError where
-    a unit has nothing to fold into."""
-    from dataclasses import replace
-
-
-    family = check_compensable(model)
-    units = {u.full_name: u for stack in stacks_of(model) for u in stack.units}
-    d = _width(model)
-    named = []
-    for fit in fits:
-        if fit.fold_into not in units:
-            raise CalibrationError(f"internal error: the graph's unit {fit.fold_into} is not a unit of the eager model")
-        found = projections(model, family, units[fit.fold_into], d, fit.form)
-        named.append(replace(fit, projections=[p.name for p in found]))
-    return named
 
 
 def _rows(batches: list[dict], inputs: set[str]) -> list[dict]:

@@ -23,8 +23,9 @@ from lorp_fx.core.errors import (
     ConfigError,
     LoRPError,
     SelectorError,
+    first_line,
 )
-from lorp_fx.core.plan import PruningPlan
+from lorp_fx.core.plan import GRANULARITIES, PruningPlan
 from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
 from lorp_fx.judge.loss import (
     OutputLoss,
@@ -37,6 +38,7 @@ from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
     SELECTORS,
+    check_option_values,
     check_options,
     select,
 )
@@ -141,15 +143,15 @@ class LoRPCallback(Callback):
             budget_from_ratio(10, ratio)  # validates the range
         if not isinstance(method, str) or method not in SELECTORS:
             raise SelectorError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
-        if granularity not in ("layer", "sublayer"):
-            raise ConfigError(f"granularity must be 'layer' or 'sublayer', not {granularity!r}")
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
         if stage not in STAGES:
             raise ConfigError(f"stage must be one of {', '.join(STAGES)} (the Lightning stage that calibrates), not {stage!r}")
         if isinstance(loss_batches, bool) or not isinstance(loss_batches, int) or loss_batches < 1:
             raise ConfigError(f"loss_batches must be a whole number of calls, at least 1, got {loss_batches!r}")
         given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
         check_options(method, given, require=False)
-        _check_selector_values(given)
+        check_option_values(given)
         if not (isinstance(apply, (bool, np.bool_)) or (isinstance(apply, int) and apply in (0, 1))):
             raise ConfigError(f"apply must be True or False (hand the LightningModule the pruned network or not), got {apply!r}")
         if not isinstance(attribute, str) or not attribute.isidentifier():
@@ -341,7 +343,7 @@ class LoRPCallback(Callback):
         except Exception as error:  # noqa: BLE001 - the user's loss_fn: say which call broke it
             raise SelectorError(
                 f"loss_fn(output, inputs) failed on the first calibration call ({type(error).__name__}: "
-                f"{_first_line(error)}); inputs holds the network's arguments by name ({', '.join(call.inputs)}) "
+                f"{first_line(error)}); inputs holds the network's arguments by name ({', '.join(call.inputs)}) "
                 "and loss_fn must return one number"
             ) from error
         if not math.isfinite(value):
@@ -418,30 +420,3 @@ class LoRPCallback(Callback):
             return float(total[0] / total[1])
 
         return loss
-
-
-def _check_selector_values(options: dict[str, Any]) -> None:
-    """The selector options whose values alone can be wrong; names and ranges that depend on the network
-    (protected blocks, n_clusters above the block count) are checked on the first batch."""
-    if "seed" in options and not _whole(options["seed"], 0):
-        raise ConfigError(f"seed must be a whole number >= 0 (numpy's random generator seed), got {options['seed']!r}")
-    if "n_clusters" in options and not _whole(options["n_clusters"], 1):
-        raise SelectorError(f"n_clusters={options['n_clusters']!r} must be a whole number of clusters, at least 1; "
-                            "leave it unset to choose K from RLS")
-    if "protected" in options:
-        protected = options["protected"]
-        items = [protected] if isinstance(protected, (str, int, np.integer)) else protected
-        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) or _whole(i, None) for i in items):
-            raise ConfigError(f"protected must be a block name or index, or a list of them (such as "
-                              f"['model.layers.0', -1]), got {protected!r}")
-
-
-def _whole(value: Any, minimum: int | None) -> bool:
-    """A whole number (not a bool) of at least `minimum` (None: any)."""
-    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-            and (minimum is None or value >= minimum))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -19,13 +19,18 @@ from torch import nn
 from lorp_fx.arch.anatomy import check_compensable, find_gaps, removed_units, stacks_of
 from lorp_fx.arch.surgery import count_layers, remove_layers
 from lorp_fx.calibration.batches import one_window_each, prepare_batches
-from lorp_fx.compensation.fit import Compensator, apply_compensation, folded_on_trial
+from lorp_fx.compensation.fit import (
+    Compensator,
+    apply_compensation,
+    eager_fits,
+    folded_on_trial,
+)
 from lorp_fx.core.errors import CalibrationError, CompensationError
 from lorp_fx.core.model import causal_lm, encoder_decoder, is_offloaded
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.graph.rewrite import prune as prune_graph
 from lorp_fx.io.placement import make_resident
-from lorp_fx.judge.candidates import CandidateLoss, eager_fits
+from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.judge.loss import calibration_loss, next_token_loss
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.selection.registry import SELECTORS

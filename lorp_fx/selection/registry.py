@@ -13,9 +13,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
 
 from lorp_fx.core.budget import resolve_budget
-from lorp_fx.core.errors import SelectorError
+from lorp_fx.core.errors import ConfigError, SelectorError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.rls import paper_clusters
@@ -118,3 +121,25 @@ def complete(plan: PruningPlan, stats: LayerStatistics) -> PruningPlan:
         return plan
     rls, clusters = paper_clusters(stats)
     return replace(plan, rls=plan.rls if plan.rls is not None else rls, clusters=plan.clusters if plan.clusters is not None else clusters)
+
+
+def check_option_values(options: dict[str, Any]) -> None:
+    """The selector options whose values alone can be wrong; names and ranges that depend on the network
+    (protected blocks, n_clusters above the block count) are checked on the first batch."""
+    if "seed" in options and not _whole(options["seed"], 0):
+        raise ConfigError(f"seed must be a whole number >= 0 (numpy's random generator seed), got {options['seed']!r}")
+    if "n_clusters" in options and not _whole(options["n_clusters"], 1):
+        raise SelectorError(f"n_clusters={options['n_clusters']!r} must be a whole number of clusters, at least 1; "
+                            "leave it unset to choose K from RLS")
+    if "protected" in options:
+        protected = options["protected"]
+        items = [protected] if isinstance(protected, (str, int, np.integer)) else protected
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) or _whole(i, None) for i in items):
+            raise ConfigError(f"protected must be a block name or index, or a list of them (such as "
+                              f"['model.layers.0', -1]), got {protected!r}")
+
+
+def _whole(value: Any, minimum: int | None) -> bool:
+    """A whole number (not a bool) of at least `minimum` (None: any)."""
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and (minimum is None or value >= minimum))

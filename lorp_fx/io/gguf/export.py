@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lorp_fx.core.errors import GGUFError
+from lorp_fx.core.errors import GGUFError, describe
 from lorp_fx.io.gguf.layout import period_conflicts, plan_metadata
 from lorp_fx.io.gguf.requant import requantize_replaced
 
@@ -108,7 +108,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
     try:
         reader = GGUFReader(path)
     except Exception as error:  # noqa: BLE001 - every parse failure means the same thing to the user
-        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt: {_first_line(error)})") from error
+        raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt: {describe(error)})") from error
     stat = path.stat()
     size = stat.st_size
     for tensor in reader.tensors:
@@ -378,8 +378,3 @@ def _brief(value: Any) -> Any:
     if isinstance(value, list) and len(value) > 16:
         return value[:16] + ["..."]
     return value
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"

@@ -24,8 +24,6 @@ from lorp_fx.io.gguf.export import (
 )
 from lorp_fx.io.gguf.layout import plan_metadata
 
-REQUANTIZE = ("original", "q8_0")
-
 
 def open_source(path: str | os.PathLike) -> GGUFSource:
     """The GGUF file, validated (parses, transformers can read its architecture), before the model loads."""
