@@ -30,7 +30,6 @@ from lorp_fx.calibration.capture import Capture
 from lorp_fx.compensation.fold import Projection, fold, projections, verify_folds
 from lorp_fx.compensation.solver import (
     FoldedStatistics,
-    beats_no_map,
     check_method,
     fold_count,
 )
@@ -56,6 +55,8 @@ class GapFit:
     ridge: float | None = None  # the ridge used (chosen by cross-validation with ridge="auto")
     cv_errors: dict = field(default_factory=dict)  # ridge -> cross-validated relative error ("auto")
     form: str = "full"
+    # Per calibration source: the held-out gap error with the map over that without (below 1: it helps there).
+    held_out: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class GapFit:
             "error_after": float(self.error_after),
             "ridge": None if self.ridge is None else float(self.ridge),
             "cv_errors": {str(k): float(v) for k, v in self.cv_errors.items()},
+            "held_out_error_ratio": {str(k): float(v) for k, v in self.held_out.items()},
         }
 
 
@@ -87,7 +89,8 @@ def default_form(model: nn.Module) -> str:
 class _Setup:
     """What every fit starts from: checked arguments, units, gaps, batches, projections (and the fold probe)."""
 
-    def __init__(self, model, plan, batches, method, form, ridge, verify, reject_unhelpful=False):
+    def __init__(self, model, plan, batches, method, form, ridge, verify, reject_unhelpful=False, sources=None,
+                 held_only=frozenset()):
         if isinstance(model, torch.fx.GraphModule):
             raise CompensationError(
                 "compensation folds maps into the weights of the eager model: pass the transformers model the graph was "
@@ -96,6 +99,8 @@ class _Setup:
         self.form = form or default_form(model)
         check_method(method, self.form)
         self.model, self.method, self.ridge, self.reject_unhelpful = model, method, ridge, reject_unhelpful
+        self.sources = None if sources is None else list(sources)  # a calibration-source label per sequence
+        self.held_only = frozenset(held_only)  # sources measured by the held-out check, never fitted on
         self.folds = fold_count(ridge)
         self.names = list(plan.remove if isinstance(plan, PruningPlan) else plan)
         self.family = check_compensable(model)
@@ -109,17 +114,20 @@ class _Setup:
             verify_folds(model, self.family, self.stacks, self.gaps, self.projections, self.batches[0], self.d, self.form)
 
     def statistics(self) -> FoldedStatistics:
-        return FoldedStatistics(self.d, self.method, self.folds, self.device, self.form)
+        return FoldedStatistics(self.d, self.method, self.folds, self.device, self.form, self.sources, self.held_only)
 
     def fit(self, gap: Gap, stats: FoldedStatistics, unit_names: list[str]) -> GapFit | None:
-        """The gap's map; None with `reject_unhelpful` where no ridge beats no map on held-out sequences."""
+        """The gap's map; None with `reject_unhelpful` where no ridge beats no map on the held-out sequences
+        of every calibration source (`solver.choose_ridge`)."""
         total, transform, ridge, cv_errors = stats.solve(self.ridge)
-        if self.reject_unhelpful and cv_errors and not beats_no_map(cv_errors, total.relative_error(None)):
+        ratios = {str(source): r[ridge] for source, r in stats.held_out_ratios.items()} if cv_errors else {}
+        if self.reject_unhelpful and cv_errors and not all(ratio < 1.0 for ratio in ratios.values()):
             return None
         return GapFit(
             removed=list(gap.removed), fold_into=gap.fold_unit.full_name, projections=unit_names,
             transform=transform.cpu(), tokens=total.tokens, error_before=total.relative_error(None),
             error_after=total.relative_error(transform), ridge=ridge, cv_errors=cv_errors, form=self.form,
+            held_out=ratios if self.sources is not None else {},
         )
 
 
@@ -186,12 +194,15 @@ class Compensator:
     (`sequential=True`). `apply(surgery)` then folds the maps into the pruned model
     (fitting each gap from the pruned model's view first, when sequential).
     `reject_unhelpful` leaves a gap open where no ridge's map beats none on held-out
-    sequences (what `--compensate auto` does), instead of folding the best of them anyway.
+    sequences (what `--compensate auto` does), instead of folding the best of them anyway;
+    with `sources` (a calibration-source label per sequence) on the held-out sequences of
+    every source; the sequences of `held_only` sources are measured, never fitted on.
     """
 
     def __init__(self, model, plan, calibration_batches, method=DEFAULT_COMPENSATION, *, form=None, ridge=DEFAULT_RIDGE,
-                 sequential=False, verify=True, progress=False, reject_unhelpful=False):
-        self.setup = _Setup(model, plan, calibration_batches, method, form, ridge, verify, reject_unhelpful)
+                 sequential=False, verify=True, progress=False, reject_unhelpful=False, sources=None, held_only=()):
+        self.setup = _Setup(model, plan, calibration_batches, method, form, ridge, verify, reject_unhelpful, sources,
+                            held_only)
         self.sequential, self.progress = sequential, progress
         if sequential:
             self.targets, self.fits = _dense_targets(self.setup, progress), []

@@ -21,76 +21,111 @@ from lorp_fx.compensation.solver import (
     FALLBACK_RIDGE,
     RIDGE_GRID,
     GapStatistics,
-    beats_no_map,
+    choose_ridge,
+    source_ratios,
 )
 from lorp_fx.core.model import float64_device
 
 
-def gap_statistics(views, masks, method: str, folds: int, form: str = "full") -> tuple[list[GapStatistics], GapStatistics]:
-    """Per-fold and total statistics of a gap; `views` holds (x, x_out, y) per batch, sequences
-    going to fold (row number % folds) as in `compensate`."""
+def gap_statistics(views, masks, method: str, folds: int, form: str = "full", sources: list | None = None,
+                   held_only=frozenset()) -> tuple[list[GapStatistics], GapStatistics, list]:
+    """Per-part and total statistics of a gap, and each part's source; `views` holds (x, x_out, y) per batch.
+    Without `sources` sequences go to fold (row number % folds) as in `compensate`; with `sources` (a
+    label per row) each source's sequences are split into its own `folds` parts the same way. Sources
+    in `held_only` are one part each, left out of the total: measured, never fitted on."""
     d, device = views[0][0].shape[-1], float64_device(views[0][0].device)  # where the states are (a GPU's)
-    parts = [GapStatistics(d, method, device, form) for _ in range(folds)]
+    labels = list(dict.fromkeys(sources)) if sources is not None else [None]
+    keys = [(label, k) for label in labels for k in range(1 if label in held_only else folds)]
+    parts = {key: GapStatistics(d, method, device, form) for key in keys}
+    seen = dict.fromkeys(labels, 0)
     row = 0
     for (x, x_out, y), mask in zip(views, masks):
         for r in range(x.shape[0]):
             keep = None if mask is None or tuple(mask.shape) != tuple(x.shape[:2]) else mask[r].bool()
-            parts[(row + r) % folds].update(x[r], x_out[r], y[r], keep)
+            label = sources[row + r] if sources is not None else None
+            parts[(label, 0 if label in held_only else seen[label] % folds)].update(x[r], x_out[r], y[r], keep)
+            seen[label] += 1
         row += x.shape[0]
     total = GapStatistics(d, method, device, form)
-    for part in parts:
-        total.merge(part)
-    return parts, total
+    for (label, _), part in parts.items():
+        if label not in held_only:
+            total.merge(part)
+    return [parts[key] for key in keys], total, [label for label, _ in keys]
 
 
 def cv_errors(parts: list[GapStatistics], total: GapStatistics, grid=RIDGE_GRID) -> dict[float, float]:
     """Cross-validated relative error of every ridge in `grid` (what `compensate` minimises)."""
-    usable = [p for p in parts if p.tokens > 0]
-    if total.form == "diagonal":  # per-channel solves are cheap: the direct sum, as `compensate` computes it
-        return {ridge: sum(p.error_sum(total.minus(p).solve(ridge)) for p in usable) / max(total.target_sum, 1e-300)
-                for ridge in grid}
-    errors = {ridge: 0.0 for ridge in grid}
-    for held in usable:
-        train = total.minus(held)
-        d = train.d
-        scale = float(torch.trace(train.A)) / d
-        values, Q = torch.linalg.eigh(train.A)
-        Qt = Q.T
-        C = Qt @ train.B
-        G = Qt @ held.B
-        H = Qt @ held.A @ Q
-        P0 = C @ C.T
-        P1 = C @ Q + Qt @ C.T
-        g1 = (G * C).sum(1)
-        g2 = (G * Qt).sum(1)
-        Hdiag = torch.diagonal(H)
-        for ridge in grid:
-            lam = ridge * scale if scale > 0 else 1.0
-            D = 1.0 / (values + lam)
-            cross = float((D * (g1 + lam * g2)).sum())
-            DD = D[:, None] * D[None, :]
-            quad = float((DD * H * (P0 + lam * P1).T).sum()) + lam * lam * float((D * D * Hdiag).sum())
-            errors[ridge] += held.residual_sum - 2.0 * cross + quad
-    return {ridge: value / max(total.target_sum, 1e-300) for ridge, value in errors.items()}
+    held = held_out_errors(parts, total, grid)
+    return {ridge: sum(errors[ridge] for errors in held) / max(total.target_sum, 1e-300) for ridge in grid}
+
+
+def held_out_errors(parts: list[GapStatistics], total: GapStatistics, grid=RIDGE_GRID,
+                    fitted: list[bool] | None = None) -> list[dict[float, float]]:
+    """Per part, every ridge's held-out error sum: the map fitted on the other parts, measured on this one
+    (a part not in the total, `fitted[i]` false: the map fitted on the whole total; empty parts: 0)."""
+    out = []
+    for i, held in enumerate(parts):
+        if held.tokens == 0:
+            out.append({ridge: 0.0 for ridge in grid})
+            continue
+        train = total.minus(held) if fitted is None or fitted[i] else total
+        if total.form == "diagonal":  # per-channel solves are cheap: the direct sum, as `compensate` computes it
+            out.append({ridge: held.error_sum(train.solve(ridge)) for ridge in grid})
+            continue
+        out.append(_eigen_errors(train, held, grid))
+    return out
+
+
+def _eigen_errors(train: GapStatistics, held: GapStatistics, grid) -> dict[float, float]:
+    """Every ridge's held-out error of `held` for maps fitted on `train`, from one eigendecomposition."""
+    d = train.d
+    scale = float(torch.trace(train.A)) / d
+    values, Q = torch.linalg.eigh(train.A)
+    Qt = Q.T
+    C = Qt @ train.B
+    G = Qt @ held.B
+    H = Qt @ held.A @ Q
+    P0 = C @ C.T
+    P1 = C @ Q + Qt @ C.T
+    g1 = (G * C).sum(1)
+    g2 = (G * Qt).sum(1)
+    Hdiag = torch.diagonal(H)
+    errors = {}
+    for ridge in grid:
+        lam = ridge * scale if scale > 0 else 1.0
+        D = 1.0 / (values + lam)
+        cross = float((D * (g1 + lam * g2)).sum())
+        DD = D[:, None] * D[None, :]
+        quad = float((DD * H * (P0 + lam * P1).T).sum()) + lam * lam * float((D * D * Hdiag).sum())
+        errors[ridge] = held.residual_sum - 2.0 * cross + quad
+    return errors
 
 
 def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, reject: bool = True,
-            form: str = "full") -> GapFit | None:
+            form: str = "full", sources: list | None = None, held_only=frozenset()) -> GapFit | None:
     """The gap's map as a `GapFit` (ridge "auto": cross-validated), or None when `reject` and no
-    ridge beats leaving the gap alone (T = I) on held-out sequences. `projections` is left
-    empty: the parameter names are the eager model's (`CandidateLoss.named_fits`)."""
+    ridge beats leaving the gap alone (T = I) on the held-out sequences of every source
+    (`solver.choose_ridge`; `sources`: a calibration-source label per row, None: one source;
+    sources in `held_only` are measured, never fitted on). `projections` is left empty: the
+    parameter names are the eager model's (`CandidateLoss.named_fits`)."""
     folds = CV_FOLDS if ridge == "auto" else 1
-    parts, total = gap_statistics(views, masks, method, folds, form)
+    parts, total, part_sources = gap_statistics(views, masks, method, folds, form, sources, held_only)
+    fitted = [source not in held_only for source in part_sources]
     errors: dict = {}
+    held_out: dict = {}
     identity = total.relative_error(None)
     if ridge == "auto":
-        if sum(p.tokens > 0 for p in parts) < 2:
+        if sum(p.tokens > 0 for p, f in zip(parts, fitted) if f) < 2:
             ridge = FALLBACK_RIDGE
         else:
-            errors = cv_errors(parts, total)
-            ridge = min(errors, key=errors.get)
-            if reject and not beats_no_map(errors, identity):
+            held = held_out_errors(parts, total, fitted=fitted)
+            errors = {r: sum(e[r] for e, f in zip(held, fitted) if f) / max(total.target_sum, 1e-300) for r in RIDGE_GRID}
+            ratios = source_ratios(held, parts, part_sources)
+            ridge = choose_ridge(ratios, reject)
+            if ridge is None:
                 return None
+            if sources is not None:  # per source: held-out gap error with the map over that without
+                held_out = {str(s): r[ridge] for s, r in ratios.items()}
     transform = total.solve(float(ridge))
     return GapFit(
         removed=list(names),
@@ -103,4 +138,5 @@ def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, 
         ridge=float(ridge),
         cv_errors=errors,
         form=form,
+        held_out=held_out,
     )

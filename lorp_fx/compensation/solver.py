@@ -52,6 +52,33 @@ def beats_no_map(cv_errors: dict, identity_error: float) -> bool:
     return min(cv_errors.values()) < identity_error
 
 
+def source_ratios(held_errors: list[dict], parts: list["GapStatistics"], part_sources: list) -> dict:
+    """Per calibration source, per ridge: the held-out error of the map over that of no map on the source's
+    own held-out parts (below 1: the map helps that source). `held_errors[i]` maps each ridge to part i's
+    held-out error sum (the map fitted on every other part); sources whose parts hold no tokens are left out."""
+    ratios: dict = {}
+    for source in dict.fromkeys(part_sources):
+        mine = [i for i, s in enumerate(part_sources) if s == source and parts[i].tokens > 0]
+        before = sum(parts[i].before_sum for i in mine)
+        if not mine or before <= 0:
+            continue
+        ratios[source] = {ridge: sum(held_errors[i][ridge] for i in mine) / before for ridge in held_errors[mine[0]]}
+    return ratios
+
+
+def choose_ridge(ratios: dict, reject: bool) -> float | None:
+    """The ridge of `auto` from `source_ratios`: among the ridges whose map does better than no map on the
+    held-out parts of *every* source, the one with the lowest mean ratio (every source counts alike).
+    None where no ridge does and `reject` (the gap stays open); without `reject`, the lowest mean anyway.
+    With one source this is the plain cross-validated choice (`beats_no_map`)."""
+    ridges = list(next(iter(ratios.values())))
+    mean = {ridge: sum(r[ridge] for r in ratios.values()) / len(ratios) for ridge in ridges}
+    safe = [ridge for ridge in ridges if all(r[ridge] < 1.0 for r in ratios.values())]
+    if not safe and reject:
+        return None
+    return min(safe or ridges, key=mean.get)
+
+
 class GapStatistics:
     """Streaming normal equations of one gap: A = sum w m m^T, B = sum w m r^T, and error sums."""
 
@@ -141,40 +168,56 @@ class FoldedStatistics:
     """The statistics of one gap, split into folds by sequence for ridge="auto" (one fold otherwise).
 
     Sequence r of the calibration data (counting rows across batches) goes to fold
-    r % folds: tokens of one sequence are correlated, so they stay together.
+    r % folds: tokens of one sequence are correlated, so they stay together. With
+    `sources` (a calibration-source label per row) each source's sequences are split into
+    folds of their own, so that every source has held-out parts (`solver.choose_ridge`).
     """
 
-    def __init__(self, d: int, method: str, folds: int, device, form: str = "full"):
-        self.folds = [GapStatistics(d, method, device, form) for _ in range(folds)]
+    def __init__(self, d: int, method: str, folds: int, device, form: str = "full", sources: list | None = None,
+                 held_only=frozenset()):
+        labels = list(dict.fromkeys(sources)) if sources is not None else [None]
+        counts = {label: 1 if label in held_only else folds for label in labels}
+        self.part_sources = [label for label in labels for _ in range(counts[label])]
+        self.fitted = [label not in held_only for label in self.part_sources]
+        self.folds = [GapStatistics(d, method, device, form) for _ in self.part_sources]
+        self.row_parts = None if sources is None else _parts_of_rows(sources, self.part_sources, counts)
+        self.held_out_ratios: dict = {}  # source -> ridge -> held-out error with the map over that without
 
     def update(self, x, x_out, y, keep, first_row: int) -> None:
         n = len(self.folds)
         if n == 1 or x.dim() < 3:
             self.folds[0].update(x, x_out, y, keep)
             return
-        rows = torch.arange(x.shape[0], device=x.device) + first_row
+        parts = torch.tensor([self._part(first_row + r) for r in range(x.shape[0])], device=x.device)
         for k in range(n):
-            pick = (rows % n) == k
+            pick = parts == k
             if bool(pick.any()):
                 self.folds[k].update(x[pick], x_out[pick], y[pick], None if keep is None else keep[pick])
 
+    def _part(self, row: int) -> int:
+        return row % len(self.folds) if self.row_parts is None else self.row_parts[row]
+
     def total(self) -> GapStatistics:
+        """The statistics the map is fitted on: every part but those of `held_only` sources."""
         first = self.folds[0]
         total = GapStatistics(first.d, first.method, first.A.device, first.form)
-        for fold in self.folds:
-            total.merge(fold)
+        for fold, fitted in zip(self.folds, self.fitted):
+            if fitted:
+                total.merge(fold)
         return total
 
     def choose_ridge(self, total: GapStatistics) -> tuple[float, dict[float, float]]:
-        """The grid ridge with the lowest cross-validated error (relative), and every candidate's error."""
-        usable = [f for f in self.folds if f.tokens > 0]
+        """The ridge of `solver.choose_ridge` (the plain cross-validated choice with one source), and every
+        candidate's cross-validated relative error; the per-source ratios are kept in `held_out_ratios`."""
+        usable = [f for f, fitted in zip(self.folds, self.fitted) if fitted and f.tokens > 0]
         if len(usable) < 2:
             return FALLBACK_RIDGE, {}
-        errors = {}
-        for ridge in RIDGE_GRID:
-            held_out = sum(fold.error_sum(total.minus(fold).solve(ridge)) for fold in usable)
-            errors[ridge] = held_out / max(total.target_sum, 1e-300)
-        return min(errors, key=errors.get), errors
+        held = [{ridge: fold.error_sum((total.minus(fold) if fitted else total).solve(ridge)) if fold.tokens else 0.0
+                 for ridge in RIDGE_GRID} for fold, fitted in zip(self.folds, self.fitted)]
+        errors = {ridge: sum(h[ridge] for h, fitted in zip(held, self.fitted) if fitted) / max(total.target_sum, 1e-300)
+                  for ridge in RIDGE_GRID}
+        self.held_out_ratios = source_ratios(held, self.folds, self.part_sources)
+        return choose_ridge(self.held_out_ratios, reject=False), errors
 
     def solve(self, ridge) -> tuple[GapStatistics, torch.Tensor, float, dict]:
         """(all tokens' statistics, T, the ridge used, cross-validated errors per ridge)."""
@@ -185,3 +228,13 @@ class FoldedStatistics:
         if ridge == "auto":
             ridge, cv_errors = self.choose_ridge(total)
         return total, total.solve(float(ridge)), float(ridge), cv_errors
+
+
+def _parts_of_rows(sources: list, part_sources: list, counts: dict) -> list[int]:
+    """The part of each row: its source's first part + (its place among its source's rows) % its part count."""
+    seen = dict.fromkeys(counts, 0)
+    parts = []
+    for label in sources:
+        parts.append(part_sources.index(label) + seen[label] % counts[label])
+        seen[label] += 1
+    return parts
