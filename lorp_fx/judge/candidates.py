@@ -56,6 +56,7 @@ from lorp_fx.core.stats import (
 )
 from lorp_fx.graph.runner import GraphRunner
 from lorp_fx.judge.loss import as_loss, next_token_cross_entropy
+from lorp_fx.judge.source_guard import compensation_report
 
 KEPT = None
 REMOVED = "removed"
@@ -76,6 +77,8 @@ class CandidateLoss:
         fit_on: str = "others",
         cached_models: int = 3,
         reject_unhelpful_maps: bool = True,
+        sources: list[str] | None = None,
+        held_only: Iterable[str] = (),
         progress: bool = False,
     ):
         if compensation is not None and compensation not in METHODS:
@@ -93,10 +96,21 @@ class CandidateLoss:
         windows = _rows(batches, inputs)
         if not windows or "input_ids" not in windows[0]:
             raise CalibrationError("CandidateLoss needs causal-LM batches with input_ids")
+        labels = _labels(sources, len(windows))
+        # Windows of `held_only` sources (the model's own text beside a user's file) are the guard's alone:
+        # never in the selection's loss, never fitted on; their losses with and without maps are measured.
+        self.held_only = frozenset(held_only)
+        self.guard_batches = [w for w, label in zip(windows, labels) if label in self.held_only]
+        self.guard_sources = [label for label in labels if label in self.held_only]
+        windows, labels = ([w for w, label in zip(windows, labels) if label not in self.held_only],
+                           [label for label in labels if label not in self.held_only])
+        if not windows:
+            raise CalibrationError("every calibration window is held out for the compensation check; give text to select on")
         # One window per forward call: a call holds one window's logits (and their log-softmax), not a
         # batch's (SmolLM2: 50 MB instead of 200 MB each); the mean over equal windows is the same.
         self.loss_windows = max(1, min(loss_windows, len(windows)))
         self.loss_batches = windows[: self.loss_windows]
+        self.loss_sources = labels[: self.loss_windows]
         rest = windows[self.loss_windows :]
         if compensation is None:
             fit_rows = []
@@ -106,9 +120,11 @@ class CandidateLoss:
             fit_rows = windows
         self.fit_on = "others" if fit_rows is rest and rest else "all"
         self.fit_batches = fit_rows
-        self.calibration_batches = len(windows)
+        self.fit_sources = labels[self.loss_windows :] if self.fit_on == "others" else labels
+        self.calibration_batches = len(windows) + len(self.guard_batches)
         self.cached_models = cached_models
         self.memo: dict = {}
+        self.window_losses: dict = {}  # memo key -> each loss window's loss
         self.released = False
         self.seconds = 0.0
         self.measurements = 0
@@ -132,7 +148,8 @@ class CandidateLoss:
         if key not in self.memo:
             self._check_not_released()
             clock = time.perf_counter()
-            self.memo[key] = self._measure(self._config(units, compensate))
+            self.window_losses[key] = self._measure(self._config(units, compensate))
+            self.memo[key] = sum(self.window_losses[key]) / len(self.window_losses[key])
             # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
             # so that freed states do not stay resident under the next one (measured: -0.5 GiB on SmolLM2).
             release_memory(self.device)
@@ -177,14 +194,14 @@ class CandidateLoss:
         start = self._checkpoint(agree)  # the two agree before `agree`, hence before the checkpoint too
         removed = frozenset(u for u, s in enumerate(config) if s == REMOVED)
         maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
-        total, states = 0.0, []
+        losses, states = [], []
         for batch, cached in zip(self.loss_batches, source):
             resume = (start, cached[start]) if start else None
             output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
-            total += _next_token_loss(output, batch)
+            losses.append(_next_token_loss(output, batch))
             states.append({**{u: cached[u] for u in cached if u < (start or 0)}, **self._kept(recorded)})
         self._remember(config, states)
-        return total / len(self.loss_batches)
+        return losses
 
     def _closest(self, config: tuple) -> tuple[list[dict], int]:
         """The cached model agreeing with `config` longest, and the first unit where they differ."""
@@ -229,15 +246,18 @@ class CandidateLoss:
         bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",
                    desc="caching calibration states", disable=not progress)
         total, clock = 0.0, time.perf_counter()
-        loss_states = []
+        loss_states, window_losses = [], []
         for batch in self.loss_batches:
             output, recorded = self.runner.run(batch, record=True)
-            total += _next_token_loss(output, batch)
+            window_losses.append(_next_token_loss(output, batch))
+            total += window_losses[-1]
             loss_states.append(self._kept(recorded))
             bar.update()
         # A plain forward pass over every calibration window, timed on the loss windows.
         self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
         self._fit_states = []
+        self._guard_states = [self._kept(self.runner.run(batch, record=True, stop=final)[1])
+                              for batch in (self.guard_batches if self.compensation else [])]
         for i, batch in enumerate(self.fit_batches):
             if shared and i < len(loss_states):
                 self._fit_states.append(loss_states[i])
@@ -247,6 +267,7 @@ class CandidateLoss:
         bar.close()
         dense = total / len(self.loss_batches)
         self.memo[(frozenset(), False)] = self.memo[(frozenset(), True)] = dense
+        self.window_losses[(frozenset(), False)] = self.window_losses[(frozenset(), True)] = window_losses
         self._dense_key = tuple([KEPT] * final)
         self._cache[self._dense_key] = loss_states
 
@@ -260,7 +281,7 @@ class CandidateLoss:
         runner = self.runner
         if len({u.stream for u in runner.units}) != 1:
             raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
-        if self.fit_on != "others" and len(self._fit_states) + len(self.loss_batches) < self.calibration_batches:
+        if self.fit_on != "others" and len(self._fit_states) + len(self.loss_batches) < self.calibration_batches - len(self.guard_batches):
             raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
         points = [group[0] for group in runner.layer_units] + [len(runner.units)]
         accumulator = SimilarityAccumulator(len(points))
@@ -292,13 +313,16 @@ class CandidateLoss:
         key = (first, last)
         if key not in self._fits:
             self._check_not_released()
-            self._fits[key] = self._solve(first, last, self._fit_states, self._fit_states, self.fit_batches)
+            states, batches = self._fit_states + self._guard_states, self.fit_batches + self.guard_batches
+            self._fits[key] = self._solve(first, last, states, states, batches, sources=self.fit_sources + self.guard_sources)
         return self._fits[key]
 
     def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
-               removed: frozenset[int] = frozenset(), maps: dict | None = None, reject: bool | None = None) -> GapFit | None:
+               removed: frozenset[int] = frozenset(), maps: dict | None = None, reject: bool | None = None,
+               sources: list[str] | None = None) -> GapFit | None:
         """Fit gap first..last: the fold unit's input and output from `view` (the model without
-        `removed`, with `maps`), the target from `dense`; `reject` defaults to the judge's."""
+        `removed`, with `maps`), the target from `dense`; `reject` defaults to the judge's; `sources`
+        labels each window (several: each source's held-out error is checked, `gap_fit.fit_gap`)."""
         if not self._foldable(first):
             return None
         units = self.runner.units
@@ -307,14 +331,17 @@ class CandidateLoss:
         masks = [b.get("attention_mask") for b in batches]
         names = [units[u].name for u in range(first, last + 1)]
         reject = self.reject if reject is None else reject
-        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form)
+        several = sources is not None and len(set(sources)) > 1
+        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form,
+                       sources if several else None, self.held_only)
 
     def fits(self, removed: Iterable[str]) -> list[GapFit]:
         """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
         units = self.runner.units_of(removed)
         return [f for f in (self._fit(a, b) for a, b in self.gaps(units)) if f is not None]
 
-    def final_fits(self, removed: Iterable[str], *, sequential: bool = False) -> list[GapFit]:
+    def final_fits(self, removed: Iterable[str], *, sequential: bool = False,
+                   keep: Iterable[str] | None = None) -> list[GapFit]:
         """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
         more tokens than the fit windows alone), from cached states: dense-view maps cost no
         pass, sequential ones about one pass without the head. They close exactly the gaps that
@@ -323,11 +350,16 @@ class CandidateLoss:
         so what ships is what was checked, refitted on more tokens."""
         self._check_not_released()
         if self.fit_on == "all":
-            states, batches = self._fit_states, self.fit_batches
+            states, batches, sources = self._fit_states, self.fit_batches, self.fit_sources
         else:
             states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
+            sources = self.loss_sources + self.fit_sources
+        states, batches, sources = states + self._guard_states, batches + self.guard_batches, sources + self.guard_sources
         checked = {gap for gap in self.gaps(self.runner.units_of(removed)) if self._fit(*gap) is not None}
-        return self._fit_all(removed, states, batches, sequential, only=checked)
+        if keep is not None:  # the gaps the guard across sources kept (`compensation_report`)
+            names = set(keep)
+            checked = {gap for gap in checked if self.runner.units[gap[0] - 1].name in names}
+        return self._fit_all(removed, states, batches, sequential, only=checked, sources=sources)
 
     @torch.no_grad()
     def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
@@ -337,7 +369,7 @@ class CandidateLoss:
 
     @torch.no_grad()
     def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool,
-                 only: set | None = None) -> list[GapFit]:
+                 only: set | None = None, sources: list[str] | None = None) -> list[GapFit]:
         """The maps of `removed`'s gaps; with `only`, of those gaps alone, none of them rejected."""
         self._check_not_released()
         units = self.runner.units_of(removed)
@@ -354,7 +386,7 @@ class CandidateLoss:
                     for batch, s in zip(batches, view)
                 ]
             fit = self._solve(first, last, view, dense, batches, units if sequential else frozenset(),
-                              maps if sequential else None, reject=False if only is not None else None)
+                              maps if sequential else None, reject=False if only is not None else None, sources=sources)
             if fit is not None:
                 fits.append(fit)
                 maps[first - 1] = fit.transform.float()
@@ -362,21 +394,28 @@ class CandidateLoss:
         return fits
 
     def compensation_report(self, removed: Iterable[str]) -> dict:
-        """Whether compensating `removed` is not harmful: its compensated loss (maps fitted on the
-        other windows, so held out when fit_on='others') against the uncompensated loss."""
-        removed = list(removed)
-        compensated, plain = self.loss(removed), self.loss(removed, compensate=False)
-        return {
-            "method": self.compensation,
-            "compensated_loss": compensated,
-            "uncompensated_loss": plain,
-            "held_out": self.fit_on == "others",
-            "apply": bool(self.compensation) and compensated <= plain,  # not worse than no compensation
-            "gaps_without_map": [
-                [self.runner.units[u].name for u in range(a, b + 1)]
-                for a, b in self.gaps(self.runner.units_of(removed)) if self._fit(a, b) is None
-            ] if self.compensation else [],
-        }
+        """Whether compensating `removed` is not harmful, on every calibration source
+        (`judge.source_guard.compensation_report`)."""
+        return compensation_report(self, removed)
+
+    def _guard_losses(self, units: frozenset[int], maps: dict) -> list[float]:
+        return self._losses_on(self.guard_batches, self._guard_states, units, maps)
+
+    def _losses_with(self, units: frozenset[int], maps: dict) -> list[float]:
+        """Each loss window's loss, then each guard window's, without `units`, with `maps` (unit -> T)."""
+        clock = time.perf_counter()
+        losses = self._losses_on(self.loss_batches, self._cache[self._dense_key], units, maps) + self._guard_losses(units, maps)
+        self.seconds += time.perf_counter() - clock
+        self.measurements += 1
+        return losses
+
+    @torch.no_grad()
+    def _losses_on(self, batches: list[dict], dense: list[dict], units: frozenset[int], maps: dict) -> list[float]:
+        """Each window's loss, resumed from its dense states at the checkpoint before the first change."""
+        self._check_not_released()
+        start = self._checkpoint(min([*units, *maps])) if units or maps else None
+        return [_next_token_loss(self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None), batch)
+                for batch, states in zip(batches, dense)]
 
     def _check_not_released(self) -> None:
         if self.released:
@@ -386,11 +425,10 @@ class CandidateLoss:
         """Drop the cached states (the model's pruning and saving need the memory); the memoised
         losses stay, and a measurement after this is refused."""
         self._cache.clear()
-        self._fit_states = []
+        self._fit_states, self._guard_states = [], []
         self.released = True
         release_memory(self.device)
 
-    @torch.no_grad()
     def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
         """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
         self._check_not_released()
@@ -398,14 +436,19 @@ class CandidateLoss:
         index = {unit.name: u for u, unit in enumerate(self.runner.units)}
         maps = {index[f.fold_into]: f.transform.float() for f in fits}
         clock = time.perf_counter()
-        start = self._checkpoint(min([*units, *maps])) if units or maps else None
-        total = 0.0
-        for batch, states in zip(self.loss_batches, self._cache[self._dense_key]):
-            output = self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None)
-            total += _next_token_loss(output, batch)
+        losses = self._losses_on(self.loss_batches, self._cache[self._dense_key], units, maps)
         self.seconds += time.perf_counter() - clock
         self.measurements += 1
-        return total / len(self.loss_batches)
+        return sum(losses) / len(losses)
+
+
+def _labels(sources: list[str] | None, windows: int) -> list[str]:
+    """A calibration-source label per window ("calibration" for all when none are given)."""
+    if sources is None:
+        return ["calibration"] * windows
+    if len(sources) != windows:
+        raise ConfigError(f"sources labels {len(sources)} windows, but the calibration batches hold {windows}")
+    return [str(s) for s in sources]
 
 
 def _rows(batches: list[dict], inputs: set[str]) -> list[dict]:
