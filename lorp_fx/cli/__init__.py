@@ -131,3 +131,7 @@ def _calibration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calib-samples", type=int, default=32, help="number of windows")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument(
+        "--own-windows", type=int, default=8,
+        help="windows the model writes itself: without --calib-file part of the calibration (the rest from the "
+             "shipped corpus; >= --calib-samples: its own text alone), with it the compensation guard's check text")

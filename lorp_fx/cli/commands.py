@@ -64,7 +64,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     check_dtype(getattr(ready.source.config, "model_type", None), placement.dtype)
     model = load_placed(ready.source, ready.tokenizer, placement)
     config = PruneConfig(remove=1, calib_samples=args.calib_samples, seq_len=args.seq_len, batch_size=args.batch_size,
-                         seed=args.seed)
+                         seed=args.seed, own_windows=args.own_windows)
     analysis = analyze(model, args.calib_file, config, ready.tokenizer, granularity=args.granularity)
     save_pretrained_atomic(None, None, ready.out, extra_files=analysis.files(str(args.model)), overwrite=args.overwrite,
                            protect=ready.source.paths)

@@ -23,8 +23,10 @@ CORPUS_NAME = "lorp-fx's general English corpus"
 _REINSTALL = "reinstall lorp-fx, or pass --calib-file with text of your own"
 
 
-def corpus_text(path: Path = CORPUS_PATH, sha256: str = CORPUS_SHA256) -> str:
-    """The shipped corpus as text, after checking that it is there and unchanged."""
+def corpus_text(path: Path | None = None, sha256: str | None = None) -> str:
+    """The shipped corpus (or the file `path` with digest `sha256`) as text, after checking that it is there
+    and unchanged."""
+    path, sha256 = path or CORPUS_PATH, sha256 or CORPUS_SHA256
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -36,12 +38,8 @@ def corpus_text(path: Path = CORPUS_PATH, sha256: str = CORPUS_SHA256) -> str:
     return data.decode("utf-8")
 
 
-def corpus_token_count(tokenizer, path: Path = CORPUS_PATH, sha256: str = CORPUS_SHA256) -> int:
-    return len(_ids(tokenizer, path, sha256))
-
-
-def corpus_windows(tokenizer, n_samples: int, seq_len: int, path: Path = CORPUS_PATH,
-                   sha256: str = CORPUS_SHA256) -> torch.Tensor:
+def corpus_windows(tokenizer, n_samples: int, seq_len: int, path: Path | None = None,
+                   sha256: str | None = None) -> torch.Tensor:
     """The first `n_samples` windows of `seq_len` tokens of the corpus (fewer where it holds fewer:
     the caller fills the rest with other text and says so), as a LongTensor."""
     ids = _ids(tokenizer, path, sha256)
@@ -49,6 +47,6 @@ def corpus_windows(tokenizer, n_samples: int, seq_len: int, path: Path = CORPUS_
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _ids(tokenizer, path: Path, sha256: str) -> list[int]:
+def _ids(tokenizer, path: Path | None, sha256: str | None) -> list[int]:
     # verbose=False: the corpus is longer than any model's context; it is cut into windows.
     return list(tokenizer(corpus_text(path, sha256), add_special_tokens=False, verbose=False)["input_ids"])

@@ -29,6 +29,9 @@ class PruneConfig:
     granularity       "layer", or "sublayer" (attention and MLP separately)
     compensate        "auto" (cosine where the family allows it, else none), "none", "cosine", "lstsq"
     calib_samples     calibration windows (statistics, compensation)
+    own_windows       windows the model writes itself, for a causal LM: with no calibration text given, part of the
+                      calibration (the rest from the shipped corpus; >= calib_samples: the model's own text alone);
+                      with text given, added for the compensation guard alone (0: none)
     seq_len           tokens per calibration window
     loss_windows      how many of those windows a loss-judged selector measures candidates on (SLEB's 8 x 256)
     batch_size        windows per forward pass
@@ -43,6 +46,7 @@ class PruneConfig:
     granularity: str = "layer"
     compensate: str = "auto"
     calib_samples: int = 32
+    own_windows: int = 8
     seq_len: int = 256
     loss_windows: int = 8
     batch_size: int = 4
@@ -61,6 +65,7 @@ class PruneConfig:
         _choice(self.granularity, "granularity", GRANULARITIES)
         _choice(self.compensate, "compensate", COMPENSATIONS)
         _whole(self.calib_samples, "calib_samples", 1)
+        _whole(self.own_windows, "own_windows", 0)
         _whole(self.seq_len, "seq_len", 2)
         _whole(self.loss_windows, "loss_windows", 1)
         _whole(self.batch_size, "batch_size", 1)

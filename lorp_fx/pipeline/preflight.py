@@ -31,13 +31,15 @@ from lorp_fx.arch.families import whole_layers_only
 from lorp_fx.core.budget import budget_from_ratio, check_budget
 from lorp_fx.core.errors import ConfigError, NotRemovableError
 from lorp_fx.core.model import check_token_ids
+from lorp_fx.io.corpus import corpus_text
 from lorp_fx.io.models import ModelSource, load_tokenizer, resolve_model
 from lorp_fx.io.output_dir import check_offload_location, check_output_location
 from lorp_fx.io.text import check_text_file, text_windows
 from lorp_fx.pipeline.config import PruneConfig
 
 # option -> smallest allowed value
-NUMBERS = {"seed": 0, "batch_size": 1, "calib_samples": 1, "seq_len": 2, "loss_windows": 1, "eval_samples": 1, "eval_seq_len": 2}
+NUMBERS = {"seed": 0, "batch_size": 1, "calib_samples": 1, "seq_len": 2, "loss_windows": 1, "eval_samples": 1, "eval_seq_len": 2,
+           "own_windows": 0}
 
 
 @dataclass
@@ -68,6 +70,8 @@ def preflight(args) -> Ready:
     check_layer_budget(source, args)
     check_lengths(source, args, evaluation)
     tokenizer = load_tokenizer(source)
+    if not calibration and hasattr(args, "calib_file"):
+        corpus_text()  # the default calibration reads the shipped corpus: a missing or damaged one fails now
     if calibration:
         check_token_ids(text_windows(tokenizer, calibration, args.calib_samples, args.seq_len), source.vocab_size, "calibration")
     windows = None
@@ -146,7 +150,7 @@ def prune_config(args) -> PruneConfig:
     return PruneConfig(
         remove=args.remove, ratio=args.ratio, method=args.method, granularity=args.granularity,
         compensate=args.compensate, calib_samples=args.calib_samples, seq_len=args.seq_len,
-        loss_windows=args.loss_windows, batch_size=args.batch_size, seed=args.seed,
+        loss_windows=args.loss_windows, batch_size=args.batch_size, seed=args.seed, own_windows=args.own_windows,
         selector_options=dict(getattr(args, "selector_options", None) or {}), inplace=True,
     )
 

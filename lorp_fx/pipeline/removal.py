@@ -19,6 +19,7 @@ from torch import nn
 from lorp_fx.arch.anatomy import check_compensable, find_gaps, removed_units, stacks_of
 from lorp_fx.arch.surgery import count_layers, remove_layers
 from lorp_fx.calibration.batches import one_window_each, prepare_batches
+from lorp_fx.compensation.guard import keep_harmless_maps, worst_excess
 from lorp_fx.compensation.fit import (
     Compensator,
     apply_compensation,
@@ -53,10 +54,12 @@ def _judged_compensation_method(model, config: PruneConfig) -> str | None:
     return method
 
 
-def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False) -> CandidateLoss | None:
+def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False,
+                    text=None) -> CandidateLoss | None:
     """The calibration loss candidates and the final compensation are judged by: compensated when
     compensation is on and the family takes it, plain otherwise; None where there is nothing to
-    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders)."""
+    judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders). `text` (the
+    `calibrate.CalibrationText` whose windows `batches` hold) names each window's source, for the guard."""
     method = _judged_compensation_method(model, config)
     if method is None and not SELECTORS[config.method].judges_by_loss:
         return None
@@ -67,7 +70,9 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, prog
         # the default this way), then the whole set by the check in `_judged_compensation`; a method
         # named explicitly maps every gap, as `compensate` does.
         return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
-                             reject_unhelpful_maps=config.compensate == "auto", progress=progress)
+                             reject_unhelpful_maps=config.compensate == "auto", progress=progress,
+                             sources=None if text is None else text.sources,
+                             held_only=() if text is None else text.held_only)
     except CalibrationError:
         return None
 
@@ -79,22 +84,24 @@ def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
     method = _judged_compensation_method(model, config)
     if encoder_decoder(model) or (method is None and not SELECTORS[config.method].judges_by_loss):
         return 0
-    windows = config.calib_samples if method is not None else min(config.loss_windows, config.calib_samples)
+    # Every window when it fits maps (with the model's own text for the guard: at most own_windows more).
+    windows = config.calib_samples + config.own_windows if method is not None else min(config.loss_windows, config.calib_samples)
     width = model.get_input_embeddings().embedding_dim
     element = next(model.parameters()).element_size()
     return (count_layers(model) + 1) * width * element * config.seq_len * windows
 
 
 def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
-                          judge: CandidateLoss | None = None):
+                          judge: CandidateLoss | None = None, text=None):
     """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
 
     Compensation reads the dense model before the surgery (which may be in place) and
     folds its maps after the fx self-check. `auto` falls back to none, with the reason,
     where the family cannot take a folded map; an explicit method fails instead. With a
     compensating `judge`, the maps are the judge's (fitted on every window) and are folded
-    only if the held-out compensated calibration loss is not worse than the plain one; without
-    a judge, a `Compensator`'s maps are checked the same way (`_held_out_check`).
+    only where they do not make the held-out calibration loss of any source worse; without
+    a judge, a `Compensator`'s maps are checked the same way (`_held_out_check`). `text` (the
+    `calibrate.CalibrationText` whose windows `batches` hold) names each window's source.
     Without a graph (an offloaded model) there is no fx self-check, and the fold units'
     weights are made resident first so that maps fold into them.
     """
@@ -106,21 +113,30 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     compensator, held_out, compensation = None, None, {"method": "none"}
     # One window per forward call: the captured states of every gap point are a window's, not a batch's.
     windows = one_window_each(batches)
-    loss_windows, fit_windows = windows[: config.loss_windows], windows[config.loss_windows :]
+    sources = text.sources if text is not None else ["calibration"] * len(windows)
+    held_only = text.held_only if text is not None else frozenset()
+    main = [i for i, s in enumerate(sources) if s not in held_only]
+    guard = [i for i, s in enumerate(sources) if s in held_only]
+    loss_rows, fit_rows = main[: config.loss_windows], main[config.loss_windows :]
+    several = len(set(sources)) > 1
+    pick = lambda rows: [windows[i] for i in rows]  # noqa: E731
     if method != "none":
         try:
             if is_offloaded(model):
                 _make_fold_units_resident(model, plan)
-            # As the judge: "auto" leaves a gap open where its map does not beat none on held-out sequences,
-            # decided on the other windows, whose maps judge compensation on the loss windows held out; the
-            # maps folded close the same gaps, refitted on every window.
+            # As the judge: "auto" leaves a gap open where its map does not beat none on the held-out sequences of
+            # every source, decided on the other windows, whose maps judge compensation on each source's held-out
+            # windows; the maps folded close the same gaps, refitted on every window.
             reject = config.compensate == "auto"
-            compensator = Compensator(model, plan, windows, method, progress=progress,
-                                      reject_unhelpful=reject and not fit_windows)
+            everything = main + guard
+            compensator = Compensator(model, plan, pick(everything), method, progress=progress,
+                                      reject_unhelpful=reject and not fit_rows,
+                                      sources=[sources[i] for i in everything] if several else None, held_only=held_only)
             held_out = compensator
-            if fit_windows:
-                held_out = Compensator(model, plan, fit_windows, method, progress=progress, reject_unhelpful=reject)
-                compensator.keep_gaps_of(held_out.fits)
+            if fit_rows:
+                checked = fit_rows + guard
+                held_out = Compensator(model, plan, pick(checked), method, progress=progress, reject_unhelpful=reject,
+                                       sources=[sources[i] for i in checked] if several else None, held_only=held_only)
         except CompensationError as error:
             if config.compensate != "auto":
                 raise
@@ -130,40 +146,68 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
     fits = []
     if compensator is not None:
-        check = _held_out_check(surgery, held_out, loss_windows)
+        check_rows = loss_rows + guard
+        check = _held_out_check(surgery, held_out, pick(check_rows), [sources[i] for i in check_rows], len(loss_rows))
         fold = check["apply"] or config.compensate != "auto"
         _note_unhelpful(method, check, fold)
+        compensator.keep_gaps_of([f for f in held_out.fits if config.compensate != "auto" or f.fold_into in check["kept"]])
         fits = compensator.apply(surgery) if fold else []
         compensation = {
             "method": method if fits else "none", "form": compensator.setup.form, "gaps": [fit.to_dict() for fit in fits],
-            "applied": fold, "helps": check["apply"], "requested": method,
+            "applied": fold, "helps": check["helps"], "requested": method,
             "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
-                                 "held_out": bool(fit_windows), "windows": len(loss_windows)},
+                                 "held_out": bool(fit_rows), "windows": len(loss_rows)},
+            "sources": check["sources"], "dropped": check["dropped"],
         }
     return surgery.model, fits, surgery.names, compensation, fx_difference
 
 
 @torch.no_grad()
-def _held_out_check(surgery, held_out: Compensator, loss_windows: list[dict]) -> dict:
-    """The pruned model's mean next-token loss on `loss_windows` without maps and with `held_out`'s
-    maps (fitted on the other windows) folded in on trial."""
+def _held_out_check(surgery, held_out: Compensator, windows: list[dict], sources: list[str], loss_count: int) -> dict:
+    """The pruned model's next-token loss on `windows` (the loss windows, then the guard's) without maps and
+    with `held_out`'s maps (fitted on the other windows) folded in on trial, on the loss windows and per
+    source; the maps of the gaps `compensation.guard` keeps (no source's loss above its plain loss)."""
     model = surgery.model
-    calls = prepare_batches(model, loss_windows)
+    calls = prepare_batches(model, windows)
+    fits = {fit.fold_into: fit for fit in held_out.fits}
 
-    def mean_loss() -> float:
-        return sum(next_token_loss(model, call) for call in calls) / len(calls)
+    def losses() -> list[float]:
+        return [next_token_loss(model, call) for call in calls]
 
-    plain = mean_loss()
-    with folded_on_trial(surgery, held_out.fits):
-        compensated = mean_loss()
-    return {"compensated_loss": compensated, "uncompensated_loss": plain, "apply": compensated <= plain}
+    def by_source(values: list[float]) -> dict[str, float]:
+        return {s: sum(v for v, t in zip(values, sources) if t == s) / sources.count(s) for s in dict.fromkeys(sources)}
+
+    def measure(gaps: list[str]) -> dict[str, float]:
+        with folded_on_trial(surgery, [fits[g] for g in gaps]):
+            return by_source(losses())
+
+    plain_windows = losses()
+    with folded_on_trial(surgery, list(fits.values())):
+        every_windows = losses()
+    plain, every = by_source(plain_windows), by_source(every_windows)
+    kept, folded, dropped = keep_harmless_maps(list(fits), measure, plain) if worst_excess(every, plain) > 0 else (
+        list(fits), every, [])
+    return {"compensated_loss": sum(every_windows[:loss_count]) / loss_count,
+            "uncompensated_loss": sum(plain_windows[:loss_count]) / loss_count,
+            "apply": bool(kept) or not fits, "helps": worst_excess(every, plain) <= 0, "kept": kept, "dropped": dropped,
+            "sources": {s: {"windows": sources.count(s), "uncompensated": plain[s], "compensated": every[s],
+                            "folded": folded[s]} for s in plain}}
 
 
 def _note_unhelpful(method: str, check: dict, fold: bool) -> None:
-    if not check["apply"]:
-        print(f"lorp-fx: note: {method} compensation makes the calibration loss worse "
-              f"({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})"
-              + ("; folded anyway, as --compensate asked" if fold else "; saved without it"), file=sys.stderr)
+    """Say on stderr where the held-out maps make a loss worse, and what was done about it."""
+    if check.get("helps", check["apply"]):
+        return
+    sources = check.get("sources") or {}
+    hurt = [f"{s} {v['compensated']:.4f} > {v['uncompensated']:.4f}" for s, v in sources.items()
+            if v["compensated"] > v["uncompensated"]]
+    where = (f"the held-out loss of {'; '.join(hurt)}" if len(sources) > 1 and hurt else
+             f"the calibration loss ({check['compensated_loss']:.4f} > {check['uncompensated_loss']:.4f})")
+    if fold and check["apply"] and check.get("dropped"):
+        done = "; the maps of " + ", ".join(d["gap"] for d in check["dropped"]) + " are not folded"
+    else:
+        done = "; folded anyway, as --compensate asked" if fold else "; saved without it"
+    print(f"lorp-fx: note: {method} compensation makes {where}{done}", file=sys.stderr)
 
 
 def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
@@ -172,7 +216,8 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
     check = judge.compensation_report(plan.remove)
     fold = check["apply"] or config.compensate != "auto"
     _note_unhelpful(judge.compensation, check, fold)
-    fits = eager_fits(model, judge.final_fits(plan.remove)) if fold else []  # names from the dense model
+    keep = check["kept"] if config.compensate == "auto" else None  # the gaps the guard across sources kept
+    fits = eager_fits(model, judge.final_fits(plan.remove, keep=keep)) if fold else []  # names from the dense model
     judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
     surgery = remove_layers(model, plan, inplace=config.inplace)
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
@@ -182,7 +227,7 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
         "applied": fold, "helps": check["apply"], "requested": judge.compensation,
         "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
                              "held_out": check["held_out"], "windows": judge.loss_windows},
-        "gaps_without_map": check["gaps_without_map"],
+        "gaps_without_map": check["gaps_without_map"], "sources": check["sources"], "dropped": check["dropped"],
     }
     return surgery.model, fits, surgery.names, compensation, fx_difference
 

@@ -22,6 +22,8 @@ def summary_lines(report: dict, out: str | None = None) -> list[str]:
     calibration = report["calibration"]
     rows.append(("calibration", f"{calibration['tokens']:,} tokens, {calibration['source']}"))
     rows.append(("compensation", _compensation_phrase(report.get("compensation") or {"method": "none"})))
+    for warning in (calibration.get("mismatch") or {}).get("warnings", []):
+        rows.append(("warning", warning))
     if calibration["source"].startswith("self-generated"):
         # Measured (research/results/calibration-domain-smollm2.md): maps fitted on the model's own text recover
         # much of the loss on that text but little on WikiText-2, and maps fitted on WikiText-2 the reverse.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -52,12 +53,14 @@ from lorp_fx.judge.loss import calibration_loss, next_token_loss
 from lorp_fx.judge.perplexity import perplexity
 from lorp_fx.pipeline.calibrate import (
     Calibration,
-    calibration_windows,
+    CalibrationText,
+    calibration_text,
     residual_statistics,
     traced_blocks,
 )
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
+from lorp_fx.pipeline.mismatch import calibration_mismatch, dense_losses
 from lorp_fx.pipeline.removal import (
     candidate_judge,
     compensation_method,
@@ -116,30 +119,38 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
         length = calibration.shape[1] if isinstance(calibration, torch.Tensor) else None  # given windows' own
         graph, observer = traced_blocks(model, config, tokenizer, offloaded, length)
     with clock("calibration_text"):
-        windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
-                                              observer=observer if calibration is None else None)
-    batches = on_device(token_batches(windows, config.batch_size, encoder_decoder(model)), model_device(model))
+        text = calibration_text(model, calibration, config, tokenizer, progress, observer=observer,
+                                guard=compensation_method(config) is not None)
+    windows, sampled = text.selection_windows(), text.sources == ["own"] * len(text.sources)
+    place = lambda w: on_device(token_batches(w, config.batch_size, encoder_decoder(model)), model_device(model))  # noqa: E731
+    batches, every_batch = place(windows), place(text.windows)  # every_batch: with the guard's own text
     with clock("pass_unit"):  # before the judge's cache exists: the unit's forward does not add to its peak
         unit = plain_pass(model, batches)
     judge = None
     with clock("statistics"):
-        if calibration is not None and graph is not None and not offloaded:
-            # Given text: the judge's caching pass holds every window's layer states, the statistics' input.
-            judge = candidate_judge(model, graph, batches, config, progress)
+        if not sampled and graph is not None and not offloaded:
+            # Text not sampled while watched: the judge's caching pass holds every window's layer states, the
+            # statistics' input.
+            judge = candidate_judge(model, graph, every_batch, config, progress, text)
             stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
         if judge is None or stats is None:
-            stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None,
+            stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, sampled,
                                                                   config, progress)
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
         if judge is None and not offloaded:
-            judge = candidate_judge(model, graph, batches, config, progress)
+            judge = candidate_judge(model, graph, every_batch, config, progress, text)
         if offloaded:
             note_uncompensated_selection(model, config, "the model is offloaded")
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
         plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
                              config, progress, judge=judge, eager_model=model if offloaded else None,
                              judged=causal_lm(model))
+    with clock("calibration_text"):  # what the calibration text looks like to the model, before the judge lets go
+        mismatch = calibration_mismatch(text.windows, text.sources, tokenizer,
+                                        dense_losses(model, judge, text, config.batch_size))
+    for warning in mismatch["warnings"]:
+        print(f"lorp-fx: note: {warning}; the compensation is checked on the model's own text too", file=sys.stderr)
     if gguf is not None:
         check_removal(gguf, plan)  # before compensation and saving, not after
     before = {}
@@ -149,18 +160,20 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     parameters_before, layers_before = count_parameters(model), count_layers(model)
     with clock("compensation"):
         pruned, fits, names, compensation, fx_difference = remove_and_compensate(
-            model, None if offloaded else graph, plan, batches, config, progress, judge)
+            model, None if offloaded else graph, plan, every_batch, config, progress, judge, text)
     if evaluation is not None:
         with clock("evaluation"):
             before["ppl_after"] = _perplexity(pruned, evaluation, config, progress)
             before["tokens"] = int(evaluation.numel())
-    report = build_report(plan, stats, windows, source, statistics_source, compensation, before, fx_difference,
+    report = build_report(plan, stats, windows, text, statistics_source, compensation, before, fx_difference,
                           (parameters_before, layers_before), pruned, clock, unit, config)
+    report["calibration"]["mismatch"] = mismatch
     dense_graph = None if offloaded or (config.inplace and fits) else graph
     return PruneResult(pruned, plan, fits, clock.seconds, report, names, dense_graph, gguf)
 
 
-def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, source: str, statistics_source: str,
+def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, text: CalibrationText,
+                 statistics_source: str,
                  compensation: dict, evaluation: dict, fx_difference, before: tuple[int, int], pruned: nn.Module,
                  clock: Stopwatch, unit: dict, config: PruneConfig) -> dict:
     """report.json: the plan and its evidence, the calibration, compensation, evaluation, device and cost."""
@@ -178,8 +191,9 @@ def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tenso
         "scores": plan.scores,
         "points": list(stats.points),
         "similarity": stats.similarity.tolist(),
-        "calibration": {"source": source, "tokens": stats.token_count, "windows": int(windows.shape[0]),
-                        "seq_len": int(windows.shape[1]), "statistics": statistics_source},
+        "calibration": {"source": text.source, "tokens": stats.token_count, "windows": int(windows.shape[0]),
+                        "seq_len": int(windows.shape[1]), "statistics": statistics_source,
+                        "sources": dict(Counter(text.sources)), "held_only": sorted(text.held_only)},
         "compensation": compensation,
         "evaluation": evaluation or None,
         "fx_graph_max_abs_logit_difference": fx_difference,
