@@ -48,6 +48,16 @@ def text_windows(tokenizer, paths, n_samples: int, seq_len: int) -> torch.Tensor
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_samples, seq_len)
 
 
+def text_head(paths, chars: int = 1_000_000) -> str:
+    """The first `chars` characters of the files, undecodable bytes replaced (what a check of the text reads)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    parts = []
+    for path in paths:
+        with open(check_text_file(path), encoding="utf-8", errors="replace") as handle:
+            parts.append(handle.read(max(0, chars - sum(len(p) for p in parts))))
+    return "\n".join(parts)
+
+
 _PATHS_ONLY = "text is read from files: pass the path of a file holding it, not the text itself"
 
 

@@ -45,15 +45,19 @@ def odd_characters(text: str) -> float:
     return odd / max(1, len(text))
 
 
-def calibration_mismatch(windows: torch.Tensor, sources: list[str], tokenizer, losses: dict[str, float] | None) -> dict:
+def calibration_mismatch(windows: torch.Tensor, sources: list[str], tokenizer, losses: dict[str, float] | None,
+                         raw: dict[str, str] | None = None) -> dict:
     """Per source: the measures above, and `warnings`, one phrase per source that looks unlike text or unlike
-    the model's own text (empty: nothing seen)."""
+    the model's own text (empty: nothing seen). `raw` gives a source's text as read (characters a tokenizer
+    maps to one unknown token are seen there); else the decoded windows are checked."""
     found: dict = {"sources": {}, "warnings": []}
     own_loss = (losses or {}).get("own")
     for source in dict.fromkeys(sources):
         rows = windows[[i for i, s in enumerate(sources) if s == source]]
         measures = {"distinct_4grams": round(distinct_ngrams(rows), 4)}
-        if tokenizer is not None:
+        if raw and source in raw:
+            measures["odd_characters"] = round(odd_characters(raw[source]), 4)
+        elif tokenizer is not None:
             measures["odd_characters"] = round(odd_characters(tokenizer.decode(rows.reshape(-1).tolist())), 4)
         if losses and source in losses:
             measures["loss"] = round(losses[source], 4)

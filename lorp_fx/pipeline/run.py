@@ -46,6 +46,7 @@ from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
+from lorp_fx.io.text import text_head
 from lorp_fx.io.placement import check_offload_granularity
 from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.judge.eager import eager_calibration_loss
@@ -147,8 +148,9 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
                              config, progress, judge=judge, eager_model=model if offloaded else None,
                              judged=causal_lm(model))
     with clock("calibration_text"):  # what the calibration text looks like to the model, before the judge lets go
+        raw = {"file": text_head(calibration)} if "file" in text.sources else None
         mismatch = calibration_mismatch(text.windows, text.sources, tokenizer,
-                                        dense_losses(model, judge, text, config.batch_size))
+                                        dense_losses(model, judge, text, config.batch_size), raw)
     for warning in mismatch["warnings"]:
         print(f"lorp-fx: note: {warning}; the compensation is checked on the model's own text too", file=sys.stderr)
     if gguf is not None:
