@@ -159,6 +159,16 @@ def main(argv=None) -> None:
     store["machine"] = common.machine()
 
     def save() -> None:
+        # Re-read first: several processes may fill in different sources or budgets of one store.
+        if store_path.exists():
+            on_disk = json.loads(store_path.read_text())
+            for key, run in on_disk.get("runs", {}).items():
+                mine = store["runs"].get(key)
+                if mine is None or len(run.get("ppl", {})) > len(mine.get("ppl", {})):
+                    store["runs"][key] = run
+            store.setdefault("dense", on_disk.get("dense"))
+        store["complete"] = all(f"{s}:{b}" in store["runs"] and len(store["runs"][f"{s}:{b}"].get("ppl", {})) == len(CHOICES)
+                                for s in SOURCES for b in (6, 9))
         common.write_text(store_path, json.dumps(store, indent=1))
         common.write_text(common.RESULTS / f"domains-{args.tag}.md", render(store))
 
@@ -202,7 +212,6 @@ def main(argv=None) -> None:
                 run["ppl"]["single"] = evaluate(pruned.model, windows)
                 save()
             log(f"{key}: {json.dumps(run['ppl'])}")
-    store["complete"] = True
     save()
 
 

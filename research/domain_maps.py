@@ -234,6 +234,7 @@ def main() -> None:
     p.add_argument("--texts", type=Path, required=True)
     p.add_argument("--sets", default=",".join(SETS))
     p.add_argument("--no-ppl", action="store_true")
+    p.add_argument("--ppl", help="comma-separated indices into CANDIDATES to measure perplexity for (default: PPL_CANDIDATES)")
     args = p.parse_args()
     C.threads(1)
     from lorp_fx.compensation.fit import GapFit
@@ -279,8 +280,10 @@ def main() -> None:
         if none is not None:
             memo.put(f"{set_name}:none", none)
             rows["none"] = {"ppl": none}
-        for label in [c[0] for c in CANDIDATES if c[0] in PPL_CANDIDATES]:
-            value = memo.get(f"{set_name}:{label}") or (None if args.no_ppl else perplexities(indices, maps[label], held))
+        named = {CANDIDATES[int(i)][0] for i in args.ppl.split(",")} if args.ppl else PPL_CANDIDATES
+        for label in [c[0] for c in CANDIDATES]:
+            measure = label in named and not args.no_ppl  # else only what an earlier run memoised
+            value = memo.get(f"{set_name}:{label}") or (perplexities(indices, maps[label], held) if measure else None)
             if value is not None:
                 memo.put(f"{set_name}:{label}", value)
                 rows[label]["ppl"] = value
