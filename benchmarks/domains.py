@@ -147,6 +147,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="smollm2")
     p.add_argument("--fresh", action="store_true", help="ignore the cached selections and perplexities")
+    p.add_argument("--choices", default=",".join(CHOICES), help="the compensation choices to measure")
+    p.add_argument("--layers", help="with one source and budget: the layers its selection chose (from another "
+                                    "process's log), to measure other choices in parallel")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = shared_data_dir()
@@ -163,9 +166,12 @@ def main(argv=None) -> None:
         if store_path.exists():
             on_disk = json.loads(store_path.read_text())
             for key, run in on_disk.get("runs", {}).items():
-                mine = store["runs"].get(key)
-                if mine is None or len(run.get("ppl", {})) > len(mine.get("ppl", {})):
-                    store["runs"][key] = run
+                mine = store["runs"].setdefault(key, run)
+                for field, value in run.items():  # what another process measured for this run
+                    if field == "ppl":
+                        mine["ppl"] = {**value, **mine.get("ppl", {})}
+                    else:
+                        mine.setdefault(field, value)
             store.setdefault("dense", on_disk.get("dense"))
         store["complete"] = all(f"{s}:{b}" in store["runs"] and len(store["runs"][f"{s}:{b}"].get("ppl", {})) == len(CHOICES)
                                 for s in SOURCES for b in (6, 9))
@@ -185,7 +191,10 @@ def main(argv=None) -> None:
         for source in args.sources.split(","):
             key = f"{source}:{budget}"
             run = store["runs"].setdefault(key, {"source": source, "budget": budget, "ppl": {}})
-            if "layers" not in run or "new" not in run["ppl"]:
+            if args.layers:
+                run.setdefault("layers", [int(i) for i in args.layers.split(",")])
+            choices = args.choices.split(",")
+            if "new" in choices and ("layers" not in run or "new" not in run["ppl"]):
                 clock = time.perf_counter()
                 result, config = select(model, tokenizer, source, budget, own, wikitext / "valid.txt")
                 run.update(layers=sorted(layer_index(n) for n in result.plan.remove), seconds=time.perf_counter() - clock,
@@ -197,13 +206,13 @@ def main(argv=None) -> None:
                 del result
                 save()
             names = [f"model.layers.{i}" for i in run["layers"]]
-            if "none" not in run["ppl"]:
+            if "none" in choices and "none" not in run["ppl"]:
                 run["ppl"]["none"] = evaluate(remove_layers(model, names).model, windows)
                 save()
-            if "single" not in run["ppl"] and source == "own":  # one source: single is what the run ships
+            if "single" in choices and "single" not in run["ppl"] and source == "own" and "new" in run["ppl"]:  # one source: single is what the run ships
                 run["ppl"]["single"] = run["ppl"]["new"]
                 run["single"] = {"same_as": "new"}
-            if "single" not in run["ppl"]:
+            if "single" in choices and "single" not in run["ppl"]:
                 calibration, fields = calibration_of(source, own, wikitext / "valid.txt")
                 fits, run["single"] = single_source_fits(model, tokenizer, PruneConfig(remove=budget, **fields),
                                                          calibration, names)
@@ -212,6 +221,7 @@ def main(argv=None) -> None:
                 run["ppl"]["single"] = evaluate(pruned.model, windows)
                 save()
             log(f"{key}: {json.dumps(run['ppl'])}")
+            save()
     save()
 
 
