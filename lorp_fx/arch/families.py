@@ -318,9 +318,6 @@ def layer_units(family: Family, layer: nn.Module) -> list[Unit]:
 
 def check_dtype(model_type: str | None, dtype) -> None:
     """ConfigError where the family of `model_type` cannot be calibrated in `dtype` (from the config alone)."""
-    import torch
-
-
     why = _BY_MODEL_TYPE.get(model_type, GENERIC).no_float16
     if dtype == torch.float16 and why is not None:
         raise ConfigError(f"cannot calibrate a {model_type} model in float16: {why}")

@@ -25,7 +25,8 @@ from lorp_fx.core.errors import (
     SelectorError,
     first_line,
 )
-from lorp_fx.core.plan import GRANULARITIES, PruningPlan
+from lorp_fx.core.model import is_transformers_model
+from lorp_fx.core.plan import GRANULARITIES, PruningPlan, check_plan_folder
 from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
 from lorp_fx.judge.loss import (
     OutputLoss,
@@ -33,7 +34,7 @@ from lorp_fx.judge.loss import (
     loss_on_calls,
     next_token_cross_entropy,
 )
-from lorp_fx.lightning.pruned_network import is_transformers_model, pruned_network
+from lorp_fx.lightning.pruned_network import pruned_network
 from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
@@ -160,6 +161,8 @@ class LoRPCallback(Callback):
         if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
                                       or isinstance(os.fspath(plan_path), bytes)):
             raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
+        if plan_path is not None:
+            check_plan_folder(plan_path)  # before calibrating, not when the plan is written at the end
         if not isinstance(measure_loss, bool):
             raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
         if not measure_loss and "loss_fn" in SELECTORS[method].required:

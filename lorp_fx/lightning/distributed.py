@@ -26,7 +26,9 @@ import os
 import signal
 import sys
 
+import lightning as L
 import torch
+import torch.distributed as dist
 
 from lorp_fx.arch.surgery import count_layers, count_parameters
 from lorp_fx.calibration.batches import on_device, token_batches
@@ -55,8 +57,6 @@ FAIL_RANK_VARIABLE = "LORP_FX_TEST_FAIL_RANK"
 
 def lightning_classes():
     """The LightningModule and LightningDataModule used here (built lazily: Lightning is imported only for --devices)."""
-    import lightning as L
-
     class Calibration(L.LightningModule):
         """Runs the network on each batch; the LoRPCallback swaps `model` for its observer during validation."""
 
@@ -121,8 +121,6 @@ def callback_for(config: PruneConfig, no_next_token_loss: bool = False):
 
 
 def trainer_for(devices: int, strategy: str, placement: Placement, callbacks: list):
-    import lightning as L
-
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(placement.device.type, "cpu")
     return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, callbacks=callbacks, logger=False,
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -138,8 +136,6 @@ class _RankLoss:
     """Sets each rank's loss batch count once the ranks are known (LoRPCallback keeps that many of its batches)."""
 
     def __init__(self, lorp, config: PruneConfig):
-        import lightning as L
-
         parent = self
 
         class Hook(L.Callback):
@@ -183,7 +179,6 @@ def _gather_windows(trainer, data, windows, config: PruneConfig) -> torch.Tensor
     """Every rank's windows at every rank, in window order (sampled windows were made where they were used)."""
     if windows is not None or trainer.world_size == 1:
         return windows if windows is not None else data.local_windows
-    import torch.distributed as dist
 
     shares = [None] * trainer.world_size
     dist.all_gather_object(shares, (data.indices, data.local_windows.cpu()))

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import check_compensable
 from lorp_fx.arch.families import check_dtype, check_sublayer_pruning
@@ -315,7 +316,6 @@ def counted(loss_fn, description: str, progress: bool):
     if loss_fn is None or not progress:
         yield loss_fn
         return
-    from tqdm.auto import tqdm
 
     with tqdm(desc=description, unit="eval", delay=1.0) as bar:  # silent for selectors that measure nothing
         def counted_loss(removed: list[str]) -> float:
