@@ -44,6 +44,7 @@ from lorp_fx.core.model import (
 )
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
+from lorp_fx.graph.blocks import find_blocks
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
 from lorp_fx.io.placement import check_offload_granularity
@@ -65,6 +66,7 @@ from lorp_fx.pipeline.removal import (
     remove_and_compensate,
 )
 from lorp_fx.pipeline.result import PruneResult
+from lorp_fx.selection.common import resolve_protected
 from lorp_fx.selection.registry import SELECTORS, options_for, select
 
 
@@ -116,6 +118,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("trace"):
         length = calibration.shape[1] if isinstance(calibration, torch.Tensor) else None  # given windows' own
         graph, observer = traced_blocks(model, config, tokenizer, offloaded, length)
+    check_protected_blocks(graph, observer, config)
     with clock("calibration_text"):
         windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
                                               observer=observer if calibration is None else None)
@@ -159,6 +162,16 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
                           (parameters_before, layers_before), pruned, clock, unit, config)
     dense_graph = None if offloaded or (config.inplace and fits) else graph
     return PruneResult(pruned, plan, fits, clock.seconds, report, names, dense_graph, gguf)
+
+
+def check_protected_blocks(graph, observer, config: PruneConfig) -> None:
+    """UnknownBlockError for a protected block the traced model does not have: before the calibration text is
+    sampled or read, not when the selector runs after the caching pass."""
+    protected = config.selector_options.get("protected")
+    if graph is None or protected is None:
+        return  # no graph yet (the graph observer traces as it calibrates): the selector checks
+    blocks = observer.blocks if observer is not None else find_blocks(graph, config.granularity)
+    resolve_protected([block.name for block in blocks], protected)
 
 
 def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, source: str, statistics_source: str,
