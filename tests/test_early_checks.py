@@ -43,3 +43,78 @@ def test_known_protected_blocks_are_kept():
                                  selector_options={"protected": ["model.layers.1", -1]})
     result = lorp_fx.prune_model(tiny_model("llama"), WINDOWS, config, progress=False)
     assert "model.layers.1" not in result.plan.remove and "model.layers.4" not in result.plan.remove
+
+
+# ----------------------------------------------------------------------------- loading and saving, in one line
+
+
+def saved_tiny(folder, tokenizer: bool = True, config: bool = True):
+    from tiny_models import tiny_tokenizer
+
+    tiny_model("llama", layers=3).save_pretrained(folder)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(folder)
+    if not config:
+        (folder / "config.json").unlink()
+    return folder
+
+
+def cli_error(args, capsys) -> str:
+    from lorp_fx import cli
+
+    capsys.readouterr()
+    assert cli.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lorp-fx: error:"), err
+    return err[0]
+
+
+def test_a_folder_without_config_json_says_it_is_not_a_checkpoint(tmp_path, capsys):
+    model = saved_tiny(tmp_path / "model", config=False)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    assert "has no config.json" in cli_error(["eval", "--model", model, "--eval-file", text], capsys)
+
+
+def test_a_folder_without_tokenizer_files_says_so(tmp_path, capsys):
+    model = saved_tiny(tmp_path / "model", tokenizer=False)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    assert "has no tokenizer files" in cli_error(["eval", "--model", model, "--eval-file", text, "--eval-seq-len", 16],
+                                                 capsys)
+
+
+def test_an_output_inside_the_model_folder_is_refused_like_an_offload_dir_there(tmp_path, capsys):
+    model = saved_tiny(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    before = sorted(p.name for p in model.iterdir())
+    message = cli_error(["prune", "--model", model, "--remove", 1, "--calib-file", text, "--seq-len", 16,
+                         "--out", model / "pruned"], capsys)
+    assert "lies inside" in message and "input directory" in message
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (lambda model, tokenizer, out: (out, tokenizer, model), "model first"),       # PruneResult.save's order
+    (lambda model, tokenizer, out: (model, 3, out), "tokenizer must have save_pretrained"),
+    (lambda model, tokenizer, out: (model, tokenizer, 3), "out_dir must be a path"),
+])
+def test_save_pretrained_atomic_refuses_arguments_in_another_order(tmp_path, arguments, message):
+    from tiny_models import tiny_tokenizer
+
+    from lorp_fx.core.errors import CallError
+
+    with pytest.raises(CallError, match=message):
+        lorp_fx.save_pretrained_atomic(*arguments(tiny_model("llama", layers=2), tiny_tokenizer(), tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_called_with_use_cache_gives_advice_that_works():
+    from lorp_fx.core.errors import FixedArgumentError
+
+    model = tiny_model("llama", layers=2)
+    graph = lorp_fx.trace(model, {"input_ids": WINDOWS[:2], "use_cache": False})
+    with pytest.raises(FixedArgumentError, match="without a KV cache") as raised:
+        graph(input_ids=WINDOWS[:2], use_cache=True)
+    assert "trace again" not in str(raised.value)

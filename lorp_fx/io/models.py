@@ -167,6 +167,9 @@ def _offline() -> bool:
 
 def _transformers_source(name: str, kind: str, location: str, paths: list[Path]) -> ModelSource:
     where = f"directory {location}" if kind == "directory" else f"hub id {location!r}"
+    if kind == "directory" and not (Path(location) / "config.json").is_file():
+        raise ModelLoadError(f"{where} has no config.json, so it is not a transformers checkpoint; pass the folder "
+                             "that save_pretrained wrote, a .gguf file or a hub id")
     for filename in ("config.json", "tokenizer_config.json"):
         check_no_remote_code(_json_file(kind, location, filename), f"{where} ({filename})")
     try:
@@ -272,6 +275,7 @@ def load_tokenizer(source: ModelSource):
             path = Path(source.location).resolve()  # absolute: transformers reads a bare file name from the cwd first
             tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False)
         else:
+            _check_tokenizer_files(source)
             tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
         what = f"GGUF file {source.location}" if source.kind == "gguf" else f"the tokenizer of {source.name}"
@@ -279,6 +283,18 @@ def load_tokenizer(source: ModelSource):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# Files a saved tokenizer consists of, one of which any tokenizer writes.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
+
+
+def _check_tokenizer_files(source: ModelSource) -> None:
+    """ModelLoadError for a model folder without tokenizer files (transformers' own message ends in an empty list)."""
+    folder = Path(source.location)
+    if source.kind == "directory" and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"directory {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
+                             "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype | str = torch.float32, tokenizer=None):

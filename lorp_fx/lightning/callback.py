@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
@@ -217,6 +217,10 @@ class LoRPCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._failed = False
+        if stage == "fit" and self.stage == "validate" and self._plan is None:
+            rank_zero_warn("LoRPCallback calibrates in trainer.validate (stage='validate'), so this trainer.fit will not "
+                           "calibrate and cb.plan stays None; pass LoRPCallback(stage='fit') to calibrate in fit's "
+                           "first validation loop")
         network = getattr(pl_module, self.attribute, None)
         if stage == self.stage and self._plan is None and isinstance(network, torch.nn.Module):
             self._check_network(network)  # before any loop; a network made later is checked when its loop starts
