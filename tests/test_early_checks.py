@@ -65,8 +65,9 @@ def cli_error(args, capsys) -> str:
     capsys.readouterr()
     assert cli.main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lorp-fx: error:"), err
-    return err[0]
+    said = [line for line in err if "lorp-fx" in line or "Traceback" in line]  # progress bars aside
+    assert len(said) == 1 and err[-1].startswith("lorp-fx: error:"), err
+    return err[-1]
 
 
 def test_a_folder_without_config_json_says_it_is_not_a_checkpoint(tmp_path, capsys):
@@ -118,3 +119,39 @@ def test_a_graph_called_with_use_cache_gives_advice_that_works():
     with pytest.raises(FixedArgumentError, match="without a KV cache") as raised:
         graph(input_ids=WINDOWS[:2], use_cache=True)
     assert "trace again" not in str(raised.value)
+
+
+# ----------------------------------------------------------------------------- broken GGUF files
+
+
+def gguf_eval_error(path, tmp_path, capsys) -> str:
+    text = tmp_path / "text.txt"
+    text.write_text("hello world the then " * 400)
+    return cli_error(["eval", "--model", path, "--eval-file", text, "--eval-seq-len", 16, "--eval-samples", 2], capsys)
+
+
+@pytest.mark.parametrize("keep", [1 / 3, 3000])
+def test_a_truncated_gguf_file_is_called_truncated(tmp_path, capsys, keep):
+    from gguf_files import write_tiny_gguf
+
+    data = write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    assert "is truncated" in gguf_eval_error(cut, tmp_path, capsys)
+
+
+def test_a_gguf_tensor_of_the_wrong_shape_is_named(tmp_path, capsys, monkeypatch):
+    import gguf_files
+
+    wrong = (gguf_files.KV_HEADS * gguf_files.HEAD_DIM + 32, gguf_files.HIDDEN)
+    monkeypatch.setattr(gguf_files, "LLAMA_LAYER_TENSORS", {**gguf_files.LLAMA_LAYER_TENSORS, "attn_v": wrong})
+    message = gguf_eval_error(gguf_files.write_tiny_gguf(tmp_path / "wrong.gguf", n_layers=2), tmp_path, capsys)
+    assert "of the wrong shape (model.layers.0.self_attn.v_proj.weight" in message and "above report" not in message
+
+
+def test_a_gguf_error_that_ends_in_a_colon_keeps_its_reason(tmp_path, capsys):
+    from gguf_files import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "kv.gguf", n_layers=2, per_layer={"attention.head_count_kv": [2, 2]})
+    message = gguf_eval_error(path, tmp_path, capsys)
+    assert "num_key_value_heads" in message and not message.endswith(":")

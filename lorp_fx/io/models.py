@@ -42,6 +42,7 @@ import torch
 import transformers
 
 from lorp_fx.core.errors import ModelLoadError, describe
+from lorp_fx.io.gguf.export import missing_tensor_bytes
 from lorp_fx.io.gguf.header import read_metadata
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -363,11 +364,16 @@ def _load_gguf(path: Path, dtype: torch.dtype):
                 # `out/tiny.gguf` loaded a `tiny.gguf` that happened to lie in the current directory.
                 path.resolve().parent, gguf_file=str(path.resolve()), dtype=dtype,
                 quantization_config=transformers.GgufConfig(dequantize=True),
-                trust_remote_code=False, output_loading_info=True,
+                # a tensor of the wrong shape is reported by name (check_loading_info), not as a pointer to a log table
+                trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True,
             )
     except Exception as error:  # noqa: BLE001
+        missing = missing_tensor_bytes(path)  # the usual cause of an unreadable tensor: a file cut short
+        if missing:
+            raise ModelLoadError(f"GGUF file {path} is truncated: its tensors need {missing:,} more bytes than its "
+                                 f"{path.stat().st_size:,}; the download or copy did not finish") from error
         raise ModelLoadError(
-            f"could not load GGUF file {path}: {describe(error)} (transformers loads only some GGUF architectures)"
+            f"could not load GGUF file {path}: {describe(error)} (transformers reads only some GGUF files)"
         ) from error
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:

@@ -126,6 +126,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
     return source
 
 
+def missing_tensor_bytes(path: str | os.PathLike) -> int:
+    """How many bytes the tensors of the GGUF file at `path` extend past its end (0 for a complete file, or one
+    whose header cannot be read: that is reported elsewhere)."""
+    try:
+        reader = gguf_package().GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception:  # noqa: BLE001 - a header that does not parse says nothing about the tensors
+        return 0
+    return max(0, end - Path(path).stat().st_size)
+
+
 def check_transformers_can_read(source: str | os.PathLike | GGUFSource) -> GGUFSource:
     """Raise a one-line GGUFError if transformers cannot load this file, or would load it wrongly.
 
