@@ -155,3 +155,29 @@ def test_a_gguf_error_that_ends_in_a_colon_keeps_its_reason(tmp_path, capsys):
     path = write_tiny_gguf(tmp_path / "kv.gguf", n_layers=2, per_layer={"attention.head_count_kv": [2, 2]})
     message = gguf_eval_error(path, tmp_path, capsys)
     assert "num_key_value_heads" in message and not message.endswith(":")
+
+
+def test_an_offloaded_model_with_a_tied_head_saves_the_head_once(tmp_path, capsys):
+    """accelerate's hooks put new meta tensors in each module after every forward pass, which untied the head:
+    the offloaded save wrote lm_head.weight as a tensor of its own."""
+    import transformers
+    from safetensors.torch import load_file
+    from tiny_models import TINY, tiny_tokenizer
+
+    from lorp_fx import cli
+
+    config = TINY["llama"].config(4)
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    common = ["prune", "--model", tmp_path / "model", "--remove", 1, "--method", "shortgpt", "--calib-file", text,
+              "--seq-len", 16, "--calib-samples", 4]
+    assert cli.main([str(a) for a in [*common, "--out", tmp_path / "memory"]]) == 0
+    assert cli.main([str(a) for a in [*common, "--out", tmp_path / "disk", "--device-map", "auto",
+                                      "--max-memory", "cpu=1KB"]]) == 0
+    in_memory, offloaded = (load_file(tmp_path / out / "model.safetensors") for out in ("memory", "disk"))
+    assert "lm_head.weight" not in offloaded and sorted(offloaded) == sorted(in_memory)
+    assert all(torch.equal(offloaded[k], in_memory[k]) for k in in_memory)

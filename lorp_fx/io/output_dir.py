@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from lorp_fx.core.errors import CallError, OutputDirError
+from lorp_fx.core.model import is_offloaded
 from lorp_fx.core.version import __version__
 from lorp_fx.io import atomic
 
@@ -57,6 +58,7 @@ def save_pretrained_atomic(
 
     def write(tmp: Path) -> None:
         if model is not None:
+            _retie_offloaded(model)
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -65,6 +67,16 @@ def save_pretrained_atomic(
 
     protected = [*protect, *([loaded_from] if loaded_from and Path(str(loaded_from)).exists() else [])]
     return write_directory_atomic(out_dir, write, overwrite, protect=protected)
+
+
+def _retie_offloaded(model) -> None:
+    """Tie the head to the embeddings again where the config ties them and accelerate offloads the model: its hooks
+    put a new meta tensor in each module after every forward pass, so the tie is lost and `save_pretrained` would
+    write the head as a tensor of its own (the same values, twice the bytes)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if is_offloaded(model) and getattr(text, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def _check_save_arguments(model, tokenizer, out_dir) -> None:
