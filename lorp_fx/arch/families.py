@@ -15,6 +15,7 @@ sublayer removal and compensation are refused with a message naming this file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,23 +153,11 @@ LLAMA = Family(
     norm="pre",
     output_projections=_LLAMA_PROJECTIONS,
 )
-MIXTRAL = Family(
-    name="mixtral",
-    model_types=("mixtral",),
-    stacks=("layers",),
-    units=_LLAMA_UNITS,
-    norm="pre",
-    output_projections=_LLAMA_PROJECTIONS,  # experts.down_proj is a fused (experts, out, in) parameter
-)
-QWEN2_MOE = Family(
-    name="qwen2_moe",
-    model_types=("qwen2_moe",),
-    stacks=("layers",),
-    units=_LLAMA_UNITS,
-    norm="pre",
-    output_projections=_LLAMA_PROJECTIONS,  # fused experts and the shared expert's down_proj
-    renumber_config=_qwen2_moe_layer_kinds,
-)
+# The Llama layout with mixture-of-experts MLPs: the same units and projections (experts.down_proj is a fused
+# (experts, out, in) parameter).
+MIXTRAL = dataclasses.replace(LLAMA, name="mixtral", model_types=("mixtral",))
+# Fused experts and the shared expert's down_proj; which layers are sparse follows from their index.
+QWEN2_MOE = dataclasses.replace(LLAMA, name="qwen2_moe", model_types=("qwen2_moe",), renumber_config=_qwen2_moe_layer_kinds)
 GEMMA3 = Family(
     name="gemma3",
     model_types=("gemma3_text", "gemma2"),

@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline: watch the residual stream while a network runs, and keep only sums.
+"""The statistics step on the traced graph: watch the residual stream while a network runs, and keep only sums.
 
 `ResidualObserver` stands in for a network and takes any call the network takes
 (`NetworkCall` names its arguments). On its first call it traces the network with

@@ -17,6 +17,7 @@ import numpy as np
 
 from lorp_fx.core.budget import check_stream_budget
 from lorp_fx.core.errors import BudgetError, PlanError
+from lorp_fx.core.files import read_text
 from lorp_fx.core.stats import LayerStatistics
 
 GRANULARITIES = ("layer", "sublayer")
@@ -133,12 +134,7 @@ class PruningPlan:
     def load(cls, path: str | os.PathLike) -> "PruningPlan":
         """The plan in the JSON file `path`, validated (`from_dict`)."""
         path = Path(path).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise PlanError(f"cannot read plan file {path}: {error}") from None
+        text = read_text(path, "plan file", PlanError)
         try:
             data = json.loads(text)
         except ValueError as error:

@@ -41,7 +41,7 @@ from lorp_fx.lightning.callback import LoRPCallback
 from lorp_fx.pipeline.calibrate import calibration_windows
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
-from lorp_fx.pipeline.removal import candidate_judge, remove_and_compensate
+from lorp_fx.pipeline.removal import build_judge, remove_and_compensate
 from lorp_fx.pipeline.result import PruneResult
 from lorp_fx.pipeline.run import (
     build_report,
@@ -208,7 +208,7 @@ def _finish_on_rank_zero(model, lorp, windows, source, config, placement, clock,
     with clock("compensation"):
         # The maps are fitted and judged on rank zero as in one process (selection was judged by the
         # plain calibration loss, averaged over the ranks).
-        judge = candidate_judge(model, lorp.graph_module, batches, config)
+        judge = build_judge(model, lorp.graph_module, batches, config)
         pruned, fits, names, compensation, fx_difference = remove_and_compensate(
             model, lorp.graph_module, plan, batches, config, progress, judge)
     statistics_source = (f"the traced graph (LoRPCallback's ResidualObserver) in {devices} {strategy} processes, "

@@ -61,7 +61,7 @@ from lorp_fx.pipeline.calibrate import (
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
 from lorp_fx.pipeline.removal import (
-    candidate_judge,
+    build_judge,
     compensation_method,
     remove_and_compensate,
 )
@@ -129,7 +129,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("statistics"):
         if calibration is not None and graph is not None and not offloaded:
             # Given text: the judge's caching pass holds every window's layer states, the statistics' input.
-            judge = candidate_judge(model, graph, batches, config, progress)
+            judge = build_judge(model, graph, batches, config, progress)
             stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
         if judge is None or stats is None:
             stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None,
@@ -137,7 +137,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
         if judge is None and not offloaded:
-            judge = candidate_judge(model, graph, batches, config, progress)
+            judge = build_judge(model, graph, batches, config, progress)
         if offloaded:
             note_uncompensated_selection(model, config, "the model is offloaded")
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
