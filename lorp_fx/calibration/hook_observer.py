@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import stacks_of
 from lorp_fx.arch.families import layer_stacks
@@ -130,8 +131,6 @@ class HookObserver:
 def collect_hook_statistics(model: nn.Module, blocks: list[ResidualBlock], batches: list[dict], *, granularity: str = "layer",
                             progress: bool = True) -> LayerStatistics:
     """One pass over `batches` (on the model's input device), each stopped at the last residual point."""
-    from tqdm.auto import tqdm
-
     observer = HookObserver(model, blocks, granularity)
     for batch in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
         observer.run(model, batch)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
@@ -25,7 +25,8 @@ from lorp_fx.core.errors import (
     SelectorError,
     first_line,
 )
-from lorp_fx.core.plan import GRANULARITIES, PruningPlan
+from lorp_fx.core.model import is_transformers_model
+from lorp_fx.core.plan import GRANULARITIES, PruningPlan, check_plan_folder
 from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
 from lorp_fx.judge.loss import (
     OutputLoss,
@@ -33,7 +34,7 @@ from lorp_fx.judge.loss import (
     loss_on_calls,
     next_token_cross_entropy,
 )
-from lorp_fx.lightning.pruned_network import is_transformers_model, pruned_network
+from lorp_fx.lightning.pruned_network import pruned_network
 from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
@@ -160,6 +161,8 @@ class LoRPCallback(Callback):
         if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
                                       or isinstance(os.fspath(plan_path), bytes)):
             raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
+        if plan_path is not None:
+            check_plan_folder(plan_path)  # before calibrating, not when the plan is written at the end
         if not isinstance(measure_loss, bool):
             raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
         if not measure_loss and "loss_fn" in SELECTORS[method].required:
@@ -214,6 +217,10 @@ class LoRPCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._failed = False
+        if stage == "fit" and self.stage == "validate" and self._plan is None:
+            rank_zero_warn("LoRPCallback calibrates in trainer.validate (stage='validate'), so this trainer.fit will not "
+                           "calibrate and cb.plan stays None; pass LoRPCallback(stage='fit') to calibrate in fit's "
+                           "first validation loop")
         network = getattr(pl_module, self.attribute, None)
         if stage == self.stage and self._plan is None and isinstance(network, torch.nn.Module):
             self._check_network(network)  # before any loop; a network made later is checked when its loop starts

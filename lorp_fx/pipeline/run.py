@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import check_compensable
 from lorp_fx.arch.families import check_dtype, check_sublayer_pruning
@@ -43,6 +44,7 @@ from lorp_fx.core.model import (
 )
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
+from lorp_fx.graph.blocks import find_blocks
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
 from lorp_fx.io.placement import check_offload_granularity
@@ -59,11 +61,12 @@ from lorp_fx.pipeline.calibrate import (
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
 from lorp_fx.pipeline.removal import (
-    candidate_judge,
+    build_judge,
     compensation_method,
     remove_and_compensate,
 )
 from lorp_fx.pipeline.result import PruneResult
+from lorp_fx.selection.common import resolve_protected
 from lorp_fx.selection.registry import SELECTORS, options_for, select
 
 
@@ -115,6 +118,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("trace"):
         length = calibration.shape[1] if isinstance(calibration, torch.Tensor) else None  # given windows' own
         graph, observer = traced_blocks(model, config, tokenizer, offloaded, length)
+    check_protected_blocks(graph, observer, config)
     with clock("calibration_text"):
         windows, source = calibration_windows(model, calibration, config, tokenizer, progress,
                                               observer=observer if calibration is None else None)
@@ -125,7 +129,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("statistics"):
         if calibration is not None and graph is not None and not offloaded:
             # Given text: the judge's caching pass holds every window's layer states, the statistics' input.
-            judge = candidate_judge(model, graph, batches, config, progress)
+            judge = build_judge(model, graph, batches, config, progress)
             stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
         if judge is None or stats is None:
             stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, calibration is None,
@@ -133,7 +137,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
         if judge is None and not offloaded:
-            judge = candidate_judge(model, graph, batches, config, progress)
+            judge = build_judge(model, graph, batches, config, progress)
         if offloaded:
             note_uncompensated_selection(model, config, "the model is offloaded")
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
@@ -158,6 +162,16 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
                           (parameters_before, layers_before), pruned, clock, unit, config)
     dense_graph = None if offloaded or (config.inplace and fits) else graph
     return PruneResult(pruned, plan, fits, clock.seconds, report, names, dense_graph, gguf)
+
+
+def check_protected_blocks(graph, observer, config: PruneConfig) -> None:
+    """UnknownBlockError for a protected block the traced model does not have: before the calibration text is
+    sampled or read, not when the selector runs after the caching pass."""
+    protected = config.selector_options.get("protected")
+    if graph is None or protected is None:
+        return  # no graph yet (the graph observer traces as it calibrates): the selector checks
+    blocks = observer.blocks if observer is not None else find_blocks(graph, config.granularity)
+    resolve_protected([block.name for block in blocks], protected)
 
 
 def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, source: str, statistics_source: str,
@@ -315,7 +329,6 @@ def counted(loss_fn, description: str, progress: bool):
     if loss_fn is None or not progress:
         yield loss_fn
         return
-    from tqdm.auto import tqdm
 
     with tqdm(desc=description, unit="eval", delay=1.0) as bar:  # silent for selectors that measure nothing
         def counted_loss(removed: list[str]) -> float:
