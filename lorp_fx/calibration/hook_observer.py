@@ -1,6 +1,6 @@
 """Residual-stream statistics read by forward hooks on the eager model, for the blocks the graph found.
 
-`ResidualObserver` (observe.py) runs the traced graph. This reads the same residual
+`ResidualObserver` (graph_observer.py) runs the traced graph. This reads the same residual
 points from the eager model's modules: the input of the module that receives each
 block's entry (a layer, or the norm in front of a sublayer) and the output of the
 last layer of each stream. The points, their order and the statistics are the

@@ -4,7 +4,7 @@ Loading is split so that everything can be checked before the weights load:
 `resolve_model` finds the model and reads its configuration (cheap), `load_tokenizer`
 and `load_weights` load the rest; `load_model` does all three.
 
-Rules (the README states them for users):
+Rules (docs/safety.md states them for users):
 
 * No foreign code. `trust_remote_code=False` everywhere; a model whose config.json or
   tokenizer_config.json has an `auto_map` (its own Python code) is refused with one

@@ -1,6 +1,6 @@
 """Writing results: an output directory that appears complete or not at all, and never costs the user data.
 
-The rules (the README's command-line section states them for users):
+The rules (docs/safety.md states them for users):
 
 * `--out` is resolved (symbolic links included) before any work and refused when it
   is empty, is or contains an input (the model, a calibration, eval or config file)

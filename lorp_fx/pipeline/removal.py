@@ -1,7 +1,7 @@
 """The removal step: the loss candidates are judged by, the surgery, and compensation folded only where it helps.
 
 `build_judge` builds the calibration loss that both selection and compensation
-answer to (`candidate_loss.CandidateLoss`: compensated when compensation is on).
+answer to (`judge.candidates.CandidateLoss`: compensated when compensation is on).
 `remove_and_compensate` removes the plan's layers from the eager model, checks the
 result against the fx-pruned graph on one window, and folds the gap maps: the
 judge's, only if they do not make its held-out calibration loss worse ("auto"), or

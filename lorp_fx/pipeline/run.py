@@ -9,10 +9,10 @@ statistics (read by module hooks: while sampling, or in one pass that stops at t
 last residual point; on given text with a compensating judge, from the states its
 caching pass keeps: no pass of their own) -> selection (loss-judged methods measure candidates on the
 first `loss_windows` windows; with compensation on, by the loss of the *compensated*
-model, its maps fitted on the other windows: `candidate_loss.CandidateLoss`) ->
+model, its maps fitted on the other windows: `judge.candidates.CandidateLoss`) ->
 layer surgery with compensation, applied only where it does not make that held-out
 calibration loss worse -> report. The model runs where it is (any device, or spread
-by accelerate: see offload.py). The report gives every step's time in seconds and in
+by accelerate: see judge/eager.py). The report gives every step's time in seconds and in
 passes: one plain forward pass over all the calibration tokens, timed in the same
 run. The command line is a thin shell over this.
 """
@@ -87,12 +87,12 @@ def prune_model(
       `tokenizer`; or None to let the model sample its own text (needs `tokenizer`
       for the start token).
     * `evaluation`: optional token windows to measure perplexity on before and after.
-    * `gguf`: the `GGUFSource` the model was read from (`gguf_output.open_source`); the
+    * `gguf`: the `GGUFSource` the model was read from (`io.gguf.pruned_file.open_source`); the
       removal is then checked against the GGUF runtime's layer rules right after
       selection, and `PruneResult.save` also writes a pruned GGUF file.
     * The model is pruned in place with `config.inplace`, else a copy is. It runs on
       the device it is on; a model spread by accelerate (`hf_device_map`) is pruned
-      through hooks (offload.py).
+      through hooks (judge/eager.py).
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"config must be a lorp_fx.PruneConfig, got {type(config).__name__}; "
