@@ -18,7 +18,7 @@ from lorp_fx.core.files import read_text
 
 def shared_data_dir() -> Path | None:
     """`../shared/data` next to the repository (WikiText-2 and reference results), or None if absent."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    path = Path(__file__).resolve().parents[3] / "shared" / "data"  # lorp_fx/io/text.py -> beside the checkout
     return path if path.is_dir() else None
 
 
