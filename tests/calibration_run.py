@@ -4,7 +4,7 @@
 `validation_step` (and test, predict and training steps) calls `self.model` the way
 `call` says, from dict, tuple or list batches (`loader(data, form)` collates them).
 
-    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES [METHOD]
+    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES [METHOD [N_REMOVE SEQUENCES BATCH_SIZE]]
 
 runs one `Trainer.validate` (the multi-process tests) and writes OUT_DIR/rank{r}.json
 (the plan each rank holds) and, in the launching process, OUT_DIR/parent.json (the
@@ -165,14 +165,17 @@ class WriteEveryRank(L.Callback):
         (self.out / f"rank{trainer.global_rank}.json").write_text(self.lorp.plan.to_json())
 
 
-def main(out: Path, strategy: str, devices: int, method: str = "shortgpt") -> None:
-    lorp = LoRPCallback(n_remove=2, method=method, plan_path=out / "plan.json")
+def main(out: Path, strategy: str, devices: int, method: str = "shortgpt", n_remove: int = 2, sequences: int = 8,
+         batch_size: int = 2) -> None:
+    lorp = LoRPCallback(n_remove=n_remove, method=method, plan_path=out / "plan.json")
     run = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, callbacks=[lorp, WriteEveryRank(lorp, out)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
     )
     # Positional calls from tuple batches: what the single-process tests cover by keyword.
-    run.validate(Calibrated(tiny_model("llama", layers=6), call="mixed"), dataloaders=loader(form="tuple"))
+    data = calibration_data(n=sequences)
+    run.validate(Calibrated(tiny_model("llama", layers=6), call="mixed"),
+                 dataloaders=loader(data, form="tuple", batch_size=batch_size))
     if run.is_global_zero or strategy == "ddp_spawn":
         plan = lorp.plan
         (out / "parent.json").write_text("null" if plan is None else plan.to_json())
@@ -183,4 +186,4 @@ def main(out: Path, strategy: str, devices: int, method: str = "shortgpt") -> No
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
+    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:]))

@@ -151,12 +151,12 @@ def test_a_missing_network_attribute_is_named():
 # ----------------------------------------------------------------------------- several processes
 
 
-def run_calibration(tmp_path: Path, strategy: str, devices: int, method: str = "shortgpt") -> Path:
+def run_calibration(tmp_path: Path, strategy: str, devices: int, method: str = "shortgpt", *sizes: int) -> Path:
     out = tmp_path / f"{strategy}-{devices}-{method}"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run(
-        [sys.executable, str(HERE / "calibration_run.py"), str(out), strategy, str(devices), method],
+        [sys.executable, str(HERE / "calibration_run.py"), str(out), strategy, str(devices), method, *map(str, sizes)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -184,6 +184,21 @@ def test_loss_judged_selection_agrees_across_ddp_ranks(tmp_path):
     assert ranks[0]["details"]["steps"] == ranks[1]["details"]["steps"]
     assert ranks[0]["remove"] == ranks[1]["remove"]
     assert np.isfinite(ranks[0]["details"]["loss"])
+
+
+@pytest.mark.distributed
+def test_ddp_measures_the_loss_on_the_single_process_windows_and_chooses_its_layers(tmp_path):
+    """Issue 26: 16 sequences in batches of 4 on 2 ranks; each rank used to measure candidates on its own first
+    loss batches (other windows than one process's) and chose 1, 2, 4 against one process's 1, 3, 6."""
+    sizes = (3, 16, 4)  # remove 3 of 6 layers, 16 sequences, batches of 4
+    single = json.loads((run_calibration(tmp_path, "auto", 1, "lorp", *sizes) / "rank0.json").read_text())
+    ddp = run_calibration(tmp_path, "ddp", 2, "lorp", *sizes)
+    for rank in (json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)):
+        assert rank["remove"] == single["remove"]
+        steps, reference = rank["details"]["steps"], single["details"]["steps"]
+        assert [s["removed"] for s in steps] == [s["removed"] for s in reference]
+        # the same per-window losses, summed in another order: float32 rounding of a sum of 16 numbers at most
+        np.testing.assert_allclose([s["loss"] for s in steps], [s["loss"] for s in reference], rtol=1e-6)
 
 
 @pytest.mark.distributed

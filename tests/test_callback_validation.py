@@ -29,6 +29,9 @@ BAD_ARGUMENTS = [
     ({"plan_path": 3}, lorp_fx.ConfigError, "plan_path must be a file path.*got 3"),
     ({"plan_path": ""}, lorp_fx.ConfigError, "plan_path must be a file path"),
     ({"plan_path": b"plan.json"}, lorp_fx.ConfigError, "plan_path must be a file path"),
+    # a folder that is not there: refused here, not after calibration with a raw FileNotFoundError
+    ({"plan_path": "/missing/dir/plan.json"}, lorp_fx.PlanError, "the folder /missing/dir does not exist"),
+    ({"plan_path": "/"}, lorp_fx.PlanError, "is a folder; name a file in it"),
     ({"method": "lorp-paper", "n_clusters": 0}, lorp_fx.SelectorError, "n_clusters=0 must be a whole number.*at least 1"),
     ({"method": "lorp-paper", "n_clusters": "x"}, lorp_fx.SelectorError, "n_clusters='x' must be a whole number"),
     ({"method": "lorp-hier", "n_clusters": 2.0}, lorp_fx.SelectorError, "n_clusters=2.0 must be a whole number"),

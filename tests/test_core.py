@@ -136,7 +136,9 @@ def test_prune_as_an_fx_pass(traced):
     result = lorp_fx.PruneBlocks(remove)(gm)
     assert isinstance(result, PassResult) and result.modified
     assert len(lorp_fx.find_blocks(result.graph_module)) == len(lorp_fx.find_blocks(gm)) - 1
-    assert not lorp_fx.PruneBlocks([])(gm).modified
+    assert not lorp_fx.PruneBlocks([], allow_empty=True)(gm).modified
+    with pytest.raises(lorp_fx.PlanError, match="names no block"):
+        lorp_fx.PruneBlocks([])
 
 
 def test_prune_accepts_a_plan(traced):

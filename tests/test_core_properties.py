@@ -110,9 +110,11 @@ def test_prune_never_mutates_its_input(case):
 def test_removing_nothing_is_the_identity(case):
     model, _, x = case
     gm = lorp_fx.trace(model)
-    same = lorp_fx.prune(gm, [])
+    same = lorp_fx.prune(gm, [], allow_empty=True)
     assert same is not gm and same.code == gm.code
     assert_same_outputs(same(x), gm(x), atol=0)
+    with pytest.raises(lorp_fx.PlanError, match="allow_empty=True"):  # an empty removal is a mistake unless asked for
+        lorp_fx.prune(gm, [])
 
 
 @settings(max_examples=25)

@@ -37,6 +37,15 @@ def test_every_method_plan_survives_a_round_trip(tmp_path, method):
     assert loaded.remove == plan.remove and loaded.keep == plan.keep
 
 
+def test_saving_a_plan_where_it_cannot_go_is_one_line_and_leaves_nothing(tmp_path):
+    plan = PruningPlan.from_dict(good_plan())
+    with pytest.raises(PlanError, match=f"the folder {tmp_path / 'missing'} does not exist"):
+        plan.save(tmp_path / "missing" / "plan.json")
+    with pytest.raises(PlanError, match="is a folder"):
+        plan.save(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_plan_without_statistics_is_accepted():
     plan = PruningPlan.from_dict({"remove": ["model.layers.3"], "method": "manual"})
     assert plan.remove == ["model.layers.3"] and plan.granularity == "layer" and plan.statistics is None
@@ -64,6 +73,10 @@ STATS = good_plan()["statistics"]
     (broken(remove={"layers.1": True}), "'remove' must be a list of block names, got a JSON object"),
     (broken(remove=["layers.1", 3]), r"'remove\[\]' must be a non-empty string, got 3"),
     (broken(remove=["layers.1", "layers.1"]), "names 'layers.1' more than once"),
+    (broken(remove=["layers.1", "layers 2"]), "holds 'layers 2', which is not a block name"),
+    (broken(method="lorp\nrm -rf"), "'method' must be a short name"),
+    (broken(format=2), "format 2, newer than this lorp-fx reads"),
+    (broken(format="1"), "'format' must be a whole number"),
     (broken(remove=DELETE), "'remove' is missing"),
     (broken(method=DELETE), "'method' is missing"),
     (broken(method=7), "'method' must be a non-empty string"),

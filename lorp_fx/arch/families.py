@@ -15,6 +15,7 @@ sublayer removal and compensation are refused with a message naming this file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,23 +153,11 @@ LLAMA = Family(
     norm="pre",
     output_projections=_LLAMA_PROJECTIONS,
 )
-MIXTRAL = Family(
-    name="mixtral",
-    model_types=("mixtral",),
-    stacks=("layers",),
-    units=_LLAMA_UNITS,
-    norm="pre",
-    output_projections=_LLAMA_PROJECTIONS,  # experts.down_proj is a fused (experts, out, in) parameter
-)
-QWEN2_MOE = Family(
-    name="qwen2_moe",
-    model_types=("qwen2_moe",),
-    stacks=("layers",),
-    units=_LLAMA_UNITS,
-    norm="pre",
-    output_projections=_LLAMA_PROJECTIONS,  # fused experts and the shared expert's down_proj
-    renumber_config=_qwen2_moe_layer_kinds,
-)
+# The Llama layout with mixture-of-experts MLPs: the same units and projections (experts.down_proj is a fused
+# (experts, out, in) parameter).
+MIXTRAL = dataclasses.replace(LLAMA, name="mixtral", model_types=("mixtral",))
+# Fused experts and the shared expert's down_proj; which layers are sparse follows from their index.
+QWEN2_MOE = dataclasses.replace(LLAMA, name="qwen2_moe", model_types=("qwen2_moe",), renumber_config=_qwen2_moe_layer_kinds)
 GEMMA3 = Family(
     name="gemma3",
     model_types=("gemma3_text", "gemma2"),
@@ -318,9 +307,6 @@ def layer_units(family: Family, layer: nn.Module) -> list[Unit]:
 
 def check_dtype(model_type: str | None, dtype) -> None:
     """ConfigError where the family of `model_type` cannot be calibrated in `dtype` (from the config alone)."""
-    import torch
-
-
     why = _BY_MODEL_TYPE.get(model_type, GENERIC).no_float16
     if dtype == torch.float16 and why is not None:
         raise ConfigError(f"cannot calibrate a {model_type} model in float16: {why}")

@@ -1,6 +1,6 @@
 """Calibration batches as models take them: keyword dicts, the padding mask of each stream, defaults.
 
-Shared by the statistics pass (`observe.py`), activation capture for compensation
+Shared by the statistics pass (`graph_observer.py`), activation capture for compensation
 (`compensation/`), calibration losses and the pipeline, so that every pass reads a
 batch the same way.
 """

@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline: watch the residual stream while a network runs, and keep only sums.
+"""The statistics step on the traced graph: watch the residual stream while a network runs, and keep only sums.
 
 `ResidualObserver` stands in for a network and takes any call the network takes
 (`NetworkCall` names its arguments). On its first call it traces the network with
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from tqdm.auto import tqdm
 
 from lorp_fx.calibration.batches import stream_mask
 from lorp_fx.calibration.network_call import NetworkCall
@@ -30,7 +31,7 @@ from lorp_fx.core.stats import (
     combine_streams,
 )
 from lorp_fx.graph.blocks import ResidualBlock, find_blocks
-from lorp_fx.graph.rewrite import prune
+from lorp_fx.graph.rewrite import copy_graph
 from lorp_fx.graph.trace import trace
 
 
@@ -119,7 +120,7 @@ class ResidualObserver(nn.Module):
         self._observed = self._instrument(graph)
 
     def _instrument(self, graph: GraphModule) -> GraphModule:
-        observed = prune(graph, [])  # a copy sharing the parameters
+        observed = copy_graph(graph)  # sharing the parameters
         blocks = find_blocks(observed, self.granularity)
         observed.add_submodule("lorp_recorder", self._recorder)
         points: list = []
@@ -212,8 +213,6 @@ def collect_statistics(
     The plain-Python path to what `LoRPCallback` collects inside `Trainer.validate`;
     returns the statistics and the traced graph (for `prune`).
     """
-    from tqdm.auto import tqdm
-
     observer = ResidualObserver(network, granularity)
     with torch.no_grad():
         for batch in tqdm(batches, desc=description, unit="batch", disable=not progress):

@@ -1,6 +1,6 @@
 """Residual-stream statistics read by forward hooks on the eager model, for the blocks the graph found.
 
-`ResidualObserver` (observe.py) runs the traced graph. This reads the same residual
+`ResidualObserver` (graph_observer.py) runs the traced graph. This reads the same residual
 points from the eager model's modules: the input of the module that receives each
 block's entry (a layer, or the norm in front of a sublayer) and the output of the
 last layer of each stream. The points, their order and the statistics are the
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import stacks_of
 from lorp_fx.arch.families import layer_stacks
@@ -130,8 +131,6 @@ class HookObserver:
 def collect_hook_statistics(model: nn.Module, blocks: list[ResidualBlock], batches: list[dict], *, granularity: str = "layer",
                             progress: bool = True) -> LayerStatistics:
     """One pass over `batches` (on the model's input device), each stopped at the last residual point."""
-    from tqdm.auto import tqdm
-
     observer = HookObserver(model, blocks, granularity)
     for batch in tqdm(batches, desc="statistics", unit="batch", disable=not progress):
         observer.run(model, batch)

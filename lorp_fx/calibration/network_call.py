@@ -109,6 +109,23 @@ class NetworkCall:
             return graph(**self.tensor_inputs())
         return graph(*self.args, **self.kwargs)
 
+    def rows(self) -> int | None:
+        """How many windows (rows) the call holds: the first dimension of its first tensor argument."""
+        first = next((v for v in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(v, torch.Tensor) and v.dim()), None)
+        return None if first is None else int(first.shape[0])
+
+    def row(self, index: int) -> "NetworkCall":
+        """The call on window `index` alone: every tensor whose first dimension is the call's rows, sliced."""
+        rows = self.rows()
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+                return value[index : index + 1]
+            return value
+
+        args, kwargs, inputs = pytree.tree_map(take, (self.args, self.kwargs, self.inputs))
+        return NetworkCall(args, kwargs, inputs, self.has_varargs)
+
     def detached(self) -> "NetworkCall":
         """A copy whose tensors are detached clones, safe to keep after the batch is gone."""
         clones: dict[int, torch.Tensor] = {}  # a tensor in both `kwargs` and `inputs` is cloned once

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from lorp_fx.core.errors import CalibrationError
@@ -117,20 +118,15 @@ def _static_cache(model, seq_len: int):
     mask, no copies. (Sliding-window layers keep their own cache.)
     """
     try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        cache = DynamicCache(config=model.config)
-        cache.layers = [_PreallocatedLayer(seq_len) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+        cache = transformers.DynamicCache(config=model.config)
+        cache.layers = [_PreallocatedLayer(seq_len) if type(layer) is transformers.cache_utils.DynamicLayer else layer for layer in cache.layers]
         return cache
     except Exception:  # noqa: BLE001 - a model without that cache layout samples with its default cache
         return None
 
 
 def _preallocated_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
+    class PreallocatedLayer(transformers.cache_utils.DynamicLayer):
         """A DynamicLayer that writes into a buffer of `capacity` positions and returns the written part."""
 
         def __init__(self, capacity: int):

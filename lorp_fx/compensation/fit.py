@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import (
     Gap,
@@ -302,7 +303,6 @@ def branch_width(model: nn.Module) -> int:
 def _progress(items, enabled: bool, description: str):
     if not enabled:
         return items
-    from tqdm.auto import tqdm
 
     return tqdm(items, desc=description, unit="batch")
 

@@ -89,8 +89,12 @@ class DistributedError(LoRPError):
 def first_line(error: BaseException) -> str:
     """The first line of `error`'s message, without terminal colour codes, or its type's name if it has none:
     what a one-line message quotes of an error raised deep inside torch or transformers."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    # "Validation error for field 'x':" says nothing on its own; a line of a page says too much
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def describe(error: BaseException) -> str:

@@ -7,6 +7,7 @@ a while and restores every module's own mode.
 from __future__ import annotations
 
 import gc
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -29,6 +30,13 @@ def causal_lm(model: nn.Module) -> bool:
         return False
     can_generate = getattr(model, "can_generate", None)
     return bool(can_generate()) if callable(can_generate) else True
+
+
+def is_transformers_model(model) -> bool:
+    """Whether `model` is a `transformers.PreTrainedModel`. Such a model implies that transformers is imported,
+    so the check never imports it (importing its model classes costs seconds: a plain network pays nothing)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def vocabulary_size(model) -> int | None:

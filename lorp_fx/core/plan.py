@@ -17,10 +17,12 @@ import numpy as np
 
 from lorp_fx.core.budget import check_stream_budget
 from lorp_fx.core.errors import BudgetError, PlanError
+from lorp_fx.core.files import read_text
 from lorp_fx.core.stats import LayerStatistics
 
 GRANULARITIES = ("layer", "sublayer")
-_FIELDS = ("remove", "method", "granularity", "scores", "rls", "clusters", "details", "statistics")
+_FIELDS = ("format", "remove", "method", "granularity", "scores", "rls", "clusters", "details", "statistics")
+PLAN_FORMAT = 1  # the plan.json layout this version writes and reads; a newer one is refused, not misread
 
 
 @dataclass
@@ -58,6 +60,7 @@ class PruningPlan:
 
     def to_dict(self) -> dict:
         return {
+            "format": PLAN_FORMAT,
             "remove": list(self.remove),
             "method": self.method,
             "granularity": self.granularity,
@@ -79,10 +82,11 @@ class PruningPlan:
         for required in ("remove", "method"):
             if required not in data:
                 raise PlanError(f"plan field '{required}' is missing; a plan needs at least remove and method")
+        _format(data.get("format", PLAN_FORMAT))  # plans written before the field existed are format 1
         statistics = _statistics(data.get("statistics"))
         plan = cls(
             remove=_names(data["remove"], "remove"),
-            method=_text(data["method"], "method"),
+            method=_method(data["method"]),
             granularity=_granularity(data.get("granularity", "layer")),
             scores=_scores(data.get("scores")),
             rls=_number(data.get("rls"), "rls"),
@@ -114,27 +118,41 @@ class PruningPlan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the plan as JSON, atomically (a reader never sees half a file)."""
-        path = Path(path)
+        """Write the plan as JSON, atomically (a reader never sees half a file); PlanError naming the folder
+        where it cannot be written."""
+        path = Path(path).expanduser()
+        check_plan_folder(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(self.to_json())
+            os.replace(tmp, path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            raise PlanError(f"cannot write the plan to {path}: {error.strerror or error}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruningPlan":
         """The plan in the JSON file `path`, validated (`from_dict`)."""
         path = Path(path).expanduser()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PlanError(f"plan file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise PlanError(f"cannot read plan file {path}: {error}") from None
+        text = read_text(path, "plan file", PlanError)
         try:
             data = json.loads(text)
         except ValueError as error:
             raise PlanError(f"plan file {path} is not valid JSON ({error})") from None
         return cls.from_dict(data)
+
+
+def check_plan_folder(path: str | os.PathLike) -> None:
+    """PlanError unless `path` names a file in an existing, writable folder (checked before any work that ends
+    in writing the plan there)."""
+    path = Path(path).expanduser()
+    folder = path.parent
+    if path.is_dir():
+        raise PlanError(f"plan path {path} is a folder; name a file in it, such as {path / 'plan.json'}")
+    if not folder.is_dir():
+        raise PlanError(f"cannot write a plan to {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise PlanError(f"cannot write a plan to {path}: the folder {folder} is not writable")
 
 
 # --------------------------------------------------------------------------- field checks
@@ -150,6 +168,30 @@ def _text(value, name: str) -> str:
     return value
 
 
+def _format(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(f"plan field 'format' must be a whole number (this lorp-fx writes {PLAN_FORMAT}), got {value!r}")
+    if value > PLAN_FORMAT:
+        raise PlanError(f"the plan is in format {value}, newer than this lorp-fx reads ({PLAN_FORMAT}); upgrade lorp-fx")
+
+
+def _method(value) -> str:
+    """A method's name: one word or a few (`lorp`, `lorp-paper`, `manual`), never several lines."""
+    _text(value, "method")
+    if len(value) > 80 or not value.isprintable():
+        raise PlanError(f"plan field 'method' must be a short name such as 'lorp' or 'manual', got {value[:40]!r}")
+    return value
+
+
+def _block_name(value, name: str) -> str:
+    """A block name as `find_blocks` writes it: a dotted module path (`model.layers.3.self_attn`)."""
+    _text(value, name)
+    if any(c.isspace() for c in value) or not value.isprintable():
+        raise PlanError(f"plan field '{name}' holds {value[:40]!r}, which is not a block name "
+                        "(a dotted module path such as 'model.layers.3')")
+    return value
+
+
 def _names(value, name: str) -> list[str]:
     if isinstance(value, str):
         raise PlanError(f"plan field '{name}' must be a list of block names, got the string {value!r}; "
@@ -157,7 +199,7 @@ def _names(value, name: str) -> list[str]:
     if not isinstance(value, (list, tuple)):
         raise PlanError(f"plan field '{name}' must be a list of block names, got a {_kind(value)}")
     for item in value:
-        _text(item, f"{name}[]")
+        _block_name(item, f"{name}[]")
     duplicates = sorted({n for n in value if list(value).count(n) > 1})
     if duplicates:
         raise PlanError(f"plan field '{name}' names {duplicates[0]!r} more than once")

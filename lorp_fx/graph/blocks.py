@@ -15,7 +15,7 @@ into layers by the module that owns them (`nn_module_stack`): the outermost
 module path that is an element of a list (`model.layers.3`, `encoder.block.2`).
 Module metadata only names and groups what the structure found; where it is
 missing, blocks are named after their residual add. What a node computes is in
-`graph_nodes.py`, how adds chain into streams in `streams.py`.
+`nodes.py`, how adds chain into streams in `streams.py`.
 """
 
 from __future__ import annotations

@@ -21,14 +21,14 @@ import torch
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from lorp_fx.core.errors import CallError
+from lorp_fx.core.errors import CallError, PlanError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.graph.erase import REMOVED_META, remove_blocks
 from lorp_fx.graph.module import graph_module
 from lorp_fx.graph.program import is_program, prune_program
 
 
-def prune(gm, remove: Iterable[str] | PruningPlan = ()):
+def prune(gm, remove: Iterable[str] | PruningPlan, *, allow_empty: bool = False):
     """A new GraphModule (or ExportedProgram) without the named residual blocks.
 
     `remove` is a list of block names (layers such as `model.layers.3`, or
@@ -36,18 +36,32 @@ def prune(gm, remove: Iterable[str] | PruningPlan = ()):
     `PruningPlan`. `gm` is a GraphModule from `trace` (or any torch.fx graph), or a
     `torch.export.ExportedProgram`, which gives an ExportedProgram back. Raises
     `UnknownBlockError` for a name the graph does not have and `NotRemovableError`
-    for a block whose nodes are used outside it.
+    for a block whose nodes are used outside it. An empty `remove` is a mistake (a plan
+    that removes nothing) and raises PlanError, unless `allow_empty=True` asks for a
+    copy of the graph on purpose.
     """
-    if isinstance(remove, str):
-        raise CallError("remove must be a list of block names, not a single string: use remove=[name]")
-    names = list(remove.remove if isinstance(remove, PruningPlan) else remove)
+    names = _names(remove, allow_empty)
     if is_program(gm):
         return prune_program(gm, names)
-    pruned = _copy(gm)
+    pruned = copy_graph(gm)
     if names:
         remove_blocks(pruned, names)
         _clean(pruned)
     return pruned
+
+
+def _names(remove, allow_empty: bool) -> list[str]:
+    """The block names `remove` (a list or a PruningPlan) holds, refusing a lone string and, unless
+    `allow_empty`, an empty removal."""
+    if isinstance(remove, str):
+        raise CallError("remove must be a list of block names, not a single string: use remove=[name]")
+    if not isinstance(allow_empty, bool):
+        raise CallError(f"allow_empty must be True or False, got {allow_empty!r}")
+    names = list(remove.remove if isinstance(remove, PruningPlan) else remove)
+    if not names and not allow_empty:
+        raise PlanError("remove names no block, so nothing would be pruned; name at least one block "
+                        "(find_blocks lists them), or pass allow_empty=True to get a copy of the graph on purpose")
+    return names
 
 
 
@@ -61,9 +75,9 @@ class PruneBlocks(PassBase):
     `modified=False`.
     """
 
-    def __init__(self, remove: Iterable[str] | PruningPlan):
+    def __init__(self, remove: Iterable[str] | PruningPlan, *, allow_empty: bool = False):
         super().__init__()
-        self.remove = list(remove.remove if isinstance(remove, PruningPlan) else remove)
+        self.remove = _names(remove, allow_empty)
 
     def call(self, graph_module: GraphModule) -> PassResult:
         done = set(graph_module.meta.get(REMOVED_META, []))
@@ -76,7 +90,8 @@ class PruneBlocks(PassBase):
         graph_module.graph.lint()
 
 
-def _copy(gm: GraphModule) -> GraphModule:
+def copy_graph(gm: GraphModule) -> GraphModule:
+    """A copy of `gm` with its own graph, sharing the (unchanged) parameter tensors."""
     graph = torch.fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
     graph._codegen = gm.graph._codegen  # the pytree in/out specs and the traced call; never mutated
     output = graph.graph_copy(gm.graph, {})

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
+from torch.utils._sympy.numbers import int_oo
 
 from lorp_fx.core.errors import ConfigError, InputMismatchError, TraceError, first_line
-from lorp_fx.core.model import eval_mode
+from lorp_fx.core.model import eval_mode, is_transformers_model
 from lorp_fx.graph.module import graph_module
 from lorp_fx.graph.traced_call import (
     FIXED,
@@ -84,17 +85,10 @@ def _cache_hint(failures: list[str]) -> str:
 def _frontend_order(model: nn.Module, frontend: str, have_inputs: bool) -> list[str]:
     if frontend != "auto":
         return [frontend]
-    if _is_transformers_model(model):
+    if is_transformers_model(model):
         return ["export"]
     return ["symbolic_trace", "export"] if have_inputs else ["symbolic_trace"]
 
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
 
 
 def _split_inputs(example_inputs: ExampleInputs | None) -> tuple[tuple, dict]:
@@ -198,7 +192,7 @@ _CONFIG_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states", "
 def _config_defaults(model: nn.Module, passed: dict) -> dict[str, Any]:
     """What a transformers model uses for an option left out of the traced call: its config value."""
     config = getattr(model, "config", None)
-    if not _is_transformers_model(model) or config is None:
+    if not is_transformers_model(model) or config is None:
         return {}
     found = {}
     for name in _CONFIG_OPTIONS:
@@ -210,7 +204,7 @@ def _config_defaults(model: nn.Module, passed: dict) -> dict[str, Any]:
 
 def _chosen_arguments(model: nn.Module, kwargs: dict) -> dict[str, tuple[Any, str]]:
     """Arguments lorp-fx passes itself when the caller did not: use_cache=False for transformers models."""
-    if not _is_transformers_model(model) or "use_cache" in kwargs or "use_cache" not in _parameters(model):
+    if not is_transformers_model(model) or "use_cache" in kwargs or "use_cache" not in _parameters(model):
         return {}
     return {"use_cache": (False, "a KV cache cannot be traced")}
 
@@ -285,8 +279,6 @@ def _size_rules(values: dict[str, Any], ranges: dict) -> list[SizeRule]:
 
 
 def _finite(bound: Any) -> int | None:
-    from torch.utils._sympy.numbers import int_oo
-
     if bound in (int_oo, -int_oo) or not getattr(bound, "is_finite", True):
         return None
     try:

@@ -220,6 +220,10 @@ def same_value(given: Any, traced: Any) -> bool:
 
 
 def _again(name: str, value: Any) -> str:
+    """What to do instead: advice that works (a graph cannot hold a KV cache, so tracing again with one fails)."""
+    if name == "use_cache" and value is True:
+        return ("a traced graph computes whole windows without a KV cache: call it without use_cache (or with "
+                "use_cache=False), and generate with the eager model (lorp_fx.remove_layers keeps it a transformers model)")
     if isinstance(value, torch.Tensor):
         return f"trace again with a tensor for {name} in the example inputs"
     return f"trace again with {name}={_show(value)} in the example inputs"

@@ -4,7 +4,7 @@ Loading is split so that everything can be checked before the weights load:
 `resolve_model` finds the model and reads its configuration (cheap), `load_tokenizer`
 and `load_weights` load the rest; `load_model` does all three.
 
-Rules (the README states them for users):
+Rules (docs/safety.md states them for users):
 
 * No foreign code. `trust_remote_code=False` everywhere; a model whose config.json or
   tokenizer_config.json has an `auto_map` (its own Python code) is refused with one
@@ -37,9 +37,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
 import torch
+import transformers
 
 from lorp_fx.core.errors import ModelLoadError, describe
+from lorp_fx.io.gguf.export import missing_tensor_bytes
 from lorp_fx.io.gguf.header import read_metadata
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -152,9 +155,8 @@ def _hub_source(name: str, path: Path) -> ModelSource:
 
 def _cached_hub_file(repo: str, filename: str) -> str | None:
     try:
-        from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(repo, filename)
+        found = huggingface_hub.try_to_load_from_cache(repo, filename)
     except Exception:  # noqa: BLE001 - an id the cache cannot hold is simply not cached
         return None
     return found if isinstance(found, str) else None
@@ -165,13 +167,14 @@ def _offline() -> bool:
 
 
 def _transformers_source(name: str, kind: str, location: str, paths: list[Path]) -> ModelSource:
-    from transformers import AutoConfig
-
     where = f"directory {location}" if kind == "directory" else f"hub id {location!r}"
+    if kind == "directory" and not (Path(location) / "config.json").is_file():
+        raise ModelLoadError(f"{where} has no config.json, so it is not a transformers checkpoint; pass the folder "
+                             "that save_pretrained wrote, a .gguf file or a hub id")
     for filename in ("config.json", "tokenizer_config.json"):
         check_no_remote_code(_json_file(kind, location, filename), f"{where} ({filename})")
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=False)
+        config = transformers.AutoConfig.from_pretrained(location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 - any loading failure becomes one clear message
         raise ModelLoadError(f"could not load a model from {where}: {describe(error)}") from error
     model_class(config)  # an architecture that disagrees with model_type fails now
@@ -183,10 +186,8 @@ def _json_file(kind: str, location: str, filename: str) -> dict:
     if kind == "directory":
         path = Path(location) / filename
     else:
-        from transformers.utils import cached_file
-
         try:
-            found = cached_file(location, filename, _raise_exceptions_for_missing_entries=False)
+            found = transformers.utils.cached_file(location, filename, _raise_exceptions_for_missing_entries=False)
         except Exception:  # noqa: BLE001 - AutoConfig reports an unreachable hub id in one line below
             found = None
         path = Path(found) if found else None
@@ -233,8 +234,6 @@ def model_class(config):
     An architecture of another family is a ModelLoadError; a base-model class (no
     language-model head) gives the family's language-model class instead.
     """
-    import transformers
-
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, str(name), None)
         if cls is None or not isinstance(cls, type) or not hasattr(cls, "config_class"):
@@ -251,16 +250,12 @@ def model_class(config):
 
 
 def _is_base_class(config, name: str) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    base = MODEL_MAPPING_NAMES.get(config.model_type, ())
+    base = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES.get(config.model_type, ())
     return name in ((base,) if isinstance(base, str) else tuple(base))
 
 
 def _language_model_class(config):
-    import transformers
-    from transformers.models.auto import modeling_auto as auto
-
+    auto = transformers.models.auto.modeling_auto  # the tables behind transformers' Auto classes
     tables = [auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES] if getattr(config, "is_encoder_decoder", False) else []
     tables += [auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES]
     for table in tables:
@@ -276,20 +271,31 @@ def _language_model_class(config):
 
 def load_tokenizer(source: ModelSource):
     """The model's tokenizer (with a pad token), without its weights."""
-    from transformers import AutoTokenizer
-
     try:
         if source.kind == "gguf":
             path = Path(source.location).resolve()  # absolute: transformers reads a bare file name from the cwd first
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
+            _check_tokenizer_files(source)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001
         what = f"GGUF file {source.location}" if source.kind == "gguf" else f"the tokenizer of {source.name}"
         raise ModelLoadError(f"could not load {what}: {describe(error)}") from error
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# Files a saved tokenizer consists of, one of which any tokenizer writes.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
+
+
+def _check_tokenizer_files(source: ModelSource) -> None:
+    """ModelLoadError for a model folder without tokenizer files (transformers' own message ends in an empty list)."""
+    folder = Path(source.location)
+    if source.kind == "directory" and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ModelLoadError(f"directory {folder} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...); "
+                             "save the tokenizer next to the model (tokenizer.save_pretrained(folder))")
 
 
 def load_weights(source: ModelSource, dtype: torch.dtype | str = torch.float32, tokenizer=None):
@@ -348,23 +354,26 @@ def check_loading_info(info: dict, source: ModelSource) -> None:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, GgufConfig
-
     try:
         with _quiet_loading_report():
             # Dequantize while loading: with the optional `kernels` package installed,
             # transformers would otherwise keep packed GGUF linear layers, which
             # neither hidden-state hooks nor save_pretrained handle.
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
                 # The absolute path: transformers reads a bare file name from the current directory first, so
                 # `out/tiny.gguf` loaded a `tiny.gguf` that happened to lie in the current directory.
                 path.resolve().parent, gguf_file=str(path.resolve()), dtype=dtype,
-                quantization_config=GgufConfig(dequantize=True),
-                trust_remote_code=False, output_loading_info=True,
+                quantization_config=transformers.GgufConfig(dequantize=True),
+                # a tensor of the wrong shape is reported by name (check_loading_info), not as a pointer to a log table
+                trust_remote_code=False, output_loading_info=True, ignore_mismatched_sizes=True,
             )
     except Exception as error:  # noqa: BLE001
+        missing = missing_tensor_bytes(path)  # the usual cause of an unreadable tensor: a file cut short
+        if missing:
+            raise ModelLoadError(f"GGUF file {path} is truncated: its tensors need {missing:,} more bytes than its "
+                                 f"{path.stat().st_size:,}; the download or copy did not finish") from error
         raise ModelLoadError(
-            f"could not load GGUF file {path}: {describe(error)} (transformers loads only some GGUF architectures)"
+            f"could not load GGUF file {path}: {describe(error)} (transformers reads only some GGUF files)"
         ) from error
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:

@@ -1,6 +1,6 @@
 """Writing results: an output directory that appears complete or not at all, and never costs the user data.
 
-The rules (the README's command-line section states them for users):
+The rules (docs/safety.md states them for users):
 
 * `--out` is resolved (symbolic links included) before any work and refused when it
   is empty, is or contains an input (the model, a calibration, eval or config file)
@@ -27,7 +27,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from lorp_fx.core.errors import OutputDirError
+from lorp_fx.core.errors import CallError, OutputDirError
+from lorp_fx.core.model import is_offloaded
 from lorp_fx.core.version import __version__
 from lorp_fx.io import atomic
 
@@ -52,10 +53,12 @@ def save_pretrained_atomic(
     `protect` names inputs `out_dir` must not be or contain; the directory the model
     was loaded from (its `name_or_path`) is always protected.
     """
+    _check_save_arguments(model, tokenizer, out_dir)
     loaded_from = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
 
     def write(tmp: Path) -> None:
         if model is not None:
+            _retie_offloaded(model)
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -64,6 +67,30 @@ def save_pretrained_atomic(
 
     protected = [*protect, *([loaded_from] if loaded_from and Path(str(loaded_from)).exists() else [])]
     return write_directory_atomic(out_dir, write, overwrite, protect=protected)
+
+
+def _retie_offloaded(model) -> None:
+    """Tie the head to the embeddings again where the config ties them and accelerate offloads the model: its hooks
+    put a new meta tensor in each module after every forward pass, so the tie is lost and `save_pretrained` would
+    write the head as a tensor of its own (the same values, twice the bytes)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if is_offloaded(model) and getattr(text, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _check_save_arguments(model, tokenizer, out_dir) -> None:
+    """CallError for arguments in another order or of the wrong kind (PruneResult.save takes (out_dir, tokenizer))."""
+    if isinstance(model, (str, os.PathLike)):
+        raise CallError("save_pretrained_atomic takes (model, tokenizer, out_dir), model first; "
+                        f"got the path {os.fspath(model)!r} in the model's place")
+    if model is not None and not callable(getattr(model, "save_pretrained", None)):
+        raise CallError(f"model must have save_pretrained (a transformers model) or be None, got {type(model).__name__}")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise CallError(f"tokenizer must have save_pretrained (a transformers tokenizer) or be None, "
+                        f"got {type(tokenizer).__name__}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise CallError(f"out_dir must be a path (str or pathlib.Path), got {type(out_dir).__name__}")
 
 
 def write_directory_atomic(out_dir: str | os.PathLike, write, overwrite: bool = False, protect: Iterable = ()) -> Path:
@@ -181,6 +208,10 @@ def _check_not_an_input(out: Path, given: Path, protect: Iterable) -> None:
             relation = "is" if path == out else "contains"
             raise OutputDirError(f"output directory {out} {relation} {what}; writing there could destroy it, "
                                  "so it is refused even with overwrite: choose another output directory")
+        if path in out.parents and path.is_dir() and what != "the current directory":
+            # The same rule as --offload-dir: an input directory (the model's folder) is never written into.
+            raise OutputDirError(f"output directory {out} lies inside {what}; lorp-fx does not write into an input "
+                                 "directory: choose an output directory outside it")
 
 
 def check_offload_location(offload_dir, out: Path | None, protect: Iterable = ()) -> Path:

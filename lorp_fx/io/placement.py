@@ -10,13 +10,22 @@ probes run on the device being checked.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+try:
+    import accelerate  # optional: only --device-map needs it (resolve_placement says so in one line)
+    import accelerate.utils
+except ImportError:
+    accelerate = None
 
 from lorp_fx.core.errors import ConfigError, DeviceError, ModelLoadError, describe
 from lorp_fx.io.models import finish_loading, load_weights, model_class
@@ -214,6 +223,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", *, devices: int
             raise DeviceError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
         if devices is not None:
             raise DeviceError("--device-map spreads one model over devices inside one process; it does not combine with --devices")
+        if accelerate is None:
+            raise DeviceError("--device-map needs the accelerate package: pip install accelerate (or 'lorp-fx[gguf]')")
     elif max_memory is not None or offload_dir is not None:
         raise DeviceError("--max-memory and --offload-dir only apply with --device-map auto")
     if devices is not None:
@@ -249,8 +260,7 @@ def load_placed(source, tokenizer, placement: Placement, *, processes: bool = Fa
 
 
 def _load_dispatched(source, tokenizer, placement: Placement) -> nn.Module:
-
-
+    """A transformers checkpoint loaded straight into its device map (weights that fit nowhere go to disk)."""
     offload_dir = offload_folder(placement.offload_dir)
     try:
         model, info = model_class(source.config).from_pretrained(
@@ -268,10 +278,6 @@ def offload_folder(parent: str | None) -> str:
     model's worth of weights): inside `parent` (--offload-dir, created if missing), else in the system's
     temporary folder. Never `parent` itself: accelerate reads any index.json it finds in the folder it is
     given, so weights that another run or model left there would be used silently."""
-    import atexit
-    import shutil
-    import tempfile
-
     if parent is not None:
         Path(parent).mkdir(parents=True, exist_ok=True)
     path = tempfile.mkdtemp(prefix="lorp-fx-offload-", dir=parent)
@@ -281,11 +287,9 @@ def offload_folder(parent: str | None) -> str:
 
 def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
     """accelerate's device map: layers on the GPUs, then the CPU, then a fresh folder on disk, within max_memory."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import offload_state_dict
 
     no_split = getattr(model, "_no_split_modules", None) or []
-    device_map = infer_auto_device_map(model, max_memory=placement.max_memory, no_split_module_classes=no_split,
+    device_map = accelerate.infer_auto_device_map(model, max_memory=placement.max_memory, no_split_module_classes=no_split,
                                        dtype=placement.dtype)
     on_disk = [name for name, where in device_map.items() if where == "disk"]
     offload_dir = None
@@ -293,9 +297,9 @@ def dispatch(model: nn.Module, placement: Placement) -> nn.Module:
         # The model's own weights are written first: accelerate writes none when the whole model goes to disk
         # (the device map {"": "disk"}), and then looked for an index.json that was not there.
         offload_dir = offload_folder(placement.offload_dir)
-        offload_state_dict(offload_dir, {key: tensor for key, tensor in model.state_dict().items()
+        accelerate.utils.offload_state_dict(offload_dir, {key: tensor for key, tensor in model.state_dict().items()
                                          if any(name in ("", key) or key.startswith(name + ".") for name in on_disk)})
-    model = dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
+    model = accelerate.dispatch_model(model, device_map=device_map, offload_dir=offload_dir)
     model.hf_device_map = dict(device_map)
     return model
 
@@ -308,7 +312,6 @@ def check_offload_granularity(granularity: str) -> None:
 
 def make_resident(module: nn.Module) -> int:
     """Copy `module`'s offloaded weights in for good (so maps can be folded into them); the bytes made resident."""
-    from accelerate.utils import named_module_tensors, set_module_tensor_to_device
 
     moved = 0
     for sub in module.modules():
@@ -317,11 +320,11 @@ def make_resident(module: nn.Module) -> int:
         for align in hooks:
             if not getattr(align, "offload", False):
                 continue
-            for name, tensor in named_module_tensors(sub, include_buffers=align.offload_buffers, recurse=align.place_submodules):
+            for name, tensor in accelerate.utils.named_module_tensors(sub, include_buffers=align.offload_buffers, recurse=align.place_submodules):
                 if tensor.device.type != "meta":
                     continue
                 value = align.weights_map[name]
-                set_module_tensor_to_device(sub, name, align.execution_device, value=value)
+                accelerate.utils.set_module_tensor_to_device(sub, name, align.execution_device, value=value)
                 moved += value.numel() * value.element_size()
             align.offload = False  # its hook now leaves the weights where they are
     return moved

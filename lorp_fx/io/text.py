@@ -1,4 +1,4 @@
-"""Token windows for calibration and evaluation: from text files, or sampled from the model itself.
+"""Token windows for calibration and evaluation, from text files (the model's own text: `calibration/sampling.py`).
 
 Windows from text are consecutive and start at the beginning of the text, so that
 two runs on the same files see the same tokens (REFERENCE.md: "the first 32 x 256
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lorp_fx.core.errors import CalibrationError
+from lorp_fx.core.files import read_text
 
 
 def shared_data_dir() -> Path | None:
@@ -91,11 +92,7 @@ def check_text_file(path, what: str = "text file") -> Path:
 def _read_texts(paths: list) -> str:
     parts = []
     for path in paths:
-        path = check_text_file(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CalibrationError(f"cannot read text file {path}: {error}") from None
+        text = read_text(check_text_file(path), "text file", CalibrationError)
         if parts and not parts[-1].endswith("\n"):
             parts.append("\n")
         parts.append(text)

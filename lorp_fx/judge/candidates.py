@@ -43,6 +43,7 @@ from collections.abc import Iterable
 
 import torch
 from torch.fx import GraphModule
+from tqdm.auto import tqdm
 
 from lorp_fx.compensation.fit import GapFit
 from lorp_fx.compensation.gap_fit import fit_gap
@@ -239,8 +240,6 @@ class CandidateLoss:
     @torch.no_grad()
     def _cache_dense(self, progress: bool) -> None:
         """One pass: every layer's entry state on the loss and fit windows; the dense loss."""
-        from tqdm.auto import tqdm
-
         final = len(self.runner.units)
         shared = self.fit_on == "all"
         bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",

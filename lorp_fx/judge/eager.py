@@ -1,16 +1,16 @@
-"""Pruning a model that accelerate spreads over GPUs, the CPU and disk (`--device-map auto`).
+"""The calibration loss of a model that accelerate spreads over GPUs, the CPU and disk (`--device-map auto`).
 
-Such a model runs eagerly: before each offloaded module runs, an accelerate hook
+How such a model is pruned, step by step. It runs eagerly: before each offloaded module runs, an accelerate hook
 copies its weights in from the CPU or from disk, and puts meta tensors back after.
 `torch.export` cannot trace that (the hooks touch real data pointers), so:
 
 * blocks are found on the graph of a meta-device copy (same class and config, no
-  weights, nothing computed): the names are the real model's;
-* statistics are read by module hooks (`hook_observer.py`), as for any model;
+  weights, nothing computed): the names are the real model's (`graph.trace.skeleton_graph`);
+* statistics are read by module hooks (`calibration/hook_observer.py`), as for any model;
 * candidate removals are judged on the eager model, the removed layers' outputs
-  replaced by their inputs (forward hooks): the graph's rewrite, done on the fly;
+  replaced by their inputs (forward hooks): the graph's rewrite, done on the fly (here);
 * compensation folds its maps into the fold units' weights, which are first made
-  resident (copied in from the offload store once, a few projections).
+  resident (copied in from the offload store once, a few projections: `io.placement.make_resident`).
 
 Limits: layer granularity only (a sublayer's residual add happens inside its layer's
 forward, where no hook can skip it); no fx self-check (the graph has no weights).

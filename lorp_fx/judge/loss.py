@@ -58,17 +58,28 @@ class MemoLoss:
         return self.values[key]
 
 
-def loss_on_calls(graph: GraphModule, calls: list[NetworkCall], output_loss: OutputLoss | None = None) -> MemoLoss:
+Reduce = Callable[[float, int], tuple[float, int]]  # (sum, count) here -> (sum, count) over every process
+
+
+def loss_on_calls(graph: GraphModule, calls: list[NetworkCall], output_loss: OutputLoss | None = None,
+                  reduce: Reduce | None = None) -> MemoLoss:
     """`loss_fn(removed)`: the mean of `output_loss(output, inputs)` (default: next-token
-    cross-entropy) of `graph` without those blocks, on the recorded `calls`."""
-    if not calls:
+    cross-entropy) of `graph` without those blocks, on the recorded `calls`. With `reduce`
+    (several processes) the sum and the count are reduced over the processes first, so every
+    process returns the mean over all of their calls; a process may hold none."""
+    if not calls and reduce is None:
         raise CalibrationError("no calibration call was recorded, so no calibration loss can be measured")
     measure = output_loss or next_token_cross_entropy
 
     @torch.no_grad()
     def loss(removed: list[str]) -> float:
-        candidate = prune(graph, removed) if removed else graph
-        return sum(as_loss(measure(call.run(candidate), call.inputs)) for call in calls) / len(calls)
+        candidate = prune(graph, removed) if removed and calls else graph
+        total, count = sum(as_loss(measure(call.run(candidate), call.inputs)) for call in calls), len(calls)
+        if reduce is not None:
+            total, count = reduce(total, count)
+        if not count:
+            raise CalibrationError("no process recorded a calibration call, so no calibration loss can be measured")
+        return total / count
 
     return MemoLoss(loss)
 

@@ -11,7 +11,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lorp_fx.core.errors import ConfigError, InputMismatchError
-from lorp_fx.core.model import causal_lm, check_vocabulary, eval_mode, model_device
+from lorp_fx.core.model import (
+    causal_lm,
+    check_vocabulary,
+    eval_mode,
+    is_transformers_model,
+    model_device,
+)
 
 
 @torch.no_grad()
@@ -47,7 +53,6 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
 
 def _check_causal(model) -> None:
     """A masked LM or an encoder-decoder has no next-token perplexity: refused, not measured as if it had."""
-
     if isinstance(model, nn.Module) and hasattr(model, "can_generate") and not causal_lm(model):
         raise ConfigError(f"perplexity is the next-token perplexity of a causal LM; {type(model).__name__} is not one")
 
@@ -61,10 +66,8 @@ def exp_or_inf(mean_nll: float) -> float:
 
 
 def _logits(model, batch: torch.Tensor) -> torch.Tensor:
-    from transformers import PreTrainedModel
-
     # The KV cache is useless when scoring whole windows, and costs memory.
-    out = model(input_ids=batch, use_cache=False) if isinstance(model, PreTrainedModel) else model(input_ids=batch)
+    out = model(input_ids=batch, use_cache=False) if is_transformers_model(model) else model(input_ids=batch)
     if isinstance(out, torch.Tensor):
         return out
     if getattr(out, "logits", None) is not None:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
@@ -25,7 +25,8 @@ from lorp_fx.core.errors import (
     SelectorError,
     first_line,
 )
-from lorp_fx.core.plan import GRANULARITIES, PruningPlan
+from lorp_fx.core.model import is_transformers_model
+from lorp_fx.core.plan import GRANULARITIES, PruningPlan, check_plan_folder
 from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
 from lorp_fx.judge.loss import (
     OutputLoss,
@@ -33,7 +34,8 @@ from lorp_fx.judge.loss import (
     loss_on_calls,
     next_token_cross_entropy,
 )
-from lorp_fx.lightning.pruned_network import is_transformers_model, pruned_network
+from lorp_fx.lightning.pruned_network import pruned_network
+from lorp_fx.lightning.windows import LossWindows
 from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
@@ -103,8 +105,11 @@ class LoRPCallback(Callback):
         plan_path: where rank zero writes the plan as JSON; the way to get the plan
             back from `strategy="ddp_spawn"`, whose workers share no memory with the
             parent process (`cb.plan` reads it there).
-        loss_batches: network calls kept for the calibration loss; under DDP each
-            rank keeps its own and the loss is their mean over ranks.
+        loss_batches: the first `loss_batches` batches of the calibration data (in one
+            process's order) are the loss windows, each window measured on its own; under
+            DDP each rank measures those it holds and the ranks average all of them, so the
+            windows and the loss do not depend on the number of processes
+            (`lorp_fx/lightning/windows.py`).
         measure_loss: False chooses from the statistics alone even with a loss-judged
             method that can do without (`lorp`; `sleb` cannot), as `prune_model` does
             for encoder-decoders, which have no causal-LM loss.
@@ -160,6 +165,8 @@ class LoRPCallback(Callback):
         if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
                                       or isinstance(os.fspath(plan_path), bytes)):
             raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
+        if plan_path is not None:
+            check_plan_folder(plan_path)  # before calibrating, not when the plan is written at the end
         if not isinstance(measure_loss, bool):
             raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
         if not measure_loss and "loss_fn" in SELECTORS[method].required:
@@ -188,7 +195,8 @@ class LoRPCallback(Callback):
         self._plan: PruningPlan | None = None
         self._observer: ResidualObserver | None = None
         self._original: torch.nn.Module | None = None
-        self._calls: list[NetworkCall] = []
+        self._windows = LossWindows(self.loss_batches)
+        self._apply_call: NetworkCall | None = None  # a call to check the pruned network against
         self._first_call_checked = False
         self._batches_seen = 0
         self._module: weakref.ref | None = None  # the LightningModule the plan belongs to
@@ -214,6 +222,10 @@ class LoRPCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._failed = False
+        if stage == "fit" and self.stage == "validate" and self._plan is None:
+            rank_zero_warn("LoRPCallback calibrates in trainer.validate (stage='validate'), so this trainer.fit will not "
+                           "calibrate and cb.plan stays None; pass LoRPCallback(stage='fit') to calibrate in fit's "
+                           "first validation loop")
         network = getattr(pl_module, self.attribute, None)
         if stage == self.stage and self._plan is None and isinstance(network, torch.nn.Module):
             self._check_network(network)  # before any loop; a network made later is checked when its loop starts
@@ -228,9 +240,16 @@ class LoRPCallback(Callback):
             return
         self._check_network(network)
         self._original, self._module = network, weakref.ref(pl_module)
-        self._calls, self._first_call_checked, self._batches_seen = [], False, 0
+        self._apply_call, self._first_call_checked, self._batches_seen = None, False, 0
+        self._windows = LossWindows(self.loss_batches)
+        self._windows.start(_calibration_loader(trainer, self.stage))
         self._observer = ResidualObserver(network, self.granularity, on_call=self._on_network_call)
         setattr(pl_module, self.attribute, self._observer)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self._observer is not None:
+            self._windows.batch(batch_idx if dataloader_idx == 0 else len(self._windows.batches or ()))
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -264,12 +283,13 @@ class LoRPCallback(Callback):
             plan.save(self.plan_path)
         rank_zero_info(f"LoRP ({self.method}): remove {', '.join(plan.remove)}")
         if self.apply:
-            replacement = pruned_network(network, self.graph_module, plan, self._calls[0] if self._calls else None)
+            replacement = pruned_network(network, self.graph_module, plan, self._apply_call)
             setattr(pl_module, self.attribute, replacement)
             self._networks.append(weakref.ref(replacement))
-        self._calls = []  # the recorded inputs are no longer needed
+        self._windows, self._apply_call = LossWindows(self.loss_batches), None  # the recorded inputs are no longer needed
 
     on_test_start = on_predict_start = on_validation_start
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
     on_test_batch_end = on_predict_batch_end = on_validation_batch_end
     on_test_end = on_predict_end = on_validation_end
 
@@ -306,8 +326,10 @@ class LoRPCallback(Callback):
 
     def _on_network_call(self, call: NetworkCall, output: Any) -> None:
         """Keep the calls a loss (or the `apply` check) needs; check budget and loss on the first one."""
-        if len(self._calls) < (self.loss_batches if self.judges_by_loss else int(self.apply)):
-            self._calls.append(call.detached())
+        if self.judges_by_loss:
+            self._windows.keep(call)
+        if self.apply and self._apply_call is None:
+            self._apply_call = call.detached()
         if self._first_call_checked:
             return
         self._first_call_checked = True
@@ -402,21 +424,35 @@ class LoRPCallback(Callback):
                 setattr(accumulator, name, trainer.strategy.reduce(value, reduce_op="sum").to(torch.float64))
 
     def _loss_function(self, trainer: Trainer) -> Callable[[list[str]], float]:
-        """Calibration loss on the recorded calls, averaged over the ranks.
+        """Calibration loss on the loss windows, the mean over every rank's (`windows.py`).
 
         Loss-judged selectors choose their next candidates from the losses they have
         seen, so every rank must see the same numbers to ask the same questions (the
         reductions stay matched) and end with the same plan.
         """
-        local = loss_on_calls(self.graph_module, self._calls, self.loss_fn) if self._calls else None
+        calls = self._windows.ordered()
         if trainer.world_size == 1:
-            return local
+            return loss_on_calls(self.graph_module, calls, self.loss_fn)
+        if not self._windows.global_order:
+            rank_zero_warn("LoRPCallback: the calibration loader's order is not fixed (a shuffling sampler or an "
+                           "iterable dataset), so each rank measures the loss on its own first batches and the "
+                           "loss windows depend on the number of processes; use a sequential, unshuffled loader")
         reduce, device = trainer.strategy.reduce, trainer.strategy.root_device  # NCCL reduces device tensors only
 
-        def loss(removed: list[str]) -> float:
-            # Weighted by this rank's calls (its loss is their mean): ranks may hold unequal numbers of loss batches.
-            value, count = (local(removed), float(len(self._calls))) if local is not None else (0.0, 0.0)
-            total = reduce(torch.tensor([value * count, count], dtype=torch.float64, device=device), reduce_op="sum")
-            return float(total[0] / total[1])
+        def over_ranks(total: float, count: int) -> tuple[float, int]:
+            summed = reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=device), reduce_op="sum")
+            return float(summed[0]), int(round(float(summed[1])))
 
-        return loss
+        return loss_on_calls(self.graph_module, calls, self.loss_fn, reduce=over_ranks)
+
+
+def _calibration_loader(trainer: Trainer, stage: str):
+    """The first dataloader of the calibrating stage's loop (None where Lightning holds none yet)."""
+    loaders = {"fit": "val_dataloaders", "validate": "val_dataloaders", "test": "test_dataloaders",
+               "predict": "predict_dataloaders"}[stage]
+    loaders = getattr(trainer, loaders, None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders

@@ -26,7 +26,9 @@ import os
 import signal
 import sys
 
+import lightning as L
 import torch
+import torch.distributed as dist
 
 from lorp_fx.arch.surgery import count_layers, count_parameters
 from lorp_fx.calibration.batches import on_device, token_batches
@@ -39,7 +41,7 @@ from lorp_fx.lightning.callback import LoRPCallback
 from lorp_fx.pipeline.calibrate import CalibrationText, calibration_text
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
-from lorp_fx.pipeline.removal import candidate_judge, remove_and_compensate
+from lorp_fx.pipeline.removal import build_judge, remove_and_compensate
 from lorp_fx.pipeline.result import PruneResult
 from lorp_fx.pipeline.run import (
     build_report,
@@ -55,8 +57,6 @@ FAIL_RANK_VARIABLE = "LORP_FX_TEST_FAIL_RANK"
 
 def lightning_classes():
     """The LightningModule and LightningDataModule used here (built lazily: Lightning is imported only for --devices)."""
-    import lightning as L
-
     class Calibration(L.LightningModule):
         """Runs the network on each batch; the LoRPCallback swaps `model` for its observer during validation."""
 
@@ -121,8 +121,6 @@ def callback_for(config: PruneConfig, no_next_token_loss: bool = False):
 
 
 def trainer_for(devices: int, strategy: str, placement: Placement, callbacks: list):
-    import lightning as L
-
     accelerator = {"cuda": "gpu", "mps": "mps"}.get(placement.device.type, "cpu")
     return L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, callbacks=callbacks, logger=False,
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -138,8 +136,6 @@ class _RankLoss:
     """Sets each rank's loss batch count once the ranks are known (LoRPCallback keeps that many of its batches)."""
 
     def __init__(self, lorp, config: PruneConfig):
-        import lightning as L
-
         parent = self
 
         class Hook(L.Callback):
@@ -187,7 +183,6 @@ def _gather_windows(trainer, data, windows, config: PruneConfig) -> torch.Tensor
     """Every rank's windows at every rank, in window order (sampled windows were made where they were used)."""
     if windows is not None or trainer.world_size == 1:
         return windows if windows is not None else data.local_windows
-    import torch.distributed as dist
 
     shares = [None] * trainer.world_size
     dist.all_gather_object(shares, (data.indices, data.local_windows.cpu()))
@@ -218,7 +213,7 @@ def _finish_on_rank_zero(model, lorp, text, config, placement, clock, devices, s
     with clock("compensation"):
         # The maps are fitted and judged on rank zero as in one process (selection was judged by the
         # plain calibration loss, averaged over the ranks).
-        judge = candidate_judge(model, lorp.graph_module, batches, config, text=text)
+        judge = build_judge(model, lorp.graph_module, batches, config, text=text)
         pruned, fits, names, compensation, fx_difference = remove_and_compensate(
             model, lorp.graph_module, plan, batches, config, progress, judge, text)
     statistics_source = (f"the traced graph (LoRPCallback's ResidualObserver) in {devices} {strategy} processes, "

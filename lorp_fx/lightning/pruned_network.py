@@ -25,17 +25,10 @@ from torch.utils import _pytree as pytree
 from lorp_fx.arch.surgery import remove_layers
 from lorp_fx.calibration.network_call import NetworkCall
 from lorp_fx.core.errors import CalibrationError
+from lorp_fx.core.model import is_transformers_model
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.graph.rewrite import prune
 from lorp_fx.judge.loss import output_logits
-
-
-def is_transformers_model(network: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(network, PreTrainedModel)
 
 
 def pruned_network(network: nn.Module, graph: GraphModule, plan: PruningPlan, call: NetworkCall | None) -> nn.Module:

@@ -14,7 +14,12 @@ from typing import Any
 from lorp_fx.compensation.solver import METHODS as COMPENSATION_METHODS
 from lorp_fx.core.errors import ConfigError
 from lorp_fx.core.plan import GRANULARITIES
-from lorp_fx.selection.registry import DEFAULT_SELECTOR, SELECTORS, check_options
+from lorp_fx.selection.registry import (
+    DEFAULT_SELECTOR,
+    SELECTORS,
+    check_option_values,
+    check_options,
+)
 
 COMPENSATIONS = ("auto", "none", *COMPENSATION_METHODS)
 
@@ -79,6 +84,7 @@ class PruneConfig:
         if not isinstance(self.inplace, bool):
             raise ConfigError(f"inplace must be True or False, got {self.inplace!r}")
         check_options(self.method, self.selector_options, require=False)
+        check_option_values(self.selector_options)  # values wrong on their own: before any model is loaded
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

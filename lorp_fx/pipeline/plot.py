@@ -17,7 +17,7 @@ def similarity_heatmap(plan: PruningPlan, title: str | None = None) -> bytes:
     block). Removed blocks are outlined in red on the diagonal and listed in red on
     the axis; cluster boundaries (when the method clusters) are white lines.
     """
-    try:
+    try:  # matplotlib is an optional extra, and importing pyplot costs seconds: only where a picture is drawn
         import matplotlib
 
         matplotlib.use("Agg")

@@ -6,7 +6,7 @@
 1. numbers: seeds, batch sizes, window counts and lengths (`NUMBERS`);
 2. input files: calibration and eval files exist and are readable files;
 3. the model: found, its configuration read (no weights), no code of its own, an
-   architecture that matches its model_type (`models.resolve_model`);
+   architecture that matches its model_type (`io.models.resolve_model`);
 4. the output: resolved, not an input, creatable, replaceable only if lorp-fx wrote
    it (`output.check_output_location`); a crashed earlier run is cleaned up first;
 5. sublayer granularity against the family, the budget against the model's layers,

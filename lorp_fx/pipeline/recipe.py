@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from lorp_fx.core.errors import ConfigError
+from lorp_fx.core.files import read_text
 
 # options that are not a recipe's: the command itself
 NOT_OPTIONS = ("run", "command", "debug", "config")
@@ -52,12 +53,7 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (or JSON) recipe as a dict, its relative paths resolved from its folder; ConfigError with one
     line for a missing or malformed file, or a key given twice."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"cannot read config file {path}: {error}") from None
+    text = read_text(path, "config file", ConfigError)
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:

@@ -1,7 +1,7 @@
 """The removal step: the loss candidates are judged by, the surgery, and compensation folded only where it helps.
 
-`candidate_judge` builds the calibration loss that both selection and compensation
-answer to (`candidate_loss.CandidateLoss`: compensated when compensation is on).
+`build_judge` builds the calibration loss that both selection and compensation
+answer to (`judge.candidates.CandidateLoss`: compensated when compensation is on).
 `remove_and_compensate` removes the plan's layers from the eager model, checks the
 result against the fx-pruned graph on one window, and folds the gap maps: the
 judge's, only if they do not make its held-out calibration loss worse ("auto"), or
@@ -54,7 +54,7 @@ def _judged_compensation_method(model, config: PruneConfig) -> str | None:
     return method
 
 
-def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False,
+def build_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False,
                     text=None) -> CandidateLoss | None:
     """The calibration loss candidates and the final compensation are judged by: compensated when
     compensation is on and the family takes it, plain otherwise; None where there is nothing to
@@ -78,7 +78,7 @@ def candidate_judge(model, graph, batches: list[dict], config: PruneConfig, prog
 
 
 def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
-    """What the `candidate_judge` of `model` and `config` will cache, in bytes (0 where there is none):
+    """What the `build_judge` of `model` and `config` will cache, in bytes (0 where there is none):
     the state entering every layer, and the final one, of each window it keeps (every window
     when it fits maps, the loss windows otherwise; `CandidateLoss`'s checkpoints)."""
     method = _judged_compensation_method(model, config)

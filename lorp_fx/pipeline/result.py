@@ -49,7 +49,7 @@ class PruneResult:
         """The checkpoint with report.json, plan.json and the heatmap, atomically (complete or not at all).
 
         A model read from a GGUF file is also written as a pruned GGUF file of the same
-        name, streamed, unless `gguf_requantize` is None (see `gguf_output.writer`).
+        name, streamed, unless `gguf_requantize` is None (see `io.gguf.pruned_file.writer`).
         """
         files: dict = {}
         if self.gguf is not None and gguf_requantize is not None:

@@ -9,10 +9,10 @@ statistics (read by module hooks: while sampling, or in one pass that stops at t
 last residual point; on given text with a compensating judge, from the states its
 caching pass keeps: no pass of their own) -> selection (loss-judged methods measure candidates on the
 first `loss_windows` windows; with compensation on, by the loss of the *compensated*
-model, its maps fitted on the other windows: `candidate_loss.CandidateLoss`) ->
+model, its maps fitted on the other windows: `judge.candidates.CandidateLoss`) ->
 layer surgery with compensation, applied only where it does not make that held-out
 calibration loss worse -> report. The model runs where it is (any device, or spread
-by accelerate: see offload.py). The report gives every step's time in seconds and in
+by accelerate: see judge/eager.py). The report gives every step's time in seconds and in
 passes: one plain forward pass over all the calibration tokens, timed in the same
 run. The command line is a thin shell over this.
 """
@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorp_fx.arch.anatomy import check_compensable
 from lorp_fx.arch.families import check_dtype, check_sublayer_pruning
@@ -44,6 +45,7 @@ from lorp_fx.core.model import (
 )
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
+from lorp_fx.graph.blocks import find_blocks
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
 from lorp_fx.io.text import text_head
@@ -63,11 +65,12 @@ from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
 from lorp_fx.pipeline.mismatch import calibration_mismatch, dense_losses
 from lorp_fx.pipeline.removal import (
-    candidate_judge,
+    build_judge,
     compensation_method,
     remove_and_compensate,
 )
 from lorp_fx.pipeline.result import PruneResult
+from lorp_fx.selection.common import resolve_protected
 from lorp_fx.selection.registry import SELECTORS, options_for, select
 
 
@@ -88,12 +91,12 @@ def prune_model(
       `tokenizer`; or None to let the model sample its own text (needs `tokenizer`
       for the start token).
     * `evaluation`: optional token windows to measure perplexity on before and after.
-    * `gguf`: the `GGUFSource` the model was read from (`gguf_output.open_source`); the
+    * `gguf`: the `GGUFSource` the model was read from (`io.gguf.pruned_file.open_source`); the
       removal is then checked against the GGUF runtime's layer rules right after
       selection, and `PruneResult.save` also writes a pruned GGUF file.
     * The model is pruned in place with `config.inplace`, else a copy is. It runs on
       the device it is on; a model spread by accelerate (`hf_device_map`) is pruned
-      through hooks (offload.py).
+      through hooks (judge/eager.py).
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"config must be a lorp_fx.PruneConfig, got {type(config).__name__}; "
@@ -119,6 +122,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("trace"):
         length = calibration.shape[1] if isinstance(calibration, torch.Tensor) else None  # given windows' own
         graph, observer = traced_blocks(model, config, tokenizer, offloaded, length)
+    check_protected_blocks(graph, observer, config)
     with clock("calibration_text"):
         text = calibration_text(model, calibration, config, tokenizer, progress, observer=observer,
                                 guard=compensation_method(config) is not None)
@@ -132,7 +136,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
         if not sampled and graph is not None and not offloaded:
             # Text not sampled while watched: the judge's caching pass holds every window's layer states, the
             # statistics' input.
-            judge = candidate_judge(model, graph, every_batch, config, progress, text)
+            judge = build_judge(model, graph, every_batch, config, progress, text)
             stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
         if judge is None or stats is None:
             stats, graph, statistics_source = residual_statistics(model, batches, graph, observer, sampled,
@@ -140,7 +144,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
         if judge is None and not offloaded:
-            judge = candidate_judge(model, graph, every_batch, config, progress, text)
+            judge = build_judge(model, graph, every_batch, config, progress, text)
         if offloaded:
             note_uncompensated_selection(model, config, "the model is offloaded")
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
@@ -331,7 +335,6 @@ def counted(loss_fn, description: str, progress: bool):
     if loss_fn is None or not progress:
         yield loss_fn
         return
-    from tqdm.auto import tqdm
 
     with tqdm(desc=description, unit="eval", delay=1.0) as bar:  # silent for selectors that measure nothing
         def counted_loss(removed: list[str]) -> float:

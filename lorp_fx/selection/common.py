@@ -17,12 +17,18 @@ LossFn = Callable[[list[str]], float]
 def protected_indices(stats: LayerStatistics, protected: Sequence[str | int] | str | None) -> set[int]:
     """Indices of the protected blocks: the first and last when `protected` is None,
     otherwise the named blocks (names or indices, negative indices count from the end)."""
-    n = stats.n_blocks
+    return resolve_protected(stats.blocks, protected)
+
+
+def resolve_protected(blocks: Sequence[str], protected: Sequence[str | int] | str | None) -> set[int]:
+    """`protected_indices` for a model's block names, known as soon as its graph is traced: a name or an index
+    it does not have is an UnknownBlockError before any calibration."""
+    n = len(blocks)
     if protected is None:
         return {0, n - 1}
-    if isinstance(protected, (str, int)):  # one block given on its own
+    if isinstance(protected, (str, int, np.integer)):  # one block given on its own
         protected = [protected]
-    index = {name: i for i, name in enumerate(stats.blocks)}
+    index = {name: i for i, name in enumerate(blocks)}
     chosen = set()
     for item in protected:
         if isinstance(item, (int, np.integer)) and not isinstance(item, bool):
@@ -34,7 +40,7 @@ def protected_indices(stats: LayerStatistics, protected: Sequence[str | int] | s
         else:
             raise UnknownBlockError(
                 f"protected block {item!r} is not a block of this model; its blocks are "
-                f"{stats.blocks[0]!r} ... {stats.blocks[-1]!r} (see stats.blocks)"
+                f"{blocks[0]!r} ... {blocks[-1]!r} (see stats.blocks)"
             )
     return chosen
 

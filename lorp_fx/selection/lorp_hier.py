@@ -26,7 +26,7 @@ from lorp_fx.selection.common import (
     renumber_by_depth,
 )
 from lorp_fx.selection.registry import register
-from lorp_fx.selection.rls import relative_layer_similarity, resolve_k
+from lorp_fx.selection.rls import paper_k, relative_layer_similarity, resolve_k
 
 
 def hierarchical_clusters(S: np.ndarray, n_clusters: int) -> list[int]:
@@ -134,9 +134,7 @@ def lorp_hier(
     """
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)
-    S = stats.input_similarity()
-    rls = relative_layer_similarity(S)
-    k = resolve_k(stats.n_blocks, n_clusters, rls)
+    S, rls, k = paper_k(stats, n_clusters)
     order, increments, labels = lorp_hier_order(S, n_remove, k, eligible)
     everyone = list(range(stats.n_blocks))
     scores = {}

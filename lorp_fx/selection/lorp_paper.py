@@ -19,7 +19,7 @@ from lorp_fx.selection.common import (
     make_plan,
 )
 from lorp_fx.selection.registry import register
-from lorp_fx.selection.rls import relative_layer_similarity, resolve_k
+from lorp_fx.selection.rls import paper_k, relative_layer_similarity, resolve_k
 from lorp_fx.selection.spectral import spectral_clustering
 
 
@@ -125,9 +125,7 @@ def lorp_paper(
     """
     eligible = eligible_blocks(stats, protected)
     check_budget(stats, n_remove, eligible)
-    S = stats.input_similarity()
-    rls = relative_layer_similarity(S)
-    k = resolve_k(stats.n_blocks, n_clusters, rls)
+    S, rls, k = paper_k(stats, n_clusters)
     labels = spectral_clustering(S, k)
     order, stages = lorp_paper_stages(S, n_remove, labels, eligible)
     r = cluster_redundancy(S, labels)

@@ -131,6 +131,11 @@ def check_option_values(options: dict[str, Any]) -> None:
     if "n_clusters" in options and not _whole(options["n_clusters"], 1):
         raise SelectorError(f"n_clusters={options['n_clusters']!r} must be a whole number of clusters, at least 1; "
                             "leave it unset to choose K from RLS")
+    if "width" in options and not _whole(options["width"], 2):
+        raise SelectorError(f"width={options['width']!r} must be a whole number of candidates measured per step, "
+                            "at least 2 (lorp's guarantee compares two or more)")
+    if options.get("max_evaluations") is not None and not _whole(options["max_evaluations"], 1):
+        raise SelectorError(f"max_evaluations={options['max_evaluations']!r} must be a whole number >= 1, or None")
     if "protected" in options:
         protected = options["protected"]
         items = [protected] if isinstance(protected, (str, int, np.integer)) else protected

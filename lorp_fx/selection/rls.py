@@ -62,3 +62,10 @@ def paper_clusters(stats: LayerStatistics) -> tuple[float, list[list[str]]]:
     rls = relative_layer_similarity(S)
     labels = spectral_clustering(S, resolve_k(stats.n_blocks, None, rls))
     return rls, cluster_names(stats, labels)
+
+
+def paper_k(stats: LayerStatistics, n_clusters: int | None) -> tuple[np.ndarray, float, int]:
+    """(S of the blocks' inputs, its RLS, K): the published policy's K, or the forced `n_clusters`, checked."""
+    S = stats.input_similarity()
+    rls = relative_layer_similarity(S)
+    return S, rls, resolve_k(stats.n_blocks, n_clusters, rls)

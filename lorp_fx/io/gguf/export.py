@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from lorp_fx.core.errors import GGUFError, describe
 from lorp_fx.io.gguf.layout import period_conflicts, plan_metadata
+from lorp_fx.io.gguf.library import gguf, gguf_package
 from lorp_fx.io.gguf.requant import requantize_replaced
 
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -61,7 +63,6 @@ class GGUFSource:
         `close`. Its parsed metadata (a vocabulary's strings as arrays) holds ~140 MB for SmolLM2, so the
         CLI closes it while the model is pruned and the writer reopens it."""
         if self._reader is None:
-            from gguf import GGUFReader
 
             try:
                 stat = self.path.stat()
@@ -69,7 +70,7 @@ class GGUFSource:
                 raise GGUFError(f"{self.path} cannot be read again to write the pruned GGUF ({error.strerror})") from None
             if (stat.st_size, stat.st_mtime_ns) != self.stamp:
                 raise GGUFError(f"{self.path} changed while lorp-fx was pruning it; run again on the new file")
-            self._reader = GGUFReader(self.path)
+            self._reader = gguf.GGUFReader(self.path)
         return self._reader
 
     def close(self) -> None:
@@ -100,13 +101,12 @@ class OutputTensor:
 
 def read_gguf(path: str | os.PathLike) -> GGUFSource:
     """Open `path` and check that it is a complete GGUF file with a layer count; one-line GGUFError if not."""
-    from gguf import GGUFReader
-
+    gguf_package()  # the optional extra, named where it is missing
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist")
     try:
-        reader = GGUFReader(path)
+        reader = gguf.GGUFReader(path)
     except Exception as error:  # noqa: BLE001 - every parse failure means the same thing to the user
         raise GGUFError(f"{path} is not a readable GGUF file (truncated or corrupt: {describe(error)})") from error
     stat = path.stat()
@@ -126,6 +126,17 @@ def read_gguf(path: str | os.PathLike) -> GGUFSource:
     return source
 
 
+def missing_tensor_bytes(path: str | os.PathLike) -> int:
+    """How many bytes the tensors of the GGUF file at `path` extend past its end (0 for a complete file, or one
+    whose header cannot be read: that is reported elsewhere)."""
+    try:
+        reader = gguf_package().GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception:  # noqa: BLE001 - a header that does not parse says nothing about the tensors
+        return 0
+    return max(0, end - Path(path).stat().st_size)
+
+
 def check_transformers_can_read(source: str | os.PathLike | GGUFSource) -> GGUFSource:
     """Raise a one-line GGUFError if transformers cannot load this file, or would load it wrongly.
 
@@ -133,6 +144,7 @@ def check_transformers_can_read(source: str | os.PathLike | GGUFSource) -> GGUFS
     period and ignores a per-layer `sliding_window_pattern` array, which a pruning
     that broke the period writes for llama.cpp.
     """
+    # Imported here: transformers' GGUF module costs seconds to import, paid only by runs on a GGUF file.
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     src = source if isinstance(source, GGUFSource) else read_gguf(source)
@@ -264,21 +276,17 @@ def _encode_header(src: GGUFSource, new_values: Mapping[str, Any], tensors: list
 
 def _types_for(value: Any, field) -> list:
     """The key's own types where the new value has the same shape; a bool array or float32 for a new kind."""
-    from gguf import GGUFValueType
-
-    if field is not None and (field.types[0] == GGUFValueType.ARRAY) == isinstance(value, list):
+    if field is not None and (field.types[0] == gguf.GGUFValueType.ARRAY) == isinstance(value, list):
         return list(field.types)
     if isinstance(value, list):  # a per-layer flag array replacing a scalar period (sliding_window_pattern)
-        return [GGUFValueType.ARRAY, GGUFValueType.BOOL]
-    return [GGUFValueType.FLOAT32]
+        return [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL]
+    return [gguf.GGUFValueType.FLOAT32]
 
 
 def _pack_value(value: Any, types: list, order: str) -> bytes:
     """A typed metadata value (type tag included), in the file's own types."""
-    from gguf import GGUFValueType
-
     main = types[0]
-    if main == GGUFValueType.ARRAY:
+    if main == gguf.GGUFValueType.ARRAY:
         sub = types[1]
         items = b"".join(_pack_item(v, sub, order) for v in value)
         return struct.pack(order + "IIQ", main, sub, len(value)) + items
@@ -286,17 +294,15 @@ def _pack_value(value: Any, types: list, order: str) -> bytes:
 
 
 def _pack_item(value: Any, vtype, order: str) -> bytes:
-    from gguf import GGUFValueType
-
-    if vtype == GGUFValueType.STRING:
+    if vtype == gguf.GGUFValueType.STRING:
         return _pack_string(value, order)
     formats = {
-        GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
-        GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.UINT64: "Q",
-        GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d", GGUFValueType.BOOL: "?",
+        gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H", gguf.GGUFValueType.INT16: "h",
+        gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i", gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.UINT64: "Q",
+        gguf.GGUFValueType.INT64: "q", gguf.GGUFValueType.FLOAT64: "d", gguf.GGUFValueType.BOOL: "?",
     }
     if vtype not in formats:
-        raise GGUFError(f"cannot rewrite a metadata value of type {GGUFValueType(vtype).name}")
+        raise GGUFError(f"cannot rewrite a metadata value of type {gguf.GGUFValueType(vtype).name}")
     return struct.pack(order + formats[vtype], value)
 
 
@@ -306,9 +312,7 @@ def _pack_string(text: str, order: str) -> bytes:
 
 
 def _byte_order(src: GGUFSource) -> str:
-    from gguf import GGUFEndian
-
-    return ">" if src.reader.endianess == GGUFEndian.BIG else "<"
+    return ">" if src.reader.endianess == gguf.GGUFEndian.BIG else "<"
 
 
 def _pad(n: int, alignment: int) -> int:
@@ -320,8 +324,6 @@ def _pad(n: int, alignment: int) -> int:
 
 def _write_file(out, src: GGUFSource, header: bytes, tensors: list[OutputTensor], progress: bool) -> None:
     """Header, padding, then each tensor's bytes (aligned), copied in bounded chunks."""
-    from tqdm.auto import tqdm
-
     alignment = src.reader.alignment
     out.write(header)
     out.write(b"\0" * (_pad(len(header), alignment) - len(header)))

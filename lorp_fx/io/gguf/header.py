@@ -9,11 +9,13 @@ of the file. Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
 
 from lorp_fx.core.errors import ModelLoadError
+from lorp_fx.io.gguf.library import gguf
 
 # value type -> struct format of one item (8: string, 9: array are read separately)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -21,19 +23,28 @@ _STRING, _ARRAY = 8, 9
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The file's metadata as {key: value}; an array becomes its length (enough for these checks)."""
+    """The file's metadata as {key: value}; an array becomes its length (enough for these checks). A file cut
+    short, in its header or in its tensor data, is refused here, in one line."""
     path = Path(path)
     try:
         with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(data)
-    except (OSError, ValueError, struct.error) as error:
+            metadata, offset, tensors = _parse(data)
+            needed = _tensor_data_end(data, offset, tensors, metadata.get("general.alignment", 32))
+            if needed is not None and needed > len(data):
+                raise ModelLoadError(f"GGUF file {path} is truncated: its tensors need {needed - len(data):,} more "
+                                     f"bytes than its {len(data):,}; the download or copy did not finish")
+            return metadata
+    except struct.error:  # a read past the end: the file stops inside its header
+        raise ModelLoadError(f"GGUF file {path} is truncated: it ends at {path.stat().st_size:,} bytes, inside its "
+                             "header; the download or copy did not finish") from None
+    except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path} is not a readable GGUF file ({error}); check the file") from None
 
 
 def _parse(data) -> dict:
     if data[:4] != b"GGUF":
         raise ValueError("no GGUF magic number at the start")
-    version, _tensors, count = struct.unpack_from("<IQQ", data, 4)
+    version, tensors, count = struct.unpack_from("<IQQ", data, 4)
     if version < 2:
         raise ValueError(f"GGUF version {version} is too old")
     offset, metadata = 24, {}
@@ -41,8 +52,28 @@ def _parse(data) -> dict:
         key, offset = _string(data, offset)
         (kind,), offset = struct.unpack_from("<I", data, offset), offset + 4
         metadata[key], offset = _value(data, offset, kind)
-    return metadata
+    return metadata, offset, tensors
 
+
+def _tensor_data_end(data, offset: int, count: int, alignment: int) -> int | None:
+    """Where the last tensor's data ends, from the tensor descriptions after the metadata (None where a tensor
+    type's block size is unknown: the `gguf` extra is missing, or the type is newer than it)."""
+    if gguf is None:
+        return None
+    end = 0
+    for _ in range(count):
+        _, offset = _string(data, offset)
+        (dims,) = struct.unpack_from("<I", data, offset)
+        shape = struct.unpack_from(f"<{dims}Q", data, offset + 4)
+        kind, start = struct.unpack_from("<IQ", data, offset + 4 + 8 * dims)
+        offset += 4 + 8 * dims + 12
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            return None
+        end = max(end, start + math.prod(shape) // block * size)
+    data_start = -(-offset // alignment) * alignment
+    return data_start + end
 
 def _string(data, offset: int) -> tuple[str, int]:
     (length,) = struct.unpack_from("<Q", data, offset)

@@ -18,8 +18,10 @@ from functools import lru_cache
 from typing import Any, Callable, Mapping
 
 import numpy as np
+import torch
 
 from lorp_fx.core.errors import GGUFError
+from lorp_fx.io.gguf.library import gguf, gguf_package
 
 _FALLBACK = "Q8_0"
 
@@ -32,11 +34,10 @@ def requantize_replaced(
     `as_type` (a type name such as "Q8_0") overrides the original types: a few
     more bytes for a smaller requantization error.
     """
-    from gguf import GGMLQuantizationType, GGUFEndian
-
-    if src.reader.endianess == GGUFEndian.BIG:
+    gguf_package()  # the optional extra, named where it is missing
+    if src.reader.endianess == gguf.GGUFEndian.BIG:
         raise GGUFError(f"{src.path.name} is a big-endian GGUF file; requantizing changed tensors needs a little-endian one")
-    forced = _type_named(as_type, GGMLQuantizationType) if as_type is not None else None
+    forced = _type_named(as_type, gguf.GGMLQuantizationType) if as_type is not None else None
     by_name = {t.name: t for t in tensors}
     to_gguf_name = _name_mapper(src)
     processor = _transformers_processor(src)
@@ -64,12 +65,10 @@ def requantize_replaced(
 
 def _name_mapper(src) -> Callable[[str], str]:
     """transformers parameter name -> GGUF tensor name, via gguf-py's TensorNameMap for this architecture."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
-    arch = {name: key for key, name in MODEL_ARCH_NAMES.items()}.get(src.architecture)
+    arch = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}.get(src.architecture)
     if arch is None:
         raise GGUFError(f"the gguf package does not know architecture {src.architecture!r}; cannot name replaced tensors")
-    name_map = get_tensor_name_map(arch, src.n_layers)
+    name_map = gguf.get_tensor_name_map(arch, src.n_layers)
 
     def to_gguf_name(parameter: str) -> str:
         name = name_map.get_name(parameter, try_suffixes=(".weight", ".bias"))  # keeps the suffix
@@ -82,6 +81,7 @@ def _name_mapper(src) -> Callable[[str], str]:
 
 def _transformers_processor(src):
     """transformers' tensor processor for this architecture, configured from the file's head counts."""
+    # Imported here: transformers' GGUF module costs seconds to import, paid only by runs on a GGUF file.
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -138,32 +138,26 @@ def _type_named(name: str, types):
 
 def _target_type(original, row_length: int):
     """The original type where the gguf package quantizes it, else Q8_0 (else F16 when rows do not split in 32s)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    if _can_quantize(original) and row_length % GGML_QUANT_SIZES[original][0] == 0:
+    if _can_quantize(original) and row_length % gguf.GGML_QUANT_SIZES[original][0] == 0:
         return original
-    fallback = GGMLQuantizationType[_FALLBACK]
-    return fallback if row_length % GGML_QUANT_SIZES[fallback][0] == 0 else GGMLQuantizationType.F16
+    fallback = gguf.GGMLQuantizationType[_FALLBACK]
+    return fallback if row_length % gguf.GGML_QUANT_SIZES[fallback][0] == 0 else gguf.GGMLQuantizationType.F16
 
 
 @lru_cache(maxsize=None)
 def _can_quantize(qtype) -> bool:
     """Ask the gguf package itself: quantize one zero block (it raises NotImplementedError for K-quants etc.)."""
-    from gguf import GGML_QUANT_SIZES
-    from gguf.quants import quantize
 
-    block = GGML_QUANT_SIZES[qtype][0]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
     try:
-        quantize(np.zeros((1, block), dtype=np.float32), qtype)
+        gguf.quants.quantize(np.zeros((1, block), dtype=np.float32), qtype)
     except (NotImplementedError, ValueError, TypeError, AssertionError):
         return False
     return True
 
 
 def _quantize(array: np.ndarray, qtype) -> bytes:
-    from gguf.quants import quantize
-
-    return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype).tobytes()
+    return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype).tobytes()
 
 
 def _as_float_array(value) -> np.ndarray:
@@ -179,8 +173,6 @@ def changed_parameters(pruned, compensated) -> dict[str, Any]:
     with compensation folded in; comparing them finds the folded projections
     without depending on how the compensation names them.
     """
-    import torch
-
     reference = pruned.state_dict()
     return {
         name: tensor.detach()
