@@ -19,13 +19,13 @@ from torch import nn
 from lorp_fx.arch.anatomy import check_compensable, find_gaps, removed_units, stacks_of
 from lorp_fx.arch.surgery import count_layers, remove_layers
 from lorp_fx.calibration.batches import one_window_each, prepare_batches
-from lorp_fx.compensation.guard import keep_harmless_maps, worst_excess
 from lorp_fx.compensation.fit import (
     Compensator,
     apply_compensation,
     eager_fits,
     folded_on_trial,
 )
+from lorp_fx.compensation.guard import keep_harmless_maps, worst_excess
 from lorp_fx.core.errors import CalibrationError, CompensationError
 from lorp_fx.core.model import causal_lm, encoder_decoder, is_offloaded
 from lorp_fx.core.plan import PruningPlan

@@ -45,11 +45,10 @@ from lorp_fx.core.model import (
 )
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
-from lorp_fx.graph.blocks import find_blocks
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
-from lorp_fx.io.text import text_head
 from lorp_fx.io.placement import check_offload_granularity
+from lorp_fx.io.text import text_head
 from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.judge.eager import eager_calibration_loss
 from lorp_fx.judge.loss import calibration_loss, next_token_loss
@@ -70,7 +69,6 @@ from lorp_fx.pipeline.removal import (
     remove_and_compensate,
 )
 from lorp_fx.pipeline.result import PruneResult
-from lorp_fx.selection.common import resolve_protected
 from lorp_fx.selection.registry import SELECTORS, options_for, select
 
 
@@ -176,6 +174,16 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     report["calibration"]["mismatch"] = mismatch
     dense_graph = None if offloaded or (config.inplace and fits) else graph
     return PruneResult(pruned, plan, fits, clock.seconds, report, names, dense_graph, gguf)
+
+
+def check_protected_blocks(graph, observer, config: PruneConfig) -> None:
+    """UnknownBlockError for a protected block the traced model does not have: before the calibration text is
+    sampled or read, not when the selector runs after the caching pass."""
+    protected = config.selector_options.get("protected")
+    if graph is None or protected is None:
+        return  # no graph yet (the graph observer traces as it calibrates): the selector checks
+    blocks = observer.blocks if observer is not None else find_blocks(graph, config.granularity)
+    resolve_protected([block.name for block in blocks], protected)
 
 
 def build_report(plan: PruningPlan, stats: LayerStatistics, windows: torch.Tensor, text: CalibrationText,
