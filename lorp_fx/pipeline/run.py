@@ -45,6 +45,7 @@ from lorp_fx.core.model import (
 )
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
+from lorp_fx.graph.blocks import find_blocks
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.models import max_positions
 from lorp_fx.io.placement import check_offload_granularity
@@ -69,6 +70,7 @@ from lorp_fx.pipeline.removal import (
     remove_and_compensate,
 )
 from lorp_fx.pipeline.result import PruneResult
+from lorp_fx.selection.common import resolve_protected
 from lorp_fx.selection.registry import SELECTORS, options_for, select
 
 
