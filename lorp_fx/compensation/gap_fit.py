@@ -21,36 +21,35 @@ from lorp_fx.compensation.solver import (
     FALLBACK_RIDGE,
     RIDGE_GRID,
     GapStatistics,
+    all_reduced,
     choose_ridge,
     source_ratios,
 )
 from lorp_fx.core.model import float64_device
 
 
-def gap_statistics(views, masks, method: str, folds: int, form: str = "full", sources: list | None = None,
-                   held_only=frozenset()) -> tuple[list[GapStatistics], GapStatistics, list]:
-    """Per-part and total statistics of a gap, and each part's source; `views` holds (x, x_out, y) per batch.
-    Without `sources` sequences go to fold (row number % folds) as in `compensate`; with `sources` (a
-    label per row) each source's sequences are split into its own `folds` parts the same way. Sources
-    in `held_only` are one part each, left out of the total: measured, never fitted on."""
-    d, device = views[0][0].shape[-1], float64_device(views[0][0].device)  # where the states are (a GPU's)
-    labels = list(dict.fromkeys(sources)) if sources is not None else [None]
-    keys = [(label, k) for label in labels for k in range(1 if label in held_only else folds)]
+def gap_statistics(views, masks, method: str, form: str, row_keys: list[tuple], keys: list[tuple],
+                   held_only=frozenset(), reduce=None, state_shape: tuple | None = None,
+                   ) -> tuple[list[GapStatistics], GapStatistics, list]:
+    """Per-part and total statistics of a gap, and each part's source; `views` holds (x, x_out, y) per window
+    this process holds, `row_keys` its part (source, fold), `keys` every part in a fixed order (the same in
+    every process: `judge.layout.WindowLayout.part_keys`). The parts are summed over the processes
+    (`reduce`), so every process holds the sums of every window. Parts of `held_only` sources are left out
+    of the total: measured, never fitted on. `state_shape` (width, device) is needed where `views` is empty
+    (a process that holds none of the gap's windows)."""
+    width, where = state_shape if state_shape is not None else (views[0][0].shape[-1], views[0][0].device)
+    d, device = width, float64_device(where)  # where the states are (a GPU's)
     parts = {key: GapStatistics(d, method, device, form) for key in keys}
-    seen = dict.fromkeys(labels, 0)
-    row = 0
-    for (x, x_out, y), mask in zip(views, masks):
+    for (x, x_out, y), mask, key in zip(views, masks, row_keys):
         for r in range(x.shape[0]):
             keep = None if mask is None or tuple(mask.shape) != tuple(x.shape[:2]) else mask[r].bool()
-            label = sources[row + r] if sources is not None else None
-            parts[(label, 0 if label in held_only else seen[label] % folds)].update(x[r], x_out[r], y[r], keep)
-            seen[label] += 1
-        row += x.shape[0]
+            parts[key].update(x[r], x_out[r], y[r], keep)
+    ordered = all_reduced([parts[key] for key in keys], reduce)
     total = GapStatistics(d, method, device, form)
-    for (label, _), part in parts.items():
-        if label not in held_only:
+    for (source, _), part in zip(keys, ordered):
+        if source not in held_only:
             total.merge(part)
-    return [parts[key] for key in keys], total, [label for label, _ in keys]
+    return ordered, total, [source for source, _ in keys]
 
 
 def cv_errors(parts: list[GapStatistics], total: GapStatistics, grid=RIDGE_GRID) -> dict[float, float]:
@@ -102,14 +101,24 @@ def _eigen_errors(train: GapStatistics, held: GapStatistics, grid) -> dict[float
 
 
 def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, reject: bool = True,
-            form: str = "full", sources: list | None = None, held_only=frozenset()) -> GapFit | None:
+            form: str = "full", row_keys: list[tuple] | None = None, keys: list[tuple] | None = None,
+            held_only=frozenset(), reduce=None, state_shape: tuple | None = None) -> GapFit | None:
     """The gap's map as a `GapFit` (ridge "auto": cross-validated), or None when `reject` and no
-    ridge beats leaving the gap alone (T = I) on the held-out sequences of every source
-    (`solver.choose_ridge`; `sources`: a calibration-source label per row, None: one source;
-    sources in `held_only` are measured, never fitted on). `projections` is left empty: the
-    parameter names are the eager model's (`CandidateLoss.named_fits`)."""
+    ridge beats leaving the gap alone (T = I) on the held-out windows of every source
+    (`solver.choose_ridge`). `row_keys` gives each window's part (source, fold) and `keys` every part
+    (`judge.layout.WindowLayout.part_keys`; default: one source, window i in fold i % CV_FOLDS);
+    sources in `held_only` are measured, never fitted on; `reduce` sums over processes (`state_shape`:
+    `gap_statistics`).
+    `projections` is left empty: the parameter names are the eager model's (`fit.eager_fits`)."""
     folds = CV_FOLDS if ridge == "auto" else 1
-    parts, total, part_sources = gap_statistics(views, masks, method, folds, form, sources, held_only)
+    if row_keys is None:
+        keys = [(None, k) for k in range(folds)]
+        row_keys = [(None, i % folds) for i in range(len(views))]
+    elif folds == 1:  # a fixed ridge: one part per source
+        row_keys = [(source, 0) for source, _ in row_keys]
+        keys = list(dict.fromkeys((source, 0) for source, _ in keys))
+    parts, total, part_sources = gap_statistics(views, masks, method, form, row_keys, keys, held_only, reduce,
+                                                 state_shape)
     fitted = [source not in held_only for source in part_sources]
     errors: dict = {}
     held_out: dict = {}
@@ -124,7 +133,7 @@ def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, 
             ridge = choose_ridge(ratios, reject)
             if ridge is None:
                 return None
-            if sources is not None:  # per source: held-out gap error with the map over that without
+            if part_sources[0] is not None:  # several sources: per source, held-out gap error with the map over without
                 held_out = {str(s): r[ridge] for s, r in ratios.items()}
     transform = total.solve(float(ridge))
     return GapFit(

@@ -79,6 +79,29 @@ def choose_ridge(ratios: dict, reject: bool) -> float | None:
     return min(safe or ridges, key=mean.get)
 
 
+def all_reduced(parts: list["GapStatistics"], reduce) -> list["GapStatistics"]:
+    """`parts` summed over the processes in one all-reduce (`reduce` sums a float64 tensor over them; None:
+    one process, `parts` as they are)."""
+    if reduce is None or not parts:
+        return parts
+    flat = torch.cat([torch.cat([p.A.flatten(), p.B.flatten(),
+                                 torch.tensor([getattr(p, n) for n in _SUMS], dtype=torch.float64, device=p.A.device)])
+                      for p in parts])
+    flat = reduce(flat)
+    out, offset, d = [], 0, parts[0].d
+    for p in parts:
+        part = GapStatistics(d, p.method, p.A.device, p.form)
+        part.A = flat[offset : offset + d * d].view(d, d).clone()
+        part.B = flat[offset + d * d : offset + 2 * d * d].view(d, d).clone()
+        offset += 2 * d * d
+        for k, name in enumerate(_SUMS):
+            value = float(flat[offset + k])
+            setattr(part, name, int(round(value)) if name == "tokens" else value)
+        offset += len(_SUMS)
+        out.append(part)
+    return out
+
+
 class GapStatistics:
     """Streaming normal equations of one gap: A = sum w m m^T, B = sum w m r^T, and error sums."""
 

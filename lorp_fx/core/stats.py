@@ -238,6 +238,15 @@ class SimilarityAccumulator:
         for name in self.SUM_NAMES:
             setattr(self, name, getattr(self, name) + getattr(other, name).to(getattr(self, name).device))
 
+    def reduce(self, reduce) -> None:
+        """Sum the accumulated sums over the processes in one all-reduce (`reduce` sums a float64 tensor)."""
+        sums = [getattr(self, name) for name in self.SUM_NAMES]
+        flat = reduce(torch.cat([s.reshape(-1).to(torch.float64) for s in sums]))
+        offset = 0
+        for name, value in zip(self.SUM_NAMES, sums):
+            setattr(self, name, flat[offset : offset + value.numel()].view_as(value).to(value.dtype).clone())
+            offset += value.numel()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name).detach().cpu().clone() for name in self.SUM_NAMES}
 

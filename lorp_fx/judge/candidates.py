@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from lorp_fx.compensation.fit import GapFit
 from lorp_fx.compensation.gap_fit import fit_gap
-from lorp_fx.compensation.solver import METHODS
+from lorp_fx.compensation.solver import CV_FOLDS, METHODS
 from lorp_fx.core.errors import CalibrationError, ConfigError
 from lorp_fx.core.model import release_memory
 from lorp_fx.core.stats import (
@@ -56,6 +56,7 @@ from lorp_fx.core.stats import (
     check_finite_states,
 )
 from lorp_fx.graph.runner import GraphRunner
+from lorp_fx.judge.layout import Reduce, WindowLayout, local_windows, reduce_sums
 from lorp_fx.judge.loss import as_loss, next_token_cross_entropy
 from lorp_fx.judge.source_guard import compensation_report
 
@@ -80,6 +81,8 @@ class CandidateLoss:
         reject_unhelpful_maps: bool = True,
         sources: list[str] | None = None,
         held_only: Iterable[str] = (),
+        window_indices: list[int] | None = None,
+        reduce: Reduce = None,
         progress: bool = False,
     ):
         if compensation is not None and compensation not in METHODS:
@@ -94,35 +97,31 @@ class CandidateLoss:
         # As `compensation.default_form`: per channel where any branch is normalised before its add.
         self.form = form or ("diagonal" if normalised else "full")
         inputs = {n.name for n in graph.graph.nodes if n.op == "placeholder"}
+        # One window per forward call: a call holds one window's logits (and their log-softmax), not a
+        # batch's (SmolLM2: 50 MB instead of 200 MB each); the mean over equal windows is the same.
         windows = _rows(batches, inputs)
         if not windows or "input_ids" not in windows[0]:
             raise CalibrationError("CandidateLoss needs causal-LM batches with input_ids")
-        labels = _labels(sources, len(windows))
-        # Windows of `held_only` sources (the model's own text beside a user's file) are the guard's alone:
-        # never in the selection's loss, never fitted on; their losses with and without maps are measured.
-        self.held_only = frozenset(held_only)
-        self.guard_batches = [w for w, label in zip(windows, labels) if label in self.held_only]
-        self.guard_sources = [label for label in labels if label in self.held_only]
-        windows, labels = ([w for w, label in zip(windows, labels) if label not in self.held_only],
-                           [label for label in labels if label not in self.held_only])
-        if not windows:
-            raise CalibrationError("every calibration window is held out for the compensation check; give text to select on")
-        # One window per forward call: a call holds one window's logits (and their log-softmax), not a
-        # batch's (SmolLM2: 50 MB instead of 200 MB each); the mean over equal windows is the same.
-        self.loss_windows = max(1, min(loss_windows, len(windows)))
-        self.loss_batches = windows[: self.loss_windows]
-        self.loss_sources = labels[: self.loss_windows]
-        rest = windows[self.loss_windows :]
-        if compensation is None:
-            fit_rows = []
-        elif fit_on == "others" and rest:
-            fit_rows = rest
-        else:
-            fit_rows = windows
-        self.fit_on = "others" if fit_rows is rest and rest else "all"
-        self.fit_batches = fit_rows
-        self.fit_sources = labels[self.loss_windows :] if self.fit_on == "others" else labels
-        self.calibration_batches = len(windows) + len(self.guard_batches)
+        # What each window is for, decided from every window's label (judge/layout.py): the same in every
+        # process, whichever windows it holds (`window_indices`, their global indices; `reduce` sums over them).
+        total = len(sources) if sources is not None else (None if window_indices is not None else len(windows))
+        if total is None:
+            raise ConfigError("window_indices needs sources: a label for every window of every process")
+        here = local_windows(window_indices, len(windows), total)
+        self.layout = WindowLayout.plan(_labels(sources, total), loss_windows, compensation is not None, fit_on,
+                                        held_only)
+        self.reduce, self.held_only, self.fit_on = reduce, self.layout.held_only, self.layout.fit_on
+        by_index = dict(zip(here, windows))
+
+        def held(indices) -> tuple[list[int], list[dict]]:
+            mine = [i for i in indices if i in by_index]
+            return mine, [by_index[i] for i in mine]
+
+        self.loss_indices, self.loss_batches = held(self.layout.loss)
+        self.fit_indices, self.fit_batches = held(self.layout.fit)
+        self.guard_indices, self.guard_batches = held(self.layout.guard)
+        self.loss_windows = len(self.layout.loss)
+        self.calibration_batches = len(self.layout.labels)
         self.cached_models = cached_models
         self.memo: dict = {}
         self.window_losses: dict = {}  # memo key -> each loss window's loss
@@ -132,8 +131,14 @@ class CandidateLoss:
         self._fits: dict = {}
         self._cache: OrderedDict = OrderedDict()
         self.device = windows[0]["input_ids"].device
+        self._fit_keys = self.layout.part_keys([*self.layout.fit, *self.layout.guard], CV_FOLDS)
+        self._every_keys = self.layout.part_keys(self.layout.every(), CV_FOLDS)
         self.checkpoints = frozenset([group[0] for group in self.runner.layer_units] + [len(self.runner.units)])
         self._cache_dense(progress)
+        # the hidden width and where states live, for a gap this process holds no fit window of (its
+        # statistics are zeros that the other processes' sums fill in)
+        some_state = next(iter((self._cache[self._dense_key] + self._fit_states + self._guard_states)[0].values()))
+        self.state_shape = (some_state.shape[-1], some_state.device)
         release_memory(self.device)
 
     # ------------------------------------------------------------------ the loss
@@ -150,13 +155,33 @@ class CandidateLoss:
             self._check_not_released()
             clock = time.perf_counter()
             self.window_losses[key] = self._measure(self._config(units, compensate))
-            self.memo[key] = sum(self.window_losses[key]) / len(self.window_losses[key])
+            self.memo[key] = self.mean(self.window_losses[key])
             # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
             # so that freed states do not stay resident under the next one (measured: -0.5 GiB on SmolLM2).
             release_memory(self.device)
             self.seconds += time.perf_counter() - clock
             self.measurements += 1
         return self.memo[key]
+
+    def mean(self, losses: list[float]) -> float:
+        """The mean of per-window values over every process's loss windows (this process holds `losses`)."""
+        total, count = reduce_sums([sum(losses), len(losses)], self.reduce)
+        return total / count
+
+    def source_means(self, values: list[float]) -> dict[str, float]:
+        """Per source, the mean of values given for this process's loss windows, then its guard windows,
+        over every process (the sources in the order of the first window of each)."""
+        labels = [self.layout.labels[i] for i in (*self.loss_indices, *self.guard_indices)]
+        sources = [s for s in self.layout.sources if s in {self.layout.labels[i] for i in (*self.layout.loss, *self.layout.guard)}]
+        sums = [sum(v for v, label in zip(values, labels) if label == s) for s in sources]
+        counts = [sum(1 for label in labels if label == s) for s in sources]
+        reduced = reduce_sums([*sums, *counts], self.reduce)
+        return {s: reduced[k] / reduced[len(sources) + k] for k, s in enumerate(sources)}
+
+    def source_counts(self) -> dict[str, int]:
+        """Per source, its loss and guard windows over every process."""
+        windows = [self.layout.labels[i] for i in (*self.layout.loss, *self.layout.guard)]
+        return {s: windows.count(s) for s in dict.fromkeys(windows)}
 
     @property
     def dense_loss(self) -> float:
@@ -244,16 +269,17 @@ class CandidateLoss:
         shared = self.fit_on == "all"
         bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",
                    desc="caching calibration states", disable=not progress)
-        total, clock = 0.0, time.perf_counter()
+        clock = time.perf_counter()
         loss_states, window_losses = [], []
         for batch in self.loss_batches:
             output, recorded = self.runner.run(batch, record=True)
             window_losses.append(_next_token_loss(output, batch))
-            total += window_losses[-1]
             loss_states.append(self._kept(recorded))
             bar.update()
-        # A plain forward pass over every calibration window, timed on the loss windows.
-        self.pass_seconds = (time.perf_counter() - clock) / len(self.loss_batches) * self.calibration_batches
+        if not self.loss_batches:  # this process holds no loss window: time one of its windows instead
+            self.runner.run((self.fit_batches or self.guard_batches)[0])
+        # A plain forward pass over every calibration window, timed on this process's first windows.
+        self.pass_seconds = (time.perf_counter() - clock) / max(1, len(self.loss_batches)) * self.calibration_batches
         self._fit_states = []
         self._guard_states = [self._kept(self.runner.run(batch, record=True, stop=final)[1])
                               for batch in (self.guard_batches if self.compensation else [])]
@@ -264,7 +290,7 @@ class CandidateLoss:
                 self._fit_states.append(self._kept(self.runner.run(batch, record=True, stop=final)[1]))
                 bar.update()
         bar.close()
-        dense = total / len(self.loss_batches)
+        dense = self.mean(window_losses)
         self.memo[(frozenset(), False)] = self.memo[(frozenset(), True)] = dense
         self.window_losses[(frozenset(), False)] = self.window_losses[(frozenset(), True)] = window_losses
         self._dense_key = tuple([KEPT] * final)
@@ -280,7 +306,7 @@ class CandidateLoss:
         runner = self.runner
         if len({u.stream for u in runner.units}) != 1:
             raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
-        if self.fit_on != "others" and len(self._fit_states) + len(self.loss_batches) < self.calibration_batches - len(self.guard_batches):
+        if self.fit_on != "others" and len(self.layout.fit) + len(self.layout.loss) < self.calibration_batches - len(self.layout.guard):
             raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
         points = [group[0] for group in runner.layer_units] + [len(runner.units)]
         accumulator = SimilarityAccumulator(len(points))
@@ -292,6 +318,8 @@ class CandidateLoss:
         for batch, states in pairs:
             check_finite_states([states[p] for p in points], names)
             accumulator.update([states[p] for p in points], batch.get("attention_mask"))
+        if self.reduce is not None:
+            accumulator.reduce(self.reduce)
         return accumulator.statistics(
             names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
             [b.kind for b in blocks], [b.removable for b in blocks],
@@ -313,15 +341,17 @@ class CandidateLoss:
         if key not in self._fits:
             self._check_not_released()
             states, batches = self._fit_states + self._guard_states, self.fit_batches + self.guard_batches
-            self._fits[key] = self._solve(first, last, states, states, batches, sources=self.fit_sources + self.guard_sources)
+            self._fits[key] = self._solve(first, last, states, states, batches, [*self.fit_indices, *self.guard_indices],
+                                          self._fit_keys)
         return self._fits[key]
 
     def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
-               removed: frozenset[int] = frozenset(), maps: dict | None = None, reject: bool | None = None,
-               sources: list[str] | None = None) -> GapFit | None:
+               indices: list[int], parts: tuple[dict, list], removed: frozenset[int] = frozenset(),
+               maps: dict | None = None, reject: bool | None = None) -> GapFit | None:
         """Fit gap first..last: the fold unit's input and output from `view` (the model without
-        `removed`, with `maps`), the target from `dense`; `reject` defaults to the judge's; `sources`
-        labels each window (several: each source's held-out error is checked, `gap_fit.fit_gap`)."""
+        `removed`, with `maps`), the target from `dense`, on this process's windows `indices` (global),
+        whose cross-validation parts `parts` gives (`layout.part_keys`: with several sources each one's
+        held-out error is checked, `gap_fit.fit_gap`); `reject` defaults to the judge's."""
         if not self._foldable(first):
             return None
         units = self.runner.units
@@ -330,9 +360,9 @@ class CandidateLoss:
         masks = [b.get("attention_mask") for b in batches]
         names = [units[u].name for u in range(first, last + 1)]
         reject = self.reject if reject is None else reject
-        several = sources is not None and len(set(sources)) > 1
+        window_keys, keys = parts
         return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form,
-                       sources if several else None, self.held_only)
+                       [window_keys[i] for i in indices], keys, self.held_only, self.reduce, self.state_shape)
 
     def fits(self, removed: Iterable[str]) -> list[GapFit]:
         """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
@@ -349,26 +379,27 @@ class CandidateLoss:
         so what ships is what was checked, refitted on more tokens."""
         self._check_not_released()
         if self.fit_on == "all":
-            states, batches, sources = self._fit_states, self.fit_batches, self.fit_sources
+            states, batches, indices = self._fit_states, self.fit_batches, self.fit_indices
         else:
             states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
-            sources = self.loss_sources + self.fit_sources
-        states, batches, sources = states + self._guard_states, batches + self.guard_batches, sources + self.guard_sources
+            indices = [*self.loss_indices, *self.fit_indices]
+        states, batches, indices = states + self._guard_states, batches + self.guard_batches, indices + self.guard_indices
         checked = {gap for gap in self.gaps(self.runner.units_of(removed)) if self._fit(*gap) is not None}
         if keep is not None:  # the gaps the guard across sources kept (`compensation_report`)
             names = set(keep)
             checked = {gap for gap in checked if self.runner.units[gap[0] - 1].name in names}
-        return self._fit_all(removed, states, batches, sequential, only=checked, sources=sources)
+        return self._fit_all(removed, states, batches, sequential, indices, self._every_keys, only=checked)
 
     @torch.no_grad()
     def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
         """Maps fitted gap after gap from the pruned model's view (earlier gaps compensated) on the
         fit windows, as `compensate(..., sequential=True)`."""
-        return self._fit_all(removed, self._fit_states, self.fit_batches, True)
+        return self._fit_all(removed, self._fit_states, self.fit_batches, True, self.fit_indices,
+                             self.layout.part_keys(self.layout.fit, CV_FOLDS))
 
     @torch.no_grad()
-    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool,
-                 only: set | None = None, sources: list[str] | None = None) -> list[GapFit]:
+    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool, indices: list[int],
+                 parts: tuple[dict, list], only: set | None = None) -> list[GapFit]:
         """The maps of `removed`'s gaps; with `only`, of those gaps alone, none of them rejected."""
         self._check_not_released()
         units = self.runner.units_of(removed)
@@ -384,8 +415,8 @@ class CandidateLoss:
                                                   record=True, stop=first)[1])}
                     for batch, s in zip(batches, view)
                 ]
-            fit = self._solve(first, last, view, dense, batches, units if sequential else frozenset(),
-                              maps if sequential else None, reject=False if only is not None else None, sources=sources)
+            fit = self._solve(first, last, view, dense, batches, indices, parts, units if sequential else frozenset(),
+                              maps if sequential else None, reject=False if only is not None else None)
             if fit is not None:
                 fits.append(fit)
                 maps[first - 1] = fit.transform.float()
@@ -438,7 +469,7 @@ class CandidateLoss:
         losses = self._losses_on(self.loss_batches, self._cache[self._dense_key], units, maps)
         self.seconds += time.perf_counter() - clock
         self.measurements += 1
-        return sum(losses) / len(losses)
+        return self.mean(losses)
 
 
 def _labels(sources: list[str] | None, windows: int) -> list[str]:

@@ -44,7 +44,7 @@ def compensation_report(judge, removed: Iterable[str]) -> dict:
     plain_by_source = by_source(judge, plain_windows)
     every = measure(list(fits)) if fits else dict(plain_by_source)
     kept, losses, dropped = keep_harmless_maps(list(fits), measure, plain_by_source)
-    counts = by_source(judge, [1.0] * len(plain_windows), total=True)
+    counts = judge.source_counts()
     report["sources"] = {s: {"windows": int(counts[s]), "uncompensated": plain_by_source[s], "compensated": every[s],
                              "folded": losses[s]} for s in plain_by_source}
     report.update(apply=bool(kept) or not fits, helps=worst_excess(every, plain_by_source) <= 0, kept=kept,
@@ -52,11 +52,7 @@ def compensation_report(judge, removed: Iterable[str]) -> dict:
     return report
 
 
-def by_source(judge, window_values: list[float], total: bool = False) -> dict[str, float]:
-    """Per source, the mean (with `total`, the sum) of values given per loss window, then per guard window."""
-    labels = judge.loss_sources + judge.guard_sources
-    out = {}
-    for source in dict.fromkeys(labels):
-        values = [v for v, label in zip(window_values, labels) if label == source]
-        out[source] = sum(values) if total else sum(values) / len(values)
-    return out
+def by_source(judge, window_values: list[float]) -> dict[str, float]:
+    """Per source, the mean of values given per loss window, then per guard window, of this process, over every
+    process (`CandidateLoss.source_means`)."""
+    return judge.source_means(window_values)
