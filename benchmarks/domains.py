@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import sysconfig
 import time
@@ -148,6 +149,8 @@ def main(argv=None) -> None:
     p.add_argument("--tag", default="smollm2")
     p.add_argument("--fresh", action="store_true", help="ignore the cached selections and perplexities")
     p.add_argument("--choices", default=",".join(CHOICES), help="the compensation choices to measure")
+    p.add_argument("--from-log", type=Path, nargs="+", help="only merge the selections and perplexities printed in "
+                   "these logs of earlier runs into the store (a run whose write another process overwrote), and render")
     p.add_argument("--layers", help="with one source and budget: the layers its selection chose (from another "
                                     "process's log), to measure other choices in parallel")
     args = p.parse_args(argv)
@@ -159,7 +162,8 @@ def main(argv=None) -> None:
     store_path = common.RESULTS / f"domains-{args.tag}.json"
     store = {} if args.fresh or not store_path.exists() else json.loads(store_path.read_text())
     store.setdefault("runs", {})
-    store["machine"] = common.machine()
+    store.setdefault("machine", common.machine())  # the first run's; every command that added to the store is listed
+    store["commands"] = [*store.get("commands", []), common.machine()["command"]]
 
     def save() -> None:
         # Re-read first: several processes may fill in different sources or budgets of one store.
@@ -178,6 +182,11 @@ def main(argv=None) -> None:
         common.write_text(store_path, json.dumps(store, indent=1))
         common.write_text(common.RESULTS / f"domains-{args.tag}.md", render(store))
 
+    if args.from_log:
+        for path in args.from_log:
+            merge_log(store, path.read_text())
+        save()
+        return
     model, tokenizer = load_model("smollm2-135m")
     model.eval()
     own = own_sample(model, tokenizer, common.ROOT / "benchmarks" / "cache")
@@ -225,6 +234,32 @@ def main(argv=None) -> None:
     save()
 
 
+LOG_LINE = re.compile(r"^\[domains [0-9:]+\] (\w+):(\d+): (.*)$")
+
+
+def merge_log(store: dict, text: str) -> None:
+    """The layers ("key: layers 4..6,13..18, ...") and perplexities ("key: {json}") a run's log printed."""
+    for line in text.splitlines():
+        found = LOG_LINE.match(line)
+        if not found:
+            continue
+        source, budget, rest = found.group(1), int(found.group(2)), found.group(3)
+        run = store["runs"].setdefault(f"{source}:{budget}", {"source": source, "budget": budget, "ppl": {}})
+        if rest.startswith("layers "):
+            run.setdefault("layers", expand(rest.split(" ")[1].rstrip(",")))
+        elif rest.startswith("{"):
+            run["ppl"] = {**json.loads(rest), **run.get("ppl", {})}
+
+
+def expand(compressed: str) -> list[int]:
+    """"4..6,13..18" -> [4, 5, 6, 13, ..., 18] (core.names.compress's format)."""
+    out = []
+    for part in compressed.split(","):
+        first, _, last = part.partition("..")
+        out += list(range(int(first), int(last or first) + 1))
+    return out
+
+
 def _brief(compensation: dict) -> dict:
     """What the shipped run's report says about compensation, without the cross-validation grids."""
     return {"applied": compensation.get("applied"), "helps": compensation.get("helps"),
@@ -245,6 +280,8 @@ def render(store: dict) -> str:
         out += ["**Run in progress: the tables below are partial.**", ""]
     out += ["Written by `benchmarks/domains.py`; do not edit the numbers by hand.", "",
             common.machine_markdown(store["machine"]), "",
+            "Commands that filled this store (in parallel processes on the shared machine): "
+            + "; ".join(f"`{c}`" for c in dict.fromkeys(store.get("commands", []))), "",
             "Layers chosen once per calibration source and budget by `prune_model` with the CLI's defaults; each "
             "compensation choice is applied to those layers. `none`: no map; `single`: maps fitted on the calibration "
             "windows as one source (the compensation before issue 24); `new`: what the run ships (maps checked on the "

@@ -74,6 +74,9 @@ def test_a_ridge_must_help_every_source():
     assert choose_ridge(ratios, reject=True) == 1.0  # 0.01 is best on average but hurts own text
     assert choose_ridge({"file": {0.01: 0.5, 1.0: 0.7}, "own": {0.01: 1.2, 1.0: 1.01}}, reject=True) is None
     assert choose_ridge({"file": {0.01: 0.5, 1.0: 0.7}}, reject=True) == 0.01  # one source: plain cross-validation
+    # A check-only source constrains the choice but does not steer it: the file's best safe ridge wins.
+    assert choose_ridge({"file": {0.01: 0.5, 1.0: 0.7}, "own": {0.01: 0.99, 1.0: 0.2}}, reject=True, check_only={"own"}) == 0.01
+    assert choose_ridge({"file": {0.01: 0.5, 1.0: 0.7}, "own": {0.01: 0.99, 1.0: 0.2}}, reject=True) == 1.0
 
 
 def test_the_guard_drops_the_map_that_hurts_and_keeps_the_other():

@@ -130,7 +130,7 @@ def fit_gap(views, masks, method: str, ridge, names: list[str], fold_into: str, 
             held = held_out_errors(parts, total, fitted=fitted)
             errors = {r: sum(e[r] for e, f in zip(held, fitted) if f) / max(total.target_sum, 1e-300) for r in RIDGE_GRID}
             ratios = source_ratios(held, parts, part_sources)
-            ridge = choose_ridge(ratios, reject)
+            ridge = choose_ridge(ratios, reject, check_only=held_only)
             if ridge is None:
                 return None
             if part_sources[0] is not None:  # several sources: per source, held-out gap error with the map over without

@@ -66,13 +66,15 @@ def source_ratios(held_errors: list[dict], parts: list["GapStatistics"], part_so
     return ratios
 
 
-def choose_ridge(ratios: dict, reject: bool) -> float | None:
+def choose_ridge(ratios: dict, reject: bool, check_only=frozenset()) -> float | None:
     """The ridge of `auto` from `source_ratios`: among the ridges whose map does better than no map on the
-    held-out parts of *every* source, the one with the lowest mean ratio (every source counts alike).
-    None where no ridge does and `reject` (the gap stays open); without `reject`, the lowest mean anyway.
-    With one source this is the plain cross-validated choice (`beats_no_map`)."""
+    held-out parts of *every* source, the one with the lowest mean ratio over the sources fitted on (every
+    source counts alike; `check_only` sources constrain the choice, they do not steer it). None where no
+    ridge does and `reject` (the gap stays open); without `reject`, the lowest mean anyway. With one
+    source this is the plain cross-validated choice (`beats_no_map`)."""
     ridges = list(next(iter(ratios.values())))
-    mean = {ridge: sum(r[ridge] for r in ratios.values()) / len(ratios) for ridge in ridges}
+    steering = [r for s, r in ratios.items() if s not in check_only] or list(ratios.values())
+    mean = {ridge: sum(r[ridge] for r in steering) / len(steering) for ridge in ridges}
     safe = [ridge for ridge in ridges if all(r[ridge] < 1.0 for r in ratios.values())]
     if not safe and reject:
         return None
@@ -240,7 +242,8 @@ class FoldedStatistics:
         errors = {ridge: sum(h[ridge] for h, fitted in zip(held, self.fitted) if fitted) / max(total.target_sum, 1e-300)
                   for ridge in RIDGE_GRID}
         self.held_out_ratios = source_ratios(held, self.folds, self.part_sources)
-        return choose_ridge(self.held_out_ratios, reject=False), errors
+        check_only = {s for s, fitted in zip(self.part_sources, self.fitted) if not fitted}
+        return choose_ridge(self.held_out_ratios, reject=False, check_only=check_only), errors
 
     def solve(self, ridge) -> tuple[GapStatistics, torch.Tensor, float, dict]:
         """(all tokens' statistics, T, the ridge used, cross-validated errors per ridge)."""
