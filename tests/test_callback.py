@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import calibration_run
 import numpy as np
 import pytest
 import torch
@@ -163,9 +164,16 @@ def run_calibration(tmp_path: Path, strategy: str, devices: int, method: str = "
     return out
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    """The plan of calibration_run.py with one device, run in this process (the reference the launches match)."""
+    out = tmp_path_factory.mktemp("single")
+    calibration_run.main(out, "auto", 1)
+    return json.loads((out / "rank0.json").read_text())
+
+
 @pytest.mark.distributed
-def test_two_ddp_processes_give_the_single_process_statistics(tmp_path):
-    single = json.loads((run_calibration(tmp_path, "auto", 1) / "rank0.json").read_text())
+def test_two_ddp_processes_give_the_single_process_statistics(tmp_path, single):
     ddp = run_calibration(tmp_path, "ddp", 2)
     ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)]
     for plan in ranks:
@@ -187,8 +195,7 @@ def test_loss_judged_selection_agrees_across_ddp_ranks(tmp_path):
 
 
 @pytest.mark.distributed
-def test_ddp_spawn_hands_the_plan_to_the_parent_through_plan_path(tmp_path):
-    single = json.loads((run_calibration(tmp_path, "auto", 1) / "rank0.json").read_text())
+def test_ddp_spawn_hands_the_plan_to_the_parent_through_plan_path(tmp_path, single):
     spawn = run_calibration(tmp_path, "ddp_spawn", 2)
     parent = json.loads((spawn / "parent.json").read_text())
     assert parent is not None and parent["remove"] == single["remove"]

@@ -46,11 +46,6 @@ def wikitext(name: str) -> Path:
     return require_shared_data("wikitext-2", name)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model(DEFAULT_MODEL)
-
-
 # --------------------------------------------------------------------------- models
 
 

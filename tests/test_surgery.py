@@ -336,10 +336,8 @@ def test_count_parameters_counts_shared_storage_once():
 
 
 @pytest.mark.slow
-def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path):
-    from lorp_fx.io.models import load_model
-
-    model, tokenizer = load_model("smollm2-135m")
+def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path, smollm2):
+    model, tokenizer = smollm2  # the session's one load (conftest.py)
     assert len(model.model.layers) == 30 and not model.training
     pruned = prune(model, ["model.layers.13", "model.layers.14"])
     assert len(model.model.layers) == 30 and pruned.config.num_hidden_layers == 28
