@@ -60,3 +60,15 @@ def smollm2():
     from lorp_fx.io.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(autouse=True)
+def no_heatmap_unless_read(request, monkeypatch):
+    """Saving a result renders the similarity heatmap with matplotlib (about 0.2 s a run, the import more); a test
+    that does not read similarity.png gets an output without it. Tests marked `heatmap` get the real one."""
+    if request.node.get_closest_marker("heatmap"):
+        return
+    from lorp_fx.pipeline import analyze, result
+
+    monkeypatch.setattr(result, "heatmap_file", lambda plan: {})
+    monkeypatch.setattr(analyze, "heatmap_file", lambda plan: {})
