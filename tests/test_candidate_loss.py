@@ -106,6 +106,7 @@ def test_sublayer_removals_are_compensated_like_compensate():
     assert [f.fold_into for f in fast.fits(removed)] == ["model.layers.2.self_attn", "model.layers.3.mlp"]
 
 
+@pytest.mark.numeric
 def test_sequential_fits_equal_compensates():
     model, graph, batches = setup("llama")
     fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", fit_on="all",
@@ -160,6 +161,7 @@ def test_maps_are_fitted_on_the_other_windows_and_unhelpful_ones_rejected():
             assert (fit.fold_into in shipped) == (min(fit.cv_errors.values()) < fit.error_before)
 
 
+@pytest.mark.numeric
 def test_fast_cross_validation_equals_the_slow_one():
     generator = torch.Generator().manual_seed(0)
     d = 24
@@ -203,6 +205,7 @@ def test_costs_are_counted():
     assert fast.measurements == 3 and fast.passes() > 0
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("compensation", [None, "cosine"])
 def test_statistics_from_the_caching_pass_equal_collect_statistics(compensation):
     from lorp_fx.calibration.graph_observer import collect_statistics
@@ -219,6 +222,7 @@ def test_statistics_from_the_caching_pass_equal_collect_statistics(compensation)
     assert (got.token_count, got.sequence_count) == (expected.token_count, expected.sequence_count)
 
 
+@pytest.mark.numeric
 def test_final_fits_use_every_window_like_compensate():
     """Held-out fits for judging, but the maps shipped are fitted on every window."""
     model, graph, batches = setup("llama")

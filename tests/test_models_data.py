@@ -92,6 +92,7 @@ def test_gguf_of_an_unsupported_architecture_is_a_clear_error(tmp_path):
         load_model(path)
 
 
+@pytest.mark.numeric
 def test_local_directory_loads_in_eval_mode_with_a_pad_token(tmp_path):
     model = tiny_llama().train()
     model.save_pretrained(tmp_path / "ckpt")
@@ -256,11 +257,13 @@ class UniformLM(nn.Module):
         return torch.zeros(*input_ids.shape, VOCAB)
 
 
+@pytest.mark.numeric
 def test_uniform_model_has_perplexity_of_the_vocabulary_size():
     windows = torch.randint(0, VOCAB, (5, 9))
     assert perplexity(UniformLM(), windows, batch_size=2, progress=False) == pytest.approx(VOCAB, rel=1e-6)
 
 
+@pytest.mark.numeric
 def test_perplexity_equals_the_mean_of_transformers_losses():
     model = tiny_llama()
     windows = torch.randint(3, VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))
@@ -278,6 +281,7 @@ def test_perplexity_accepts_callables_returning_logits_in_any_common_form(wrap):
     assert perplexity(lambda input_ids: wrap(model(input_ids=input_ids).logits), windows, progress=False) == pytest.approx(expected)
 
 
+@pytest.mark.numeric
 def test_perplexity_of_a_traced_graph_module():
     from lorp_fx.graph.trace import trace
 

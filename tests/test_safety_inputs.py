@@ -215,6 +215,7 @@ def test_a_base_model_without_a_head_is_refused_naming_the_head(tmp_path, capsys
     assert_refused_before_work(code, err, "lm_head.weight")
 
 
+@pytest.mark.numeric
 def test_a_base_model_with_tied_embeddings_loads_as_its_language_model(tmp_path):
     """The head of a tied model is its embedding matrix: nothing is missing, and the logits are exact."""
     path, base = save_base_model(tmp_path, tied=True)

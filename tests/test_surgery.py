@@ -104,6 +104,7 @@ def test_sublayer_names_per_family():
 # --------------------------------------------------------------------------- layer removal, per family
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(REMOVALS))
 def test_remove_layers_matches_hand_made_reference(name):
     model, _, removals = build(name)
@@ -168,6 +169,7 @@ def test_qwen2_moe_layers_keep_their_kind_after_reload(tmp_path):
     assert reloaded.config.decoder_sparse_step == 1 and reloaded.config.mlp_only_layers == [1, 2]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(REMOVALS))
 def test_saved_checkpoint_reloads_with_same_logits(tmp_path, name):
     model, auto, removals = build(name)
@@ -231,6 +233,7 @@ def _zero_output_hook(module, args, output):
     return torch.zeros_like(output)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize(
     "name, removals",
     [
@@ -274,6 +277,7 @@ def test_t5_sublayers_pass_the_residual_stream_through():
     assert pruned.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.abs().sum() > 0
 
 
+@pytest.mark.numeric
 def test_sublayers_of_a_removed_layer_are_ignored():
     model, _, _ = build("llama")
     pruned = prune(model, ["model.layers.1", "model.layers.1.mlp"])
