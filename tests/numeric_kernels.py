@@ -1,7 +1,7 @@
 """The tests that compare numbers with a reference (marker `numeric`), once under each set of CPU kernels torch
 has on this machine: `ATEN_CPU_CAPABILITY=default`, `avx2` and, where the CPU has it, `avx512`.
 
-    python tests/numeric_kernels.py [more pytest arguments]
+    python tests/numeric_kernels.py [more pytest arguments, or test files]
 
 float32 results round differently under each (vectorised reductions sum in another order), so a tolerance
 that holds on one machine can fail on the next (issue 29). One pytest run with one xdist worker per
@@ -35,6 +35,12 @@ def capabilities() -> list[str]:
     return ["default", *(name for name, needed in NEEDS.items() if needed <= flags)]
 
 
+def numeric_test_files() -> list[str]:
+    """The test files that hold numeric tests: collecting only these spares each worker the other imports."""
+    here = Path(__file__).resolve().parent
+    return [str(path) for path in sorted(here.glob("test_*.py")) if "pytest.mark.numeric" in path.read_text()]
+
+
 def main(argv: list[str]) -> int:
     found = capabilities()
     workers = [f"--tx=popen//env:ATEN_CPU_CAPABILITY={name}" for name in found]
@@ -42,6 +48,8 @@ def main(argv: list[str]) -> int:
     print(f"numeric tests under each ATEN_CPU_CAPABILITY ({workers_named})", flush=True)
     command = [sys.executable, "-m", "pytest", "-m", "numeric", "-p", "xdist", "--dist=each", *workers,
                "-q", "-p", "no:cacheprovider", *argv]
+    if not any(arg.endswith(".py") or "::" in arg for arg in argv):  # no tests named: every numeric one
+        command += numeric_test_files()
     return subprocess.call(command, cwd=Path(__file__).resolve().parents[1])
 
 

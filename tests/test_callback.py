@@ -30,7 +30,6 @@ HERE = Path(__file__).parent
 CausalLM = Calibrated  # keyword calls from dict batches: input_ids, attention_mask, use_cache=False
 
 
-@pytest.mark.numeric
 def test_validate_collects_the_eager_statistics_and_plans():
     model = tiny_model("llama", layers=6)
     cb = LoRPCallback(n_remove=2, method="shortgpt")

@@ -205,7 +205,6 @@ def test_costs_are_counted():
     assert fast.measurements == 3 and fast.passes() > 0
 
 
-@pytest.mark.numeric
 @pytest.mark.parametrize("compensation", [None, "cosine"])
 def test_statistics_from_the_caching_pass_equal_collect_statistics(compensation):
     from lorp_fx.calibration.graph_observer import collect_statistics

@@ -83,7 +83,6 @@ def assert_same_outputs(a: dict, b: dict, atol=1e-5):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-5)
 
 
-@pytest.mark.numeric
 @settings(max_examples=40)
 @given(networks_and_removals())
 def test_pruned_graph_equals_the_eager_network_without_those_blocks(case):

@@ -260,7 +260,10 @@ class UniformLM(nn.Module):
 @pytest.mark.numeric
 def test_uniform_model_has_perplexity_of_the_vocabulary_size():
     windows = torch.randint(0, VOCAB, (5, 9))
-    assert perplexity(UniformLM(), windows, batch_size=2, progress=False) == pytest.approx(VOCAB, rel=1e-6)
+    # The loss log(V) is a float32 mean of float32 cross-entropies: a few roundings of it (2.0 measured under every
+    # ATEN_CPU_CAPABILITY here, 3.7 allowed before); exp() carries them to the perplexity unchanged.
+    rel = 8 * 2.0**-24 * math.log(VOCAB)
+    assert perplexity(UniformLM(), windows, batch_size=2, progress=False) == pytest.approx(VOCAB, rel=rel)
 
 
 @pytest.mark.numeric
@@ -281,7 +284,6 @@ def test_perplexity_accepts_callables_returning_logits_in_any_common_form(wrap):
     assert perplexity(lambda input_ids: wrap(model(input_ids=input_ids).logits), windows, progress=False) == pytest.approx(expected)
 
 
-@pytest.mark.numeric
 def test_perplexity_of_a_traced_graph_module():
     from lorp_fx.graph.trace import trace
 

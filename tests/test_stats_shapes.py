@@ -92,7 +92,6 @@ def test_statistics_of_mlp_and_conv_resnet_streams_match_numpy(kind):
     assert len(lorp_fx.find_blocks(lorp_fx.prune(graph, [stats.blocks[1]]))) == 3
 
 
-@pytest.mark.numeric
 def test_a_conv_resnet_calibrates_and_prunes_through_the_callback():
     torch.manual_seed(0)
     network = ResNet().eval()
