@@ -56,43 +56,57 @@ def test_plain_loss_equals_calibration_loss_exactly_in_any_order(family):
     assert fast(names(family, [2, 3])) == reference(names(family, [2, 3])) and fast.measurements == len(SETS) - 1
 
 
+def folded_loss(model, removed, windows, method) -> float:
+    """The loss the judge must report: compensate()'s folded model on the first 4 windows, one at a time like the
+    judge (the same float32 mean per window, averaged)."""
+    pruned = compensate(model, removed, windows, method).model
+    with torch.no_grad():
+        return sum(next_token_loss(lambda **kw: pruned(**kw, use_cache=False), w) for w in windows[:4]) / 4
+
+
+# The judge applies each map to its unit's branch output, the folded model has it in the projection's weights:
+# the same function, rounded to float32 in other places, which moves the loss by about one float32 rounding of
+# it (at most 1.5 measured under ATEN_CPU_CAPABILITY=default, avx2 and avx512); 8 bound it.
+LOSS_REL = 8 * 2.0**-24
+
+
+@pytest.mark.numeric
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "gemma3"])
 def test_compensated_loss_equals_the_folded_model(family):
     """fit_on='all', no rejection: the maps and the loss are compensate()'s (Gemma: the
-    per-channel form, folded into the sandwich norm's weight)."""
+    per-channel form, folded into the sandwich norm's weight). compensate() gets the judge's windows, one
+    per call: a batch of 4 rounds the states otherwise (a mixture of experts groups its tokens by expert),
+    which moved the maps by 1e-7 and could tip the cross-validated ridge."""
     model, graph, batches = setup(family)
+    windows = one_window_each(batches)
     fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", fit_on="all",
                          reject_unhelpful_maps=False)
     for removed in ([2], [2, 3], [1, 4], [1, 2, 4]):
         layer_names = names(family, removed)
-        pruned = compensate(model, layer_names, batches, "cosine").model
-        with torch.no_grad():
-            expected = next_token_loss(lambda **kw: pruned(**kw, use_cache=False), batches[0])
-        assert fast(layer_names) == pytest.approx(expected, abs=2e-6)
-        reference = fit_compensation(model, layer_names, batches, "cosine")
+        assert fast(layer_names) == pytest.approx(folded_loss(model, layer_names, windows, "cosine"), rel=LOSS_REL)
+        reference = fit_compensation(model, layer_names, windows, "cosine")
         mine = fast.fits(layer_names)
         assert [f.fold_into for f in mine] == [f.fold_into for f in reference]
         assert [f.ridge for f in mine] == [f.ridge for f in reference]
         for a, b in zip(mine, reference):
             assert a.form == b.form
-            # atol: the judge runs one window per call, compensate() a batch of 4; a mixture of experts
-            # groups its tokens by expert, so its states differ in the last bits (2.8e-8 measured).
-            torch.testing.assert_close(a.transform, b.transform, rtol=0, atol=1e-7)
+            # The same float32 states on both sides; only the float64 sums may add up in another order.
+            torch.testing.assert_close(a.transform, b.transform, rtol=0, atol=1e-10)
         assert [f.projections for f in eager_fits(model, mine)] == [f.projections for f in reference]
 
 
+@pytest.mark.numeric
 def test_sublayer_removals_are_compensated_like_compensate():
     model, graph, batches = setup("llama")
     fast = CandidateLoss(graph, batches, loss_windows=4, compensation="lstsq", fit_on="all",
                          reject_unhelpful_maps=False)
     removed = ["model.layers.2.mlp", "model.layers.3.self_attn", "model.layers.4"]
-    pruned = compensate(model, removed, batches, "lstsq").model
-    with torch.no_grad():
-        expected = next_token_loss(lambda **kw: pruned(**kw, use_cache=False), batches[0])
-    assert fast(removed) == pytest.approx(expected, abs=2e-6)
+    expected = folded_loss(model, removed, one_window_each(batches), "lstsq")
+    assert fast(removed) == pytest.approx(expected, rel=LOSS_REL)
     assert [f.fold_into for f in fast.fits(removed)] == ["model.layers.2.self_attn", "model.layers.3.mlp"]
 
 
+@pytest.mark.numeric
 def test_sequential_fits_equal_compensates():
     model, graph, batches = setup("llama")
     fast = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", fit_on="all",
@@ -147,6 +161,7 @@ def test_maps_are_fitted_on_the_other_windows_and_unhelpful_ones_rejected():
             assert (fit.fold_into in shipped) == (min(fit.cv_errors.values()) < fit.error_before)
 
 
+@pytest.mark.numeric
 def test_fast_cross_validation_equals_the_slow_one():
     generator = torch.Generator().manual_seed(0)
     d = 24
@@ -206,6 +221,7 @@ def test_statistics_from_the_caching_pass_equal_collect_statistics(compensation)
     assert (got.token_count, got.sequence_count) == (expected.token_count, expected.sequence_count)
 
 
+@pytest.mark.numeric
 def test_final_fits_use_every_window_like_compensate():
     """Held-out fits for judging, but the maps shipped are fitted on every window."""
     model, graph, batches = setup("llama")

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 import transformers
+from saved_models import saved_tiny
 from shared_data import require_shared_data
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 from lorp_fx import cli
 from lorp_fx.arch.families import layer_stacks
@@ -22,10 +23,7 @@ def text_file(tmp_path):
 
 
 def save_tiny(tmp_path, family, layers=4):
-    path = tmp_path / family
-    tiny_model(family, layers=layers).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return saved_tiny(tmp_path, family, layers, name=family)
 
 
 def run(args, capsys):
@@ -38,6 +36,7 @@ def run(args, capsys):
 AUTO = {"t5": transformers.AutoModelForSeq2SeqLM}
 
 
+@pytest.mark.heatmap
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gpt2", "mixtral", "qwen2_moe", "t5"])
 def test_prune_writes_a_checkpoint_that_reloads_and_generates(tmp_path, capsys, text_file, family):
     model_dir, out = save_tiny(tmp_path, family), tmp_path / "out"
@@ -100,6 +99,7 @@ def test_an_explicit_compensation_the_family_cannot_take(tmp_path, capsys, text_
     assert not out.exists()
 
 
+@pytest.mark.heatmap
 def test_analyze_writes_statistics_and_removes_nothing(tmp_path, capsys, text_file):
     model_dir, out = save_tiny(tmp_path, "llama", layers=6), tmp_path / "analysis"
     code, stdout, stderr = run(["analyze", "--model", model_dir, "--calib-file", text_file, "--calib-samples", 4,
@@ -282,6 +282,7 @@ def test_a_recipe_written_by_a_run_does_not_replay_overwrite(tmp_path, capsys, t
     assert_clean_failure(code, err, "exists and is not empty")
 
 
+@pytest.mark.heatmap
 def test_prune_and_analyze_outputs_replace_each_other_with_overwrite(tmp_path, capsys, text_file):
     model_dir, out = save_tiny(tmp_path, "llama"), tmp_path / "o"
     common = ["--model", model_dir, "--calib-file", text_file, "--calib-samples", 2, "--seq-len", 16, "--out", out]

@@ -118,6 +118,7 @@ def explicit_map_logits(model, removals, fits, name):
 # ---------------------------------------------------------------- exactness of the fold, per family
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(REMOVALS))
 @pytest.mark.parametrize("method", ["cosine", "lstsq"])
 def test_fold_equals_an_explicit_map_at_the_gap(name, method):
@@ -133,6 +134,7 @@ def test_fold_equals_an_explicit_map_at_the_gap(name, method):
     assert (got - uncompensated).abs().max() > 1e-3, "the maps should change the model"
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(SUBLAYER_REMOVALS))
 def test_fold_is_exact_for_sublayer_removals(name):
     model = build(name).double()
@@ -170,6 +172,7 @@ def test_moe_fold_reaches_every_expert_and_the_shared_expert():
         assert torch.equal(compensated.model.layers[1].mlp.get_parameter(name), original)
 
 
+@pytest.mark.numeric
 def test_gpt2_bias_is_mapped_too():
     model = build("gpt2")
     with torch.no_grad():
@@ -214,6 +217,7 @@ def test_accepts_a_plan_and_dict_batches_with_padding():
     assert without_mask.tokens == sum(b.numel() for b in ids)
 
 
+@pytest.mark.numeric
 def test_sequential_equals_dense_view_for_one_gap_and_differs_for_later_gaps():
     model = build("llama")
     one = ["model.layers.2"]
@@ -230,6 +234,7 @@ def test_sequential_equals_dense_view_for_one_gap_and_differs_for_later_gaps():
     assert count_parameters(seq_model) == count_parameters(dense_model)
 
 
+@pytest.mark.numeric
 def test_apply_compensation_on_a_pruned_model_equals_compensate():
     model = build("gpt2")
     removals = REMOVALS["gpt2"]
@@ -238,6 +243,7 @@ def test_apply_compensation_on_a_pruned_model_equals_compensate():
     assert torch.equal(logits(applied, "gpt2"), logits(compensate(model, removals, batches("gpt2")).model, "gpt2"))
 
 
+@pytest.mark.numeric
 def test_compensation_lowers_the_calibration_error():
     model = build("llama")
     for method in ("cosine", "lstsq"):
@@ -260,6 +266,7 @@ def _synthetic(d=16, n=4000, seed=0, outliers=False):
     return x, m, y, truth
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("method", ["lstsq", "cosine"])
 @pytest.mark.parametrize("outliers", [False, True])
 def test_fit_recovers_a_known_linear_map(method, outliers):
@@ -273,6 +280,7 @@ def test_fit_recovers_a_known_linear_map(method, outliers):
     assert stats.relative_error(fitted) < 1e-12 < stats.relative_error(None)
 
 
+@pytest.mark.numeric
 def test_streaming_pieces_and_merge_give_the_same_statistics():
     x, m, y, _ = _synthetic(n=500)
     whole, first, second = (GapStatistics(16, "cosine") for _ in range(3))
@@ -284,6 +292,7 @@ def test_streaming_pieces_and_merge_give_the_same_statistics():
     assert first.tokens == whole.tokens == 500
 
 
+@pytest.mark.numeric
 def test_ridge_shrinks_towards_the_identity():
     x, m, y, truth = _synthetic()
     stats = GapStatistics(16, "lstsq")
@@ -295,6 +304,7 @@ def test_ridge_shrinks_towards_the_identity():
     assert distances == sorted(distances)
 
 
+@pytest.mark.numeric
 def test_cosine_weights_every_token_alike_and_lstsq_follows_massive_tokens():
     """Outlier tokens governed by another map: lstsq fits them, cosine fits the bulk."""
     d = 8
@@ -333,6 +343,7 @@ def test_gemma3_sandwich_norms_take_only_a_per_channel_map():
     assert torch.equal(transform, torch.diag(torch.diagonal(transform)))
 
 
+@pytest.mark.numeric
 def test_diagonal_form_is_exact_on_a_llama_too():
     model = build("llama").double()
     compensated, fits, _ = compensate(model, REMOVALS["llama"], batches("llama"), form="diagonal")
@@ -387,6 +398,7 @@ def test_nothing_removed_gives_the_dense_model():
 # ---------------------------------------------------------------- save, reload, generate
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", ["llama", "qwen2_moe", "gpt2", "t5", "gemma3"])
 def test_compensated_checkpoint_saves_reloads_and_generates(tmp_path, name):
     model = build(name)
@@ -404,6 +416,7 @@ def test_compensated_checkpoint_saves_reloads_and_generates(tmp_path, name):
     assert torch.equal(with_cache, compensated.generate(prompt, use_cache=True, **settings))
 
 
+@pytest.mark.numeric
 def test_bfloat16_model_compensates_in_float64_and_keeps_its_dtype():
     model = build("llama").to(torch.bfloat16)
     compensated, fits, _ = compensate(model, ["model.layers.2"], batches("llama"))
@@ -415,6 +428,7 @@ def test_bfloat16_model_compensates_in_float64_and_keeps_its_dtype():
 # ---------------------------------------------------------------- ridge="auto": cross-validation over sequences
 
 
+@pytest.mark.numeric
 def test_auto_ridge_is_the_cross_validated_minimum():
     model = build("llama")
     fits = fit_compensation(model, REMOVALS["llama"], batches("llama", n=4))
@@ -425,6 +439,7 @@ def test_auto_ridge_is_the_cross_validated_minimum():
     assert torch.allclose(fixed.transform, fits[0].transform) and fixed.cv_errors == {}
 
 
+@pytest.mark.numeric
 def test_auto_ridge_folds_split_by_sequence():
     x, m, y, _ = _synthetic(n=8 * 5)
     shape = (8, 5, 16)  # 8 sequences of 5 tokens, given as two batches of 4

@@ -10,6 +10,10 @@ import pytest
 from safetensors.torch import load_file
 from saved_models import calibration_text, report, saved_tiny, similarity
 
+from lorp_fx.cli import main
+
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 # 12 windows in batches of 4: rank 0 calibrates batches 0 and 2, rank 1 batch 1; the
 # loss windows (the first 8) are batch 0 on rank 0 and batch 1 on rank 1.
@@ -17,9 +21,15 @@ ARGS = ["--remove", "2", "--calib-samples", "12", "--seq-len", "24", "--device",
 
 
 def lorp_fx(*arguments, env=None) -> subprocess.CompletedProcess:
+    """`lorp-fx prune` in processes of its own: what `--devices 2` starts and how a failing rank ends are the point."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "lorp_fx.cli", "prune", *map(str, arguments)], capture_output=True,
                           text=True, env=environment, timeout=900)
+
+
+def one_process(*arguments) -> None:
+    """The single-process reference, run in this process like the other CLI tests (one start-up less)."""
+    assert main(["prune", *map(str, arguments)]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
-    done = lorp_fx("--model", model_dir, *ARGS, "--out", out)
-    assert done.returncode == 0, done.stderr[-2000:]
+    one_process("--model", model_dir, *ARGS, "--out", out)
     return out
 
 
@@ -63,12 +72,10 @@ def test_an_encoder_decoder_gets_the_single_process_plan(tmp_path):
     """T5 has no causal-LM loss: one process chooses from the statistics alone, and so do two (they used to
     measure the decoder's loss and choose other blocks)."""
     model_dir, text = saved_tiny(tmp_path, "t5"), calibration_text(tmp_path)
-    outs = {}
-    for devices in (1, 2):
-        outs[devices] = tmp_path / f"out{devices}"
-        processes = ["--devices", devices] if devices > 1 else []
-        done = lorp_fx("--model", model_dir, *ARGS, "--calib-file", text, *processes, "--out", outs[devices])
-        assert done.returncode == 0, done.stderr[-2000:]
+    outs = {devices: tmp_path / f"out{devices}" for devices in (1, 2)}
+    one_process("--model", model_dir, *ARGS, "--calib-file", text, "--out", outs[1])
+    done = lorp_fx("--model", model_dir, *ARGS, "--calib-file", text, "--devices", 2, "--out", outs[2])
+    assert done.returncode == 0, done.stderr[-2000:]
     assert report(outs[2])["removed"] == report(outs[1])["removed"]
     assert report(outs[2])["scores"] == pytest.approx(report(outs[1])["scores"], abs=1e-5)
     assert report(outs[2])["distributed"]["loss_batches_per_rank"] == [0, 0]
@@ -80,12 +87,10 @@ def test_ranks_holding_unequal_numbers_of_loss_batches_measure_the_single_proces
     text = calibration_text(tmp_path)
     args = ["--remove", "3", "--calib-samples", "8", "--seq-len", "24", "--device", "cpu", "--dtype", "float32",
             "--calib-file", text, "--method", "sleb", "--compensate", "none", "--loss-windows", "3", "--batch-size", "1"]
-    outs = {}
-    for devices in (1, 2):
-        outs[devices] = tmp_path / f"out{devices}"
-        processes = ["--devices", devices] if devices > 1 else []
-        done = lorp_fx("--model", model_dir, *args, *processes, "--out", outs[devices])
-        assert done.returncode == 0, done.stderr[-2000:]
+    outs = {devices: tmp_path / f"out{devices}" for devices in (1, 2)}
+    one_process("--model", model_dir, *args, "--out", outs[1])
+    done = lorp_fx("--model", model_dir, *args, "--devices", 2, "--out", outs[2])
+    assert done.returncode == 0, done.stderr[-2000:]
     assert report(outs[2])["distributed"]["loss_batches_per_rank"] == [2, 1]
     assert report(outs[2])["removed"] == report(outs[1])["removed"]
     one, two = report(outs[1])["scores"], report(outs[2])["scores"]

@@ -209,6 +209,7 @@ def test_layout_rules_for_count_and_prefix_dependent_properties():
 # --------------------------------------------------------------------------- compensated tensors
 
 
+@pytest.mark.numeric
 def test_replaced_tensors_are_requantized_and_round_trip_within_quantization_error(tiny_llama, tmp_path):
     base, _ = load_model(tiny_llama)
     base = remove_layers(base, ["model.layers.1", "model.layers.4"]).model

@@ -9,15 +9,14 @@ from shared_data import require_shared_data
 
 import lorp_fx
 from lorp_fx.calibration.graph_observer import collect_statistics
-from lorp_fx.io.models import load_model
 from lorp_fx.io.text import text_windows
 
 
 @pytest.mark.slow
-def test_lorp_paper_on_smollm2_matches_the_authors():
+def test_lorp_paper_on_smollm2_matches_the_authors(smollm2):
     valid = require_shared_data("wikitext-2", "valid.txt")
     reference = json.loads(require_shared_data("reference", "smollm2-lorp-paper.json").read_text())
-    model, tokenizer = load_model("smollm2-135m")
+    model, tokenizer = smollm2  # the session's one load (conftest.py)
     windows = text_windows(tokenizer, [valid], n_samples=32, seq_len=256)
     batches = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(4)]
     stats, _ = collect_statistics(model, batches, progress=False)

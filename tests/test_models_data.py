@@ -46,11 +46,6 @@ def wikitext(name: str) -> Path:
     return require_shared_data("wikitext-2", name)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model(DEFAULT_MODEL)
-
-
 # --------------------------------------------------------------------------- models
 
 
@@ -97,6 +92,7 @@ def test_gguf_of_an_unsupported_architecture_is_a_clear_error(tmp_path):
         load_model(path)
 
 
+@pytest.mark.numeric
 def test_local_directory_loads_in_eval_mode_with_a_pad_token(tmp_path):
     model = tiny_llama().train()
     model.save_pretrained(tmp_path / "ckpt")
@@ -261,11 +257,16 @@ class UniformLM(nn.Module):
         return torch.zeros(*input_ids.shape, VOCAB)
 
 
+@pytest.mark.numeric
 def test_uniform_model_has_perplexity_of_the_vocabulary_size():
     windows = torch.randint(0, VOCAB, (5, 9))
-    assert perplexity(UniformLM(), windows, batch_size=2, progress=False) == pytest.approx(VOCAB, rel=1e-6)
+    # The loss log(V) is a float32 mean of float32 cross-entropies: a few roundings of it (2.0 measured under every
+    # ATEN_CPU_CAPABILITY here, 3.7 allowed before); exp() carries them to the perplexity unchanged.
+    rel = 8 * 2.0**-24 * math.log(VOCAB)
+    assert perplexity(UniformLM(), windows, batch_size=2, progress=False) == pytest.approx(VOCAB, rel=rel)
 
 
+@pytest.mark.numeric
 def test_perplexity_equals_the_mean_of_transformers_losses():
     model = tiny_llama()
     windows = torch.randint(3, VOCAB, (6, 10), generator=torch.Generator().manual_seed(0))

@@ -19,6 +19,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from saved_models import saved_tiny
 from tiny_models import FAMILIES, TINY, tiny_model, tiny_tokenizer
 
 from lorp_fx import cli
@@ -37,14 +38,8 @@ def text_file(tmp_path):
     return path
 
 
-def save_tiny(tmp_path, family="llama", layers=4, name=None, **config_changes):
-    path = tmp_path / (name or family)
-    model = tiny_model(family, layers=layers)
-    for key, value in config_changes.items():
-        setattr(model.config, key, value)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def save_tiny(tmp_path, family="llama", layers=4, name=None):
+    return saved_tiny(tmp_path, family, layers, name=name or family)
 
 
 def edit_json(path: Path, **changes):
@@ -220,6 +215,7 @@ def test_a_base_model_without_a_head_is_refused_naming_the_head(tmp_path, capsys
     assert_refused_before_work(code, err, "lm_head.weight")
 
 
+@pytest.mark.numeric
 def test_a_base_model_with_tied_embeddings_loads_as_its_language_model(tmp_path):
     """The head of a tied model is its embedding matrix: nothing is missing, and the logits are exact."""
     path, base = save_base_model(tmp_path, tied=True)

@@ -104,6 +104,7 @@ def test_sublayer_names_per_family():
 # --------------------------------------------------------------------------- layer removal, per family
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(REMOVALS))
 def test_remove_layers_matches_hand_made_reference(name):
     model, _, removals = build(name)
@@ -168,6 +169,7 @@ def test_qwen2_moe_layers_keep_their_kind_after_reload(tmp_path):
     assert reloaded.config.decoder_sparse_step == 1 and reloaded.config.mlp_only_layers == [1, 2]
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("name", list(REMOVALS))
 def test_saved_checkpoint_reloads_with_same_logits(tmp_path, name):
     model, auto, removals = build(name)
@@ -231,6 +233,7 @@ def _zero_output_hook(module, args, output):
     return torch.zeros_like(output)
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize(
     "name, removals",
     [
@@ -274,6 +277,7 @@ def test_t5_sublayers_pass_the_residual_stream_through():
     assert pruned.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.abs().sum() > 0
 
 
+@pytest.mark.numeric
 def test_sublayers_of_a_removed_layer_are_ignored():
     model, _, _ = build("llama")
     pruned = prune(model, ["model.layers.1", "model.layers.1.mlp"])
@@ -336,10 +340,8 @@ def test_count_parameters_counts_shared_storage_once():
 
 
 @pytest.mark.slow
-def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path):
-    from lorp_fx.io.models import load_model
-
-    model, tokenizer = load_model("smollm2-135m")
+def test_smollm2_pruned_checkpoint_reloads_and_generates(tmp_path, smollm2):
+    model, tokenizer = smollm2  # the session's one load (conftest.py)
     assert len(model.model.layers) == 30 and not model.training
     pruned = prune(model, ["model.layers.13", "model.layers.14"])
     assert len(model.model.layers) == 30 and pruned.config.num_hidden_layers == 28
