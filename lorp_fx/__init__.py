@@ -59,6 +59,8 @@ _PUBLIC = {
     "PruneConfig": "lorp_fx.pipeline.config",
     "PruneResult": "lorp_fx.pipeline.result",
     "prune_model": "lorp_fx.pipeline.run",
+    "HealConfig": "lorp_fx.healing.config",
+    "heal": "lorp_fx.healing.run",
     "LoRPCallback": "lorp_fx.lightning.callback",
 }
 
