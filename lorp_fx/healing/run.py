@@ -45,7 +45,8 @@ class HealResult:
 
 def heal(pruned, teacher: nn.Module, data: HealingData = None, config: HealConfig | None = None, *,
          plan: PruningPlan | None = None, tokenizer=None, progress: bool = True, devices: int = 1,
-         strategy: str = "auto", pass_unit: dict | None = None, evaluation: torch.Tensor | None = None) -> HealResult:
+         strategy: str = "auto", pass_unit: dict | None = None, evaluation: torch.Tensor | None = None,
+         callbacks: list | None = None) -> HealResult:
     """Heal `pruned` (a pruned causal LM, or a `PruneResult`) by distillation from `teacher`, the dense model.
 
     * `data`: healing windows (n, seq_len), text file path(s), or None for text the dense model samples itself
@@ -55,6 +56,7 @@ def heal(pruned, teacher: nn.Module, data: HealingData = None, config: HealConfi
     * `pass_unit`: {"seconds", "tokens"} of a pass (a `PruneResult`'s own by default), to report the time in
       passes; without one, a plain forward of the dense model over one healing batch is timed.
     * `evaluation`: token windows to measure the healed model's perplexity on (report "ppl_healed").
+    * `callbacks`: more Lightning callbacks for the healing Trainer.
 
     A `PruneResult` is healed in place: its model is replaced by the healed one, and its report gains
     "healing", so `result.save` writes the healed model, its GGUF and the healing curve.
@@ -72,7 +74,7 @@ def heal(pruned, teacher: nn.Module, data: HealingData = None, config: HealConfi
     text = healing_text(teacher, data, config, tokenizer, world=_world(devices), progress=progress)
     if pass_unit is None and result is not None:
         pass_unit = result.report.get("pass_unit")
-    healed = _heal(student, teacher, plan, text, config, expected, progress, devices, strategy, pass_unit)
+    healed = _heal(student, teacher, plan, text, config, expected, progress, devices, strategy, pass_unit, callbacks)
     if evaluation is not None:
         healed.report["evaluation"] = {"ppl_healed": perplexity(healed.model, evaluation.to(model_device(healed.model)),
                                                                 batch_size=config.batch_size, progress=progress)}
@@ -109,7 +111,7 @@ def _world(devices: int) -> int:
 
 
 def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expected: dict, progress: bool, devices: int,
-          strategy: str, pass_unit: dict | None) -> HealResult:
+          strategy: str, pass_unit: dict | None, callbacks: list | None) -> HealResult:
     from lorp_fx.healing.trainer import fit  # Lightning's import costs about 2 s, paid by runs that heal
 
     parameters = count_parameters(student)
@@ -125,7 +127,8 @@ def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expecte
     if mode == "cached":
         outputs.cache(text.train, config.batch_size, progress)
     synchronize(model_device(student))
-    run = fit(trainable, student, outputs, [s for _, s in points], text.train, config, expected, progress, devices, strategy)
+    run = fit(trainable, student, outputs, [s for _, s in points], text.train, config, expected, progress, devices, strategy,
+              callbacks or [])
     healed = finish(trainable, student)
     seconds = time.perf_counter() - start
     after = held_out_perplexity(healed, None, text.held_out, config, progress)

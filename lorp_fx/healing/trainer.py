@@ -43,7 +43,7 @@ def precision_for(config: HealConfig, device: torch.device, dtype: torch.dtype) 
 
 
 def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_points: list, windows: torch.Tensor,
-        config: HealConfig, identity: dict, progress: bool, devices: int, strategy: str) -> dict:
+        config: HealConfig, identity: dict, progress: bool, devices: int, strategy: str, callbacks: list) -> dict:
     """Train `trainable` in a Lightning Trainer; {"curve", "precision", "checkpoint"} (the kept checkpoint or None)."""
     device = model_device(student)
     dtype = next(student.parameters()).dtype
@@ -58,7 +58,7 @@ def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_poin
         strategy=strategy, precision=precision, max_steps=config.steps, max_epochs=1, logger=False,
         callbacks=[ModelCheckpoint(dirpath=folder, filename=LAST, save_top_k=0, save_last=True,
                                    every_n_train_steps=config.checkpoint_every, enable_version_counter=False),
-                   SaveOnException(last)],
+                   SaveOnException(last), *callbacks],
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         gradient_clip_val=1.0, use_distributed_sampler=False, default_root_dir=folder,
     )
