@@ -136,3 +136,34 @@ def test_resuming_a_checkpoint_of_another_model_or_plan_is_refused_before_traini
     code, _, err = run(prune_args(model_dir, text_file, tmp_path / "o3", "--heal-resume", tmp_path / "nope.ckpt"), capsys)
     assert_clean_failure(code, err, "does not exist")
     assert step is not None
+
+
+def test_a_healed_gguf_requantizes_the_changed_tensors_and_copies_the_rest_byte_for_byte(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from gguf import GGUFReader
+    from gguf_files import write_tiny_gguf
+
+    from lorp_fx.io.models import load_model
+
+    source = write_tiny_gguf(tmp_path / "tiny-llama.gguf")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"the river {i % 17} town {i % 5} ship" for i in range(600)))
+    args = ["prune", "--model", source, "--remove", 2, "--method", "shortgpt", "--calib-file", text, "--calib-samples", 4,
+            "--seq-len", 16, "--compensate", "none"]
+    healing = ["--heal", "--heal-steps", 3, "--heal-batch-size", 2, "--heal-seq-len", 16, "--heal-held-out", 2]
+    assert run([*args, "--out", tmp_path / "plain"], capsys)[0] == 0
+    code, _, err = run([*args, "--out", tmp_path / "healed", *healing], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "healed" / "report.json").read_text())
+    requantized = {entry["tensor"] for entry in report["gguf"]["requantized"]}
+    assert len(requantized) == len(report["healing"]["changed_parameters"]) > 0
+    plain = {t.name: bytes(t.data.tobytes()) for t in GGUFReader(tmp_path / "plain" / source.name).tensors}
+    healed = {t.name: bytes(t.data.tobytes()) for t in GGUFReader(tmp_path / "healed" / source.name).tensors}
+    assert set(plain) == set(healed)
+    assert all(healed[name] == plain[name] for name in plain if name not in requantized)
+    assert all(healed[name] != plain[name] for name in requantized)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        float_logits = load_model(tmp_path / "healed")[0](input_ids=ids).logits
+        gguf_logits = load_model(tmp_path / "healed" / source.name)[0](input_ids=ids).logits
+    assert (gguf_logits - float_logits).abs().max() < 0.5 * float_logits.abs().max()  # requantization error only
