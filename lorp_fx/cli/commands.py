@@ -46,17 +46,20 @@ def run_prune(args: argparse.Namespace) -> int:
     release_memory(placement.device)  # what loading freed (a GGUF file's dequantisation buffers) goes back
     if args.devices is not None:
         # Imported here: Lightning's import costs about 2 s, paid only by runs in several processes.
-        from lorp_fx.lightning.distributed import prune_distributed
+        from lorp_fx.lightning.distributed import is_rank_zero, prune_distributed
 
         result = prune_distributed(model, ready.tokenizer, args.calib_file, config, placement, args.devices,
-                                   args.strategy, gguf=gguf)
-        if result is None:  # not rank zero: rank zero writes
+                                   args.strategy, gguf=gguf, every_rank=heal is not None)  # every rank heals
+        if heal is not None:
+            lorp_fx_heal(result, model, heal_text(args), heal, tokenizer=ready.tokenizer, devices=args.devices,
+                         strategy=args.strategy)
+        if result is None or not is_rank_zero():  # rank zero writes
             return 0
     else:
         result = prune_model(model, args.calib_file, config, tokenizer=ready.tokenizer, evaluation=ready.evaluation,
                              gguf=gguf)
-    if heal is not None:
-        lorp_fx_heal(result, model, heal_text(args), heal, tokenizer=ready.tokenizer, evaluation=ready.evaluation)
+        if heal is not None:
+            lorp_fx_heal(result, model, heal_text(args), heal, tokenizer=ready.tokenizer, evaluation=ready.evaluation)
     result.report.update(model=str(args.model), dtype=str(placement.dtype).removeprefix("torch."), seed=args.seed)
     if result.report["evaluation"]:
         result.report["evaluation"]["file"] = str(args.eval_file)
