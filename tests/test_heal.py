@@ -235,3 +235,21 @@ def test_precision_follows_the_device_and_the_weights():
     assert healing_trainer.precision_for(auto, torch.device("cuda"), torch.float32) == "bf16-mixed"
     assert healing_trainer.precision_for(auto, torch.device("cuda"), torch.float16) == "16-mixed"
     assert healing_trainer.precision_for(config(precision="32"), torch.device("cpu"), torch.bfloat16) == "bf16-mixed"
+
+
+def test_the_chunked_kl_and_its_gradient_equal_the_plain_ones():
+    import torch.nn.functional as F
+
+    from lorp_fx.healing import module
+
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 300, 50, generator=generator, dtype=torch.float64)).requires_grad_()
+    teacher = 3 * torch.randn(2, 300, 50, generator=generator, dtype=torch.float64)
+    plain = F.kl_div(F.log_softmax(student.flatten(0, 1), -1), F.log_softmax(teacher.flatten(0, 1), -1),
+                     log_target=True, reduction="batchmean")
+    (expected,) = torch.autograd.grad(plain, student)
+    chunked = module.distillation_loss(student, teacher)
+    (gradient,) = torch.autograd.grad(chunked, student)
+    # float32 inside: the loss and gradient to float32 rounding of sums over 50 words and 600 tokens
+    torch.testing.assert_close(chunked.double(), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)

@@ -32,10 +32,36 @@ from lorp_fx.judge.loss import output_logits
 from lorp_fx.healing.trainable import trainable_parameters
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions, in float32."""
-    student_log = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
-    teacher_log = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(student_log, teacher_log, log_target=True, reduction="batchmean")
+    """Mean over tokens of KL(teacher || student) between next-token distributions, in float32.
+
+    Computed a chunk of tokens at a time, forward and backward (the gradient for the student's
+    logits is softmax(student) - softmax(teacher), over the token count): no (tokens, vocabulary)
+    temporaries beyond the two logit tensors themselves. For SmolLM2's 49,152 words that saves
+    about a gigabyte at a 4 x 256 batch."""
+    return _ChunkedKL.apply(student_logits.flatten(0, -2), teacher_logits.detach().flatten(0, -2))
+
+
+_CHUNK = 128  # tokens per chunk: 128 x 49,152 floats = 25 MB a temporary
+
+
+class _ChunkedKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(student, teacher)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for s, t in zip(student.split(_CHUNK), teacher.split(_CHUNK)):
+            teacher_log = F.log_softmax(t.float(), dim=-1)
+            total += (teacher_log.exp() * (teacher_log - F.log_softmax(s.float(), dim=-1))).sum()
+        return total / student.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        student, teacher = ctx.saved_tensors
+        scale = grad / student.shape[0]
+        out = torch.empty_like(student)
+        for s, t, o in zip(student.split(_CHUNK), teacher.split(_CHUNK), out.split(_CHUNK)):
+            o.copy_((F.softmax(s.float(), dim=-1) - F.softmax(t.float(), dim=-1)) * scale)
+        return out, None
 
 
 def state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
