@@ -8,11 +8,13 @@ minutes on 2 CPU cores (benchmarks/results/heal-smollm2.md). The same fields, pr
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from lorp_fx.core.errors import ConfigError
+from lorp_fx.core.fields import check_choice, check_whole, from_mapping
 
 TRAINABLE = ("gaps", "lora", "all")
 TEACHER_MODES = ("auto", "on_the_fly", "cached")
@@ -59,19 +61,19 @@ class HealConfig:
     resume: str | None = None
 
     def __post_init__(self) -> None:
-        _whole(self.steps, "steps", 1)
-        _whole(self.batch_size, "batch_size", 1)
-        _whole(self.seq_len, "seq_len", 2)
-        _choice(self.train, "train", TRAINABLE)
+        check_whole(self.steps, "steps", 1)
+        check_whole(self.batch_size, "batch_size", 1)
+        check_whole(self.seq_len, "seq_len", 2)
+        check_choice(self.train, "train", TRAINABLE)
         if self.lr is not None:
             _positive(self.lr, "lr")
         _non_negative(self.hidden_weight, "hidden_weight")
-        _whole(self.lora_rank, "lora_rank", 1)
-        _whole(self.held_out, "held_out", 0)
-        _whole(self.seed, "seed", 0)
-        _choice(self.teacher, "teacher", TEACHER_MODES)
-        _choice(self.precision, "precision", PRECISIONS)
-        _whole(self.checkpoint_every, "checkpoint_every", 1)
+        check_whole(self.lora_rank, "lora_rank", 1)
+        check_whole(self.held_out, "held_out", 0)
+        check_whole(self.seed, "seed", 0)
+        check_choice(self.teacher, "teacher", TEACHER_MODES)
+        check_choice(self.precision, "precision", PRECISIONS)
+        check_whole(self.checkpoint_every, "checkpoint_every", 1)
         for name in ("checkpoint_dir", "resume"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
@@ -86,23 +88,12 @@ class HealConfig:
         return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in data.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HealConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"a heal config is a mapping of field names to values, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown heal config field(s) {', '.join(unknown)}; the fields are: "
-                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**data)
-
-
-def _whole(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    def from_dict(cls, data: dict[str, Any]) -> HealConfig:
+        return from_mapping(cls, data, "heal config")
 
 
 def _number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _positive(value, name: str) -> None:
@@ -113,8 +104,3 @@ def _positive(value, name: str) -> None:
 def _non_negative(value, name: str) -> None:
     if not _number(value) or value < 0:
         raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
-
-
-def _choice(value, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
