@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 ROWS = common.RESULTS / "heal-smollm2.jsonl"
 OUT = common.RESULTS / "heal-smollm2.md"
@@ -71,7 +71,7 @@ def eval_windows(tokenizer, samples: int, length: int) -> dict[str, torch.Tensor
         chosen = ids[-needed:] if tail else ids[:needed]
         return torch.tensor(chosen, dtype=torch.long).view(samples, length)
 
-    encode = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return {
         "wikitext2-test": cut(encode((DATA / "test.txt").read_text(encoding="utf-8"))),
         "wikitext2-valid-tail": cut(encode((DATA / "valid.txt").read_text(encoding="utf-8")), tail=True),
@@ -198,7 +198,7 @@ def run_cli(args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     log(" ".join(command))
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"lorp-fx failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -283,15 +283,15 @@ def render(rows: list[dict], info: dict) -> str:
     lines = [
         "# Healing SmolLM2-135M-Instruct after pruning",
         "",
-        "Written by `benchmarks/heal.py render` from the rows in `heal-smollm2.jsonl`, each measured by the script in "
-        "its own process; do not edit the numbers by hand. Protocol: the module docstring of `benchmarks/heal.py`.",
+        ("Written by `benchmarks/heal.py render` from the rows in `heal-smollm2.jsonl`, each measured by the script in "
+         "its own process; do not edit the numbers by hand. Protocol: the module docstring of `benchmarks/heal.py`."),
         "",
         common.machine_markdown(info),
         "",
-        "Perplexity per text (WikiText-2 test, the held-out tail of WikiText-2 validation, Python standard-library "
-        "source). Step 0 is the pruned, compensated model before healing. Time: healing alone (no evaluation), in "
-        "seconds and in passes (one pass: a plain forward of the dense model over 32 x 256 tokens, timed in the same "
-        "process, with the row's torch threads). Peak RSS: the whole process (loading and evaluation included).",
+        ("Perplexity per text (WikiText-2 test, the held-out tail of WikiText-2 validation, Python standard-library "
+         "source). Step 0 is the pruned, compensated model before healing. Time: healing alone (no evaluation), in "
+         "seconds and in passes (one pass: a plain forward of the dense model over 32 x 256 tokens, timed in the same "
+         "process, with the row's torch threads). Peak RSS: the whole process (loading and evaluation included)."),
         "",
     ]
     headers = ["kind", "removed", "train", "text", "lr", "batch", "step", "wikitext2-test", "valid-tail", "python-stdlib",

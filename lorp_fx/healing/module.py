@@ -28,8 +28,9 @@ from lorp_fx.healing.config import HealConfig
 from lorp_fx.healing.data import StepBatches
 from lorp_fx.healing.identity import IDENTITY_KEY
 from lorp_fx.healing.teacher import Teacher
-from lorp_fx.judge.loss import output_logits
 from lorp_fx.healing.trainable import trainable_parameters
+from lorp_fx.judge.loss import output_logits
+
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student) between next-token distributions, in float32.

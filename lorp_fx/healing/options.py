@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def _checked_number(name: str, value):
     kind, minimum = NUMBERS[name]
     flag = f"--heal-{name.replace('_', '-')}"
     whole = kind is int and isinstance(value, int) and not isinstance(value, bool)
-    real = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    real = kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not (whole or real) or value < minimum or (name == "lr" and value <= 0):
         what = "a whole number" if kind is int else "a number"
         bound = f"> {minimum}" if name == "lr" else f">= {minimum}"
@@ -118,5 +119,11 @@ def check_resume_model(config: HealConfig | None, model) -> None:
         check_resume(config.resume, {"model": fingerprint(model)})
 
 
-__all__ = ["add_heal_arguments", "heal_config_of", "heal_text", "check_heal_options", "check_resume_model",
-           "windows_needed"]
+__all__ = [
+    "add_heal_arguments",
+    "check_heal_options",
+    "check_resume_model",
+    "heal_config_of",
+    "heal_text",
+    "windows_needed",
+]

@@ -88,7 +88,10 @@ def adapter_targets(student: nn.Module, frozen: tuple[str, ...]) -> list[str]:
 
 def _with_adapters(student: nn.Module, config: HealConfig, frozen: tuple[str, ...]) -> tuple[nn.Module, list[str]]:
     check_peft("lora")
-    from peft import LoraConfig, get_peft_model  # an optional dependency, imported when LoRA is asked for
+    from peft import (  # an optional dependency, imported when LoRA is asked for
+        LoraConfig,
+        get_peft_model,
+    )
 
     targets = adapter_targets(student, frozen)
     lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=targets,
