@@ -253,3 +253,23 @@ def test_the_chunked_kl_and_its_gradient_equal_the_plain_ones():
     # float32 inside: the loss and gradient to float32 rounding of sums over 50 words and 600 tokens
     torch.testing.assert_close(chunked.double(), plain, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_the_hidden_state_term_compares_the_states_where_the_stream_leaves_each_gap():
+    from lorp_fx.healing.gaps import match_points
+    from lorp_fx.healing.teacher import Teacher
+
+    plan = PruningPlan(remove=["model.layers.2", "model.layers.3", "model.layers.5"], method="manual")
+    teacher = tiny_model("llama", 6)
+    student = remove_layers(teacher, plan).model
+    points = match_points(student, teacher, plan)
+    # dense 0 1 | 2 3 | 4 | 5 |: the stream leaves the first gap into layer 4 (pruned: 2), the second at the end
+    assert points == [((teacher.model.layers[4], "pre"), (student.model.layers[2], "pre")),
+                      ((teacher.model.layers[5], "out"), (student.model.layers[2], "out"))]
+    data = windows(2)
+    _, dense_states = Teacher(teacher, [t for t, _ in points]).run(data)
+    _, pruned_states = Teacher(student, [s for _, s in points]).run(data)
+    # Layers 0 and 1 are the same in both: the pruned stream enters layer 4's place as the dense one entered layer 2.
+    _, entering = Teacher(teacher, [(teacher.model.layers[2], "pre")]).run(data)
+    torch.testing.assert_close(pruned_states[0], entering[0], rtol=0, atol=0)
+    assert not torch.allclose(pruned_states[0], dense_states[0])
