@@ -16,7 +16,6 @@ import lorp_fx
 from lorp_fx.arch.surgery import count_parameters, remove_layers
 from lorp_fx.core.errors import CalibrationError, ConfigError
 from lorp_fx.core.plan import PruningPlan
-from lorp_fx.healing import trainer as healing_trainer
 from lorp_fx.healing.data import step_windows
 from lorp_fx.healing.module import Distillation, distillation_loss
 from lorp_fx.healing.trainer import HealingInterrupted
@@ -34,7 +33,8 @@ def windows(n: int = 24, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def config(**options) -> lorp_fx.HealConfig:
-    return lorp_fx.HealConfig(**{"steps": 6, "batch_size": 4, "held_out": 4, "lr": 3e-3, **options})
+    """Float32 unless asked: the same numbers on every CPU (bf16 autocast kernels differ between CPUs)."""
+    return lorp_fx.HealConfig(**{"steps": 6, "batch_size": 4, "held_out": 4, "lr": 3e-3, "precision": "32", **options})
 
 
 def heal(student, dense, data=None, **options):
@@ -114,15 +114,18 @@ def test_a_seed_gives_the_same_healed_weights_and_another_seed_other_ones():
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
-def test_cached_and_on_the_fly_teacher_outputs_train_alike():
+@pytest.mark.parametrize("precision, tolerance", [("32", 1e-6), ("bf16", 1e-3)])
+def test_cached_and_on_the_fly_teacher_outputs_train_alike(precision, tolerance):
+    """The cache is computed as the steps compute the teacher (under bf16 autocast where training is)."""
     results = {}
     for mode in ("cached", "on_the_fly"):
         student, teacher = pair()
-        healed = heal(student, teacher, teacher=mode, hidden_weight=0.5)
+        healed = heal(student, teacher, teacher=mode, hidden_weight=0.5, precision=precision)
         assert healed.report["teacher"]["outputs"] == mode
+        assert healed.report["precision"] == ("32-true" if precision == "32" else "bf16-mixed")
         results[mode] = weights(healed.model)
     for name, tensor in results["cached"].items():
-        torch.testing.assert_close(tensor, results["on_the_fly"][name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tensor, results["on_the_fly"][name], rtol=0, atol=tolerance)
 
 
 def test_auto_caches_only_where_the_cache_is_smaller_than_the_teacher():
@@ -229,12 +232,18 @@ def test_a_bf16_model_heals_through_autocast_and_stays_bf16():
     assert {p.dtype for p in result.model.parameters()} == {torch.bfloat16}
 
 
-def test_precision_follows_the_device_and_the_weights():
-    auto = config()
-    assert healing_trainer.precision_for(auto, torch.device("cpu"), torch.float32) == "32-true"
-    assert healing_trainer.precision_for(auto, torch.device("cuda"), torch.float32) == "bf16-mixed"
-    assert healing_trainer.precision_for(auto, torch.device("cuda"), torch.float16) == "16-mixed"
-    assert healing_trainer.precision_for(config(precision="32"), torch.device("cpu"), torch.bfloat16) == "bf16-mixed"
+def test_precision_follows_the_device_and_the_weights(monkeypatch):
+    from lorp_fx.healing import config as healing_config
+
+    auto, cpu, cuda = config(precision="auto"), torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a: True)
+    assert healing_config.lightning_precision(auto, cuda, torch.float32) == "bf16-mixed"
+    assert healing_config.lightning_precision(auto, cuda, torch.float16) == "16-mixed"
+    assert healing_config.lightning_precision(config(precision="32"), cpu, torch.float32) == "32-true"
+    assert healing_config.lightning_precision(config(precision="32"), cpu, torch.bfloat16) == "bf16-mixed"
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": native})
+        assert healing_config.lightning_precision(auto, cpu, torch.float32) == ("bf16-mixed" if native else "32-true")
 
 
 def test_the_chunked_kl_and_its_gradient_equal_the_plain_ones():

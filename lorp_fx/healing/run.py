@@ -25,7 +25,7 @@ from lorp_fx.arch.surgery import count_parameters
 from lorp_fx.core.errors import ConfigError
 from lorp_fx.core.model import causal_lm, model_device, synchronize
 from lorp_fx.core.plan import PruningPlan
-from lorp_fx.healing.config import HealConfig
+from lorp_fx.healing.config import HealConfig, lightning_precision
 from lorp_fx.healing.data import HealingData, HealingText, healing_text
 from lorp_fx.healing.gaps import check_pair, match_points
 from lorp_fx.healing.identity import check_resume, identity
@@ -125,12 +125,15 @@ def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expecte
     trainable = prepare(student, teacher, plan, config)
     trained_count = sum(p.numel() for p in trainable.module.parameters() if p.requires_grad)
     outputs = Teacher(teacher, [t for t, _ in points])
+    device = model_device(student)
+    precision = lightning_precision(config, device, next(student.parameters()).dtype)
     start = time.perf_counter()
     if mode == "cached":
-        outputs.cache(text.train, config.batch_size, progress)
-    synchronize(model_device(student))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):  # as fit computes it
+            outputs.cache(text.train, config.batch_size, progress)
+    synchronize(device)
     run = fit(trainable, student, outputs, [s for _, s in points], text.train, config, expected, progress, devices, strategy,
-              callbacks or [])
+              callbacks or [], precision)
     healed = finish(trainable, student)
     seconds = time.perf_counter() - start
     after = held_out_perplexity(healed, None, text.held_out, config, progress)
@@ -147,7 +150,7 @@ def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expecte
         "text": text.source,
         "teacher": {"outputs": mode, **figures},
         "learning_rate": config.learning_rate,
-        "precision": run["precision"],
+        "precision": precision,
         "devices": devices,
         "seconds": round(seconds, 2),
         "passes": round(seconds / unit["seconds"], 2),

@@ -6,9 +6,9 @@ is the one to resume from. (Not Lightning's OnExceptionCheckpoint: with it, `fit
 from any last.ckpt it finds, unasked and unchecked.) A run that ends well deletes it
 (the healed model is the output then), and the folder where it is left empty.
 
-Precision: float32 weights train in float32 ("32-true"), or with bfloat16 autocast where
-asked ("bf16") and by default on a GPU. Weights stored in 16 bits train through autocast
-too, the trained ones upcast to float32 for the optimizer and cast back at the end.
+Precision (`config.lightning_precision`): bfloat16 autocast where the hardware computes in
+bfloat16 natively, float32 elsewhere; weights stored in 16 bits train through autocast, the
+trained ones upcast to float32 for the optimizer and cast back at the end.
 """
 
 from __future__ import annotations
@@ -34,20 +34,11 @@ from lorp_fx.healing.trainable import Trainable, trainable_parameters
 LAST = "last"
 
 
-def precision_for(config: HealConfig, device: torch.device, dtype: torch.dtype) -> str:
-    """Lightning's precision flag for `config.precision` on `device`, with weights stored in `dtype`."""
-    if dtype == torch.float16 and device.type == "cuda":
-        return "16-mixed"
-    wants_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
-    return "bf16-mixed" if wants_bf16 or dtype != torch.float32 else "32-true"
-
-
 def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_points: list, windows: torch.Tensor,
-        config: HealConfig, identity: dict, progress: bool, devices: int, strategy: str, callbacks: list) -> dict:
-    """Train `trainable` in a Lightning Trainer; {"curve", "precision", "checkpoint"} (the kept checkpoint or None)."""
+        config: HealConfig, identity: dict, progress: bool, devices: int, strategy: str, callbacks: list,
+        precision: str) -> dict:
+    """Train `trainable` in a Lightning Trainer with Lightning's `precision`; {"curve"}."""
     device = model_device(student)
-    dtype = next(student.parameters()).dtype
-    precision = precision_for(config, device, dtype)
     upcast = _upcast(trainable.module)
     module = Distillation(trainable.module, student, teacher, student_points, windows, config, identity, world=devices)
     folder, temporary = checkpoint_folder(config)
@@ -73,7 +64,7 @@ def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_poin
     if trainer.state.status.value == "interrupted":
         raise interrupted(last)
     remove_checkpoint(last, folder, temporary)  # a run that ended well: the healed model is the output now
-    return {"curve": module.curve, "precision": precision}
+    return {"curve": module.curve}
 
 
 class SaveOnException(Callback):
