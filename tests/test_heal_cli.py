@@ -22,8 +22,8 @@ def text_file(tmp_path):
 
 
 def prune_args(model_dir, text_file, out, *extra):
-    return ["prune", "--model", model_dir, "--remove", 2, "--method", "shortgpt", "--calib-file", text_file,
-            "--calib-samples", 4, "--seq-len", 16, "--out", out, "--heal", "--heal-steps", 4, "--heal-batch-size", 2,
+    return ["prune", "--model", model_dir, "--remove", 2, "--method", "shortgpt", "--compensate", "none", "--calib-file",
+            text_file, "--calib-samples", 4, "--seq-len", 16, "--out", out, "--heal", "--heal-steps", 4, "--heal-batch-size", 2,
             "--heal-seq-len", 16, "--heal-held-out", 2, "--heal-lr", "3e-3", *extra]
 
 
