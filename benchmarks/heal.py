@@ -197,11 +197,13 @@ def run_cli(args) -> dict:
         command += ["--calib-file", str(DATA / "valid.txt")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     log(" ".join(command))
+    output = out.with_name(out.name + ".log")  # the command's progress bars and summary, to watch a long run
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    with output.open("w", encoding="utf-8") as stream:
+        done = subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"lorp-fx failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        raise SystemExit(f"lorp-fx failed ({done.returncode}); see {output}")
     report = json.loads((out / "report.json").read_text())
     torch.set_num_threads(args.threads)
     _, tokenizer = load_model("smollm2-135m")
