@@ -9,7 +9,12 @@ from lorp_fx.arch.families import check_dtype
 from lorp_fx.arch.surgery import count_layers, count_parameters
 from lorp_fx.core.errors import ConfigError
 from lorp_fx.core.model import release_memory
-from lorp_fx.healing.options import check_heal_options, check_resume_model, heal_config_of, heal_text
+from lorp_fx.healing.options import (
+    check_heal_options,
+    check_resume_model,
+    heal_config_of,
+    heal_text,
+)
 from lorp_fx.healing.run import heal as lorp_fx_heal
 from lorp_fx.io.gguf.pruned_file import open_source
 from lorp_fx.io.output_dir import save_pretrained_atomic
