@@ -282,3 +282,12 @@ def test_the_hidden_state_term_compares_the_states_where_the_stream_leaves_each_
     _, entering = Teacher(teacher, [(teacher.model.layers[2], "pre")]).run(data)
     torch.testing.assert_close(pruned_states[0], entering[0], rtol=0, atol=0)
     assert not torch.allclose(pruned_states[0], dense_states[0])
+
+
+def test_no_held_out_windows_means_no_held_out_perplexity():
+    student, teacher = pair()
+    report = heal(student, teacher, held_out=0).report
+    assert report["held_out"] == {"windows": 0}
+    from lorp_fx.healing.plot import healing_curve
+
+    assert healing_curve(report)[:4] == b"\x89PNG"

@@ -156,7 +156,7 @@ def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expecte
         "passes": round(seconds / unit["seconds"], 2),
         "pass_unit": unit,
         "loss_curve": run["curve"],
-        "held_out": {**before, "ppl_after": after},
+        "held_out": before if after is None else {**before, "ppl_after": after},
         "parameters": parameters,
         "peak_memory_bytes": peak_memory(model_device(healed)),
         "resumed_from": None if config.resume is None else str(config.resume),
