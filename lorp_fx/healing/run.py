@@ -112,9 +112,8 @@ def _world(devices: int) -> int:
 
 def _heal(student, teacher, plan, text: HealingText, config: HealConfig, expected: dict, progress: bool, devices: int,
           strategy: str, pass_unit: dict | None, callbacks: list | None) -> HealResult:
-    from lorp_fx.healing.trainer import (
-        fit,  # Lightning's import costs about 2 s, paid by runs that heal
-    )
+    # Imported here: Lightning's import costs about 2 s, paid by runs that heal.
+    from lorp_fx.healing.trainer import fit
 
     parameters = count_parameters(student)
     points = match_points(student, teacher, plan) if config.hidden_weight > 0 else []

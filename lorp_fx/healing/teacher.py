@@ -3,7 +3,8 @@
 Which costs less memory decides (`teacher_mode`). On the fly, the dense model stays in
 memory and runs one forward pass per step (no gradient, so no activations kept). A
 cache holds the float32 logits of every training token, vocabulary x 4 bytes each
-(196 KB a token for SmolLM2's 49,152 words), and lets the dense model go. SmolLM2's
+(196 KB a token for SmolLM2's 49,152 words), and no longer needs the dense model (its memory
+is freed where the caller drops it too). SmolLM2's
 weights (538 MB) are worth 2,700 tokens of logits: a cache wins only for a healing set
 of about ten 256-token windows, so the default healing runs on the fly.
 """
