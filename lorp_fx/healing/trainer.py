@@ -13,6 +13,8 @@ trained ones upcast to float32 for the optimizer and cast back at the end.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import signal
 import tempfile
@@ -43,7 +45,7 @@ def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_poin
     module = Distillation(trainable.module, student, teacher, student_points, windows, config, identity, world=devices)
     folder, temporary = checkpoint_folder(config)
     last = folder / f"{LAST}.ckpt"
-    trainer = L.Trainer(
+    options = dict(
         accelerator={"cuda": "gpu", "mps": "mps"}.get(device.type, "cpu"),
         devices=[device.index or 0] if device.type == "cuda" and devices == 1 else devices,
         strategy=strategy, precision=precision, max_steps=config.steps, max_epochs=1, logger=False,
@@ -54,10 +56,10 @@ def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_poin
         gradient_clip_val=1.0, use_distributed_sampler=False, default_root_dir=folder,
     )
     try:
-        with warnings.catch_warnings():  # dropout stays off while training, on purpose (module.py)
-            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
+        with quiet_lightning():
+            trainer = L.Trainer(**options)
             trainer.fit(module, ckpt_path=config.resume)
-    except SystemExit:  # Lightning exits on Ctrl-C after its own clean-up
+    except SystemExit:  # Lightning exits on Ctrl-C (and SIGTERM) after its own clean-up
         raise interrupted(last) from None
     finally:
         _downcast(upcast)
@@ -65,6 +67,26 @@ def fit(trainable: Trainable, student: nn.Module, teacher: Teacher, student_poin
         raise interrupted(last)
     remove_checkpoint(last, folder, temporary)  # a run that ended well: the healed model is the output now
     return {"curve": module.curve}
+
+
+@contextlib.contextmanager
+def quiet_lightning():
+    """Lightning's chatter kept out of a run's output: its info lines (devices, tips, "max_steps reached") and
+    warnings that do not apply (the modules are in eval mode on purpose, module.py; a deprecation inside it)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training")
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+            # a resumed run may checkpoint at another interval: its ModelCheckpoint state is not needed
+            warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`, callbacks")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class SaveOnException(Callback):
