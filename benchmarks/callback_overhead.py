@@ -18,8 +18,8 @@ import lightning as L
 import torch
 
 from lorp_fx import LoRPCallback
-from lorp_fx.io.text import shared_data_dir, text_windows
 from lorp_fx.io.models import load_model
+from lorp_fx.io.text import shared_data_dir, text_windows
 
 
 class CausalLM(L.LightningModule):

@@ -38,14 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
-from lorp_fx.calibration.batches import token_batches  # noqa: E402
-from lorp_fx.compensation.fit import DEFAULT_RIDGE, GapFit, apply_compensation, compensate, fit_compensation  # noqa: E402
-from lorp_fx.io.text import text_windows  # noqa: E402
-from lorp_fx.judge.perplexity import perplexity  # noqa: E402
-from lorp_fx.judge.loss import calibration_loss  # noqa: E402
-from lorp_fx.core.names import compress  # noqa: E402
 from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.calibration.batches import token_batches  # noqa: E402
 from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
+from lorp_fx.compensation.fit import (  # noqa: E402
+    DEFAULT_RIDGE,
+    GapFit,
+    apply_compensation,
+    compensate,
+    fit_compensation,
+)
+from lorp_fx.core.names import compress  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.loss import calibration_loss  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
 from lorp_fx.selection.registry import options_for  # noqa: E402
 
 DEFAULT_SELECTORS = "shortgpt,uidl,streamline,lorp-paper,lorp"

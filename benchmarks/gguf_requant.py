@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import select  # noqa: E402
-from lorp_fx.compensation.fit import compensate  # noqa: E402
-from lorp_fx.io.text import text_windows  # noqa: E402
-from lorp_fx.judge.perplexity import perplexity  # noqa: E402
 from lorp_fx.arch.surgery import remove_layers  # noqa: E402
+from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
+from lorp_fx.compensation.fit import compensate  # noqa: E402
 from lorp_fx.io.gguf.export import read_gguf, write_pruned_gguf  # noqa: E402
 from lorp_fx.io.gguf.requant import changed_parameters  # noqa: E402
 from lorp_fx.io.models import load_model, smollm2_gguf_path  # noqa: E402
-from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

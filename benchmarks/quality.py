@@ -51,15 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from lorp_fx import SELECTORS, select  # noqa: E402
-from lorp_fx.selection.registry import options_for  # noqa: E402
-from lorp_fx.selection.registry import DEFAULT_SELECTOR  # noqa: E402
-from lorp_fx.io.text import text_windows  # noqa: E402
-from lorp_fx.judge.perplexity import perplexity  # noqa: E402
-from lorp_fx.calibration.batches import token_batches  # noqa: E402
-from lorp_fx.judge.loss import MemoLoss, calibration_loss  # noqa: E402
-from lorp_fx.core.names import compress, layer_index  # noqa: E402
 from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
+from lorp_fx.calibration.batches import token_batches  # noqa: E402
 from lorp_fx.calibration.graph_observer import collect_statistics  # noqa: E402
+from lorp_fx.core.names import compress, layer_index  # noqa: E402
+from lorp_fx.io.text import text_windows  # noqa: E402
+from lorp_fx.judge.loss import MemoLoss, calibration_loss  # noqa: E402
+from lorp_fx.judge.perplexity import perplexity  # noqa: E402
+from lorp_fx.selection.registry import (
+    DEFAULT_SELECTOR,  # noqa: E402
+    options_for,  # noqa: E402
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import lorp_fx  # noqa: E402
-from lorp_fx.io.text import shared_data_dir, text_windows  # noqa: E402
 from lorp_fx.arch.families import layer_stacks  # noqa: E402
-from lorp_fx.io.output_dir import save_pretrained_atomic  # noqa: E402
 from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
 from lorp_fx.calibration.graph_observer import ResidualObserver  # noqa: E402
+from lorp_fx.io.output_dir import save_pretrained_atomic  # noqa: E402
+from lorp_fx.io.text import shared_data_dir, text_windows  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 # The measurement of plain module surgery removing 9 of 30 layers here.

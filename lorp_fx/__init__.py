@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from lorp_fx.core.version import __version__
+from lorp_fx.core.version import __version__  # noqa: F401 - the package version, public
 
 # public name -> the module that defines it
 _PUBLIC = {
@@ -59,6 +59,8 @@ _PUBLIC = {
     "PruneConfig": "lorp_fx.pipeline.config",
     "PruneResult": "lorp_fx.pipeline.result",
     "prune_model": "lorp_fx.pipeline.run",
+    "HealConfig": "lorp_fx.healing.config",
+    "heal": "lorp_fx.healing.run",
     "LoRPCallback": "lorp_fx.lightning.callback",
 }
 

@@ -95,3 +95,21 @@ def test_ranks_holding_unequal_numbers_of_loss_batches_measure_the_single_proces
     assert report(outs[2])["removed"] == report(outs[1])["removed"]
     one, two = report(outs[1])["scores"], report(outs[2])["scores"]
     assert two == pytest.approx(one, abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_two_processes_heal_as_one_process_with_their_joint_batch(model_dir, tmp_path):
+    """Each step's global batch is split over the ranks and DDP averages their gradients: two processes of 2
+    windows a step train as one process of 4 (`healing/data.py`), to float rounding."""
+    text = calibration_text(tmp_path)
+    heal = ["--calib-file", text, "--heal", "--heal-steps", "3", "--heal-seq-len", "16", "--heal-held-out", "2",
+            "--heal-lr", "3e-3", "--heal-precision", "32"]  # float32: bf16 kernels round per process layout
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = lorp_fx("--model", model_dir, *ARGS, *heal, "--heal-batch-size", "4", "--out", one)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = lorp_fx("--model", model_dir, *ARGS, *heal, "--heal-batch-size", "2", "--devices", "2", "--out", two)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert report(two)["healing"]["devices"] == 2 and report(two)["healing"]["tokens"] == report(one)["healing"]["tokens"]
+    ours, theirs = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-4
+    assert not (tmp_path / "two.healing").exists()

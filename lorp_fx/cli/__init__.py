@@ -18,6 +18,7 @@ from pathlib import Path
 from lorp_fx.cli.commands import run_analyze, run_eval, run_prune
 from lorp_fx.core.errors import LoRPError, describe
 from lorp_fx.core.plan import GRANULARITIES
+from lorp_fx.healing.options import add_heal_arguments
 from lorp_fx.io.models import DEFAULT_MODEL
 from lorp_fx.io.placement import DEVICE_MAPS, DTYPES, STRATEGIES
 from lorp_fx.pipeline.config import COMPENSATIONS
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoRPError as error:
         print(f"lorp-fx: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lorp-fx: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # healing names the checkpoint to resume from
+        print(f"lorp-fx: interrupted; nothing was written{'; ' + str(interrupt) if str(interrupt) else ''}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - one line, not a stack trace from deep inside torch
         if args.debug:
@@ -78,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     prune.add_argument("--gguf-requantize", default="original", choices=["original", "q8_0"],
                        help="compensated projections in the pruned .gguf: their original type (default) or Q8_0 "
                             "(about 1 MB more on SmolLM2, no requantization loss: benchmarks/results/gguf-smollm2.md)")
+    add_heal_arguments(prune)
     prune.set_defaults(run=run_prune)
 
     analyze = commands.add_parser("analyze", allow_abbrev=False, help="statistics, RLS, clusters and heatmap; removes nothing")

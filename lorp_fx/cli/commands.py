@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from lorp_fx.arch.families import check_dtype
 from lorp_fx.arch.surgery import count_layers, count_parameters
 from lorp_fx.core.errors import ConfigError
 from lorp_fx.core.model import release_memory
+from lorp_fx.healing.options import (
+    check_heal_options,
+    check_resume_model,
+    heal_config_of,
+    heal_text,
+)
+from lorp_fx.healing.run import heal as lorp_fx_heal
 from lorp_fx.io.gguf.pruned_file import open_source
 from lorp_fx.io.output_dir import save_pretrained_atomic
 from lorp_fx.io.placement import (
@@ -28,26 +36,35 @@ def run_prune(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ConfigError("--out is required: the directory to write the pruned checkpoint to")
     config = prune_config(args)  # the flags' numbers are checked first, named by their flags
+    heal = heal_config_of(args)  # None without --heal; healing keeps the dense model as its teacher
+    config = dataclasses.replace(config, inplace=heal is None)
     placement = placement_of(args)
     if placement.device_map is not None:
         check_offload_granularity(config.granularity)  # whether or not the weights end up offloaded
     check_prune_options(args, config)
     ready = preflight(args)  # every check before the weights load; one line and exit 2
+    check_heal_options(args, heal, ready.tokenizer, args.devices or 1)
     check_dtype(getattr(ready.source.config, "model_type", None), placement.dtype)
     gguf = None if args.no_gguf else gguf_source(ready.source)
     model = load_placed(ready.source, ready.tokenizer, placement, processes=args.devices is not None)
+    check_resume_model(heal, model)
     release_memory(placement.device)  # what loading freed (a GGUF file's dequantisation buffers) goes back
     if args.devices is not None:
         # Imported here: Lightning's import costs about 2 s, paid only by runs in several processes.
-        from lorp_fx.lightning.distributed import prune_distributed
+        from lorp_fx.lightning.distributed import is_rank_zero, prune_distributed
 
         result = prune_distributed(model, ready.tokenizer, args.calib_file, config, placement, args.devices,
-                                   args.strategy, gguf=gguf)
-        if result is None:  # not rank zero: rank zero writes
+                                   args.strategy, gguf=gguf, every_rank=heal is not None)  # every rank heals
+        if heal is not None:
+            lorp_fx_heal(result, model, heal_text(args), heal, tokenizer=ready.tokenizer, devices=args.devices,
+                         strategy=args.strategy)
+        if result is None or not is_rank_zero():  # rank zero writes
             return 0
     else:
         result = prune_model(model, args.calib_file, config, tokenizer=ready.tokenizer, evaluation=ready.evaluation,
                              gguf=gguf)
+        if heal is not None:
+            lorp_fx_heal(result, model, heal_text(args), heal, tokenizer=ready.tokenizer, evaluation=ready.evaluation)
     result.report.update(model=str(args.model), dtype=str(placement.dtype).removeprefix("torch."), seed=args.seed)
     if result.report["evaluation"]:
         result.report["evaluation"]["file"] = str(args.eval_file)

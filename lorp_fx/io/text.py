@@ -33,12 +33,7 @@ def text_windows(tokenizer, paths, n_samples: int, seq_len: int) -> torch.Tensor
     if n_samples < 1 or seq_len < 2:
         raise CalibrationError(f"need at least 1 window of at least 2 tokens, got {n_samples} windows of {seq_len}")
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise CalibrationError("no text file given")
-    text = _read_texts(paths)
-    # verbose=False: a whole file is far longer than the model's context, and
-    # the tokenizer would warn about it although we cut it into windows.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = text_tokens(tokenizer, paths)
     needed = n_samples * seq_len
     if len(ids) < needed:
         names = ", ".join(str(p) for p in paths)
@@ -57,6 +52,16 @@ def text_head(paths, chars: int = 1_000_000) -> str:
         with open(check_text_file(path), encoding="utf-8", errors="replace") as handle:
             parts.append(handle.read(max(0, chars - sum(len(p) for p in parts))))
     return "\n".join(parts)
+
+
+def text_tokens(tokenizer, paths) -> list[int]:
+    """The token ids of the files read in order and joined as one text (see `text_windows`), no special tokens."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise CalibrationError("no text file given")
+    # verbose=False: a whole file is far longer than the model's context, and
+    # the tokenizer would warn about it although we cut it into windows.
+    return tokenizer(_read_texts(paths), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 _PATHS_ONLY = "text is read from files: pass the path of a file holding it, not the text itself"
@@ -97,23 +102,3 @@ def _read_texts(paths: list) -> str:
             parts.append("\n")
         parts.append(text)
     return "".join(parts)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

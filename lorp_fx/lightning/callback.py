@@ -28,6 +28,8 @@ from lorp_fx.core.errors import (
 from lorp_fx.core.model import is_transformers_model
 from lorp_fx.core.plan import GRANULARITIES, PruningPlan, check_plan_folder
 from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
+from lorp_fx.healing.after_pruning import HealAfterPruning
+from lorp_fx.healing.config import HealConfig
 from lorp_fx.judge.loss import (
     OutputLoss,
     as_loss,
@@ -116,6 +118,11 @@ class LoRPCallback(Callback):
         protected, seed, n_clusters: passed to the selector (`protected`: a block name or
             index, or a list of them; `seed`: a whole number >= 0; `n_clusters`: a whole
             number >= 1, at most the number of blocks, checked on the first batch).
+        heal_steps: with `apply=True`, heal the pruned network by that many steps of
+            distillation from the dense one (`lorp_fx.heal`, in a Trainer of its own) before
+            handing it back; `heal` takes a whole `HealConfig` instead. The healing text is
+            the calibration calls' `input_ids` (unpadded), or `heal_data` (token windows, or
+            text files read with `heal_tokenizer`). `transformers` causal LMs only.
 
     Every argument is checked here, and whatever depends on the network (budget,
     protected blocks, n_clusters, whether `apply` can remove sublayers) when the
@@ -139,6 +146,10 @@ class LoRPCallback(Callback):
         protected: Sequence[str | int] | None = None,
         seed: int | None = None,
         n_clusters: int | None = None,
+        heal_steps: int | None = None,
+        heal: HealConfig | None = None,
+        heal_data=None,
+        heal_tokenizer=None,
     ):
         if (n_remove is None) == (ratio is None):
             raise BudgetError("give exactly one budget: n_remove (a number of blocks) or ratio (a fraction)")
@@ -187,6 +198,7 @@ class LoRPCallback(Callback):
         self.loss_batches = loss_batches
         self.plan_path = None if plan_path is None else Path(plan_path)
         self.selector_options = given
+        self.healing = HealAfterPruning(heal_steps, heal, heal_data, self.apply, heal_tokenizer)
         self._failed = False
         self._clear()
 
@@ -283,7 +295,10 @@ class LoRPCallback(Callback):
             plan.save(self.plan_path)
         rank_zero_info(f"LoRP ({self.method}): remove {', '.join(plan.remove)}")
         if self.apply:
+            teacher = self.healing.teacher(network)  # before the layers go: a layer plan prunes the network in place
             replacement = pruned_network(network, self.graph_module, plan, self._apply_call)
+            if teacher is not None:
+                replacement = self.healing.heal(replacement, teacher, plan, trainer.progress_bar_callback is not None)
             setattr(pl_module, self.attribute, replacement)
             self._networks.append(weakref.ref(replacement))
         self._windows, self._apply_call = LossWindows(self.loss_batches), None  # the recorded inputs are no longer needed
@@ -330,6 +345,7 @@ class LoRPCallback(Callback):
             self._windows.keep(call)
         if self.apply and self._apply_call is None:
             self._apply_call = call.detached()
+        self.healing.record(call.inputs)
         if self._first_call_checked:
             return
         self._first_call_checked = True
@@ -379,6 +395,9 @@ class LoRPCallback(Callback):
     def _check_network(self, network: torch.nn.Module) -> None:
         """What `prune_model` refuses before any work: sublayers of a family that removes whole layers only
         (`apply` removes them from the eager `transformers` model; other networks get the pruned graph)."""
+        if self.healing.asked and not is_transformers_model(network):
+            raise ConfigError(f"heal_steps heals transformers causal LMs, and {type(network).__name__} is not one; "
+                              "heal the pruned network with lorp_fx.heal yourself, or drop heal_steps")
         if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
             return
         check_sublayer_pruning(network)

@@ -146,8 +146,9 @@ class _RankLoss:
 
 
 def prune_distributed(model, tokenizer, calibration, config: PruneConfig, placement: Placement, devices: int,
-                      strategy: str = "ddp", progress: bool = True, gguf=None):
-    """Run on every rank. Returns rank zero's PruneResult, and None on the other ranks (`gguf`: see prune_model)."""
+                      strategy: str = "ddp", progress: bool = True, gguf=None, every_rank: bool = False):
+    """Run on every rank. Returns rank zero's PruneResult, and None on the other ranks (`gguf`: see prune_model);
+    with `every_rank`, every rank's (each fits the same maps on the gathered windows: healing goes on in N processes)."""
     check_model(model, config, calibration, tokenizer, None)
     windows, text = None, None
     if calibration is not None or config.own_windows < config.calib_samples:  # the default: the corpus and own text
@@ -172,7 +173,7 @@ def prune_distributed(model, tokenizer, calibration, config: PruneConfig, placem
     except BaseException:
         _stop_other_ranks(trainer)
         raise
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero and not every_rank:
         return None
     if text is None:  # sampled by the ranks: the model's own text alone
         text = CalibrationText(windows, source, ["own"] * windows.shape[0], frozenset())
@@ -190,6 +191,13 @@ def _gather_windows(trainer, data, windows, config: PruneConfig) -> torch.Tensor
     for indices, local in shares:
         out[indices] = local
     return out
+
+
+def is_rank_zero() -> bool:
+    """Whether this process writes: rank zero of a multi-process run, or a single process."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _stop_other_ranks(trainer) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from lorp_fx.compensation.solver import METHODS as COMPENSATION_METHODS
 from lorp_fx.core.errors import ConfigError
+from lorp_fx.core.fields import check_choice, check_whole, from_mapping
 from lorp_fx.core.plan import GRANULARITIES
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
@@ -63,18 +64,18 @@ class PruneConfig:
         if (self.remove is None) == (self.ratio is None):
             raise ConfigError("give exactly one budget: remove (a number of blocks) or ratio (a fraction of them)")
         if self.remove is not None:
-            _whole(self.remove, "remove", 1)
+            check_whole(self.remove, "remove", 1)
         if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio < 1):
             raise ConfigError(f"ratio must be a fraction strictly between 0 and 1, got {self.ratio!r}")
-        _choice(self.method, "method", tuple(SELECTORS))
-        _choice(self.granularity, "granularity", GRANULARITIES)
-        _choice(self.compensate, "compensate", COMPENSATIONS)
-        _whole(self.calib_samples, "calib_samples", 1)
-        _whole(self.own_windows, "own_windows", 0)
-        _whole(self.seq_len, "seq_len", 2)
-        _whole(self.loss_windows, "loss_windows", 1)
-        _whole(self.batch_size, "batch_size", 1)
-        _whole(self.seed, "seed", 0)
+        check_choice(self.method, "method", tuple(SELECTORS))
+        check_choice(self.granularity, "granularity", GRANULARITIES)
+        check_choice(self.compensate, "compensate", COMPENSATIONS)
+        check_whole(self.calib_samples, "calib_samples", 1)
+        check_whole(self.own_windows, "own_windows", 0)
+        check_whole(self.seq_len, "seq_len", 2)
+        check_whole(self.loss_windows, "loss_windows", 1)
+        check_whole(self.batch_size, "batch_size", 1)
+        check_whole(self.seed, "seed", 0)
         if not isinstance(self.selector_options, dict):
             raise ConfigError(f"selector_options must be a mapping of option names to values, got {type(self.selector_options).__name__}")
         if "loss_fn" in self.selector_options:
@@ -91,19 +92,4 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"a prune config is a mapping of field names to values, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; the fields are: {', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**data)
-
-
-def _whole(value, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def _choice(value, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return from_mapping(cls, data, "prune config")

@@ -25,10 +25,10 @@ from lorp_fx.core.files import read_text
 # options that are not a recipe's: the command itself
 NOT_OPTIONS = ("run", "command", "debug", "config")
 # not written to a recipe: replacing an output is decided per run, on the command line, not replayed
-NOT_WRITTEN = (*NOT_OPTIONS, "overwrite")
-SWITCHES = ("overwrite", "no_gguf")
-STRINGS = ("model", "out", "offload_dir", "max_memory", "device", "dtype")  # null leaves them unset
-PATHS = ("calib_file", "eval_file", "out", "offload_dir")
+NOT_WRITTEN = (*NOT_OPTIONS, "overwrite", "heal_resume")  # resuming is per run too
+SWITCHES = ("overwrite", "no_gguf", "heal")
+STRINGS = ("model", "out", "offload_dir", "max_memory", "device", "dtype", "heal_resume", "heal_checkpoint_dir")
+PATHS = ("calib_file", "eval_file", "out", "offload_dir", "heal_file", "heal_resume", "heal_checkpoint_dir")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -85,9 +85,10 @@ def merge_recipe(options: dict[str, Any], path: str | os.PathLike, given: set[st
     for key, value in recipe.items():
         if key not in given:
             merged[key] = _resolved(key, value, folder)
-    calib = merged.get("calib_file")
-    if calib is not None:
-        merged["calib_file"] = [Path(p) for p in ([calib] if isinstance(calib, (str, Path)) else calib)]
+    for key in ("calib_file", "heal_file"):  # lists of paths, as their flags give them
+        value = merged.get(key)
+        if value is not None:
+            merged[key] = [Path(p) for p in ([value] if isinstance(value, (str, Path)) else value)]
     evaluation = merged.get("eval_file")
     if isinstance(evaluation, list) and not several_eval_files:
         merged["eval_file"] = evaluation[0] if len(evaluation) == 1 else evaluation
@@ -124,8 +125,8 @@ def check_types(path, recipe: dict, several_eval_files: bool) -> None:
             refuse(key, "a string", value)
         elif key == "selector_options" and value is not None and not isinstance(value, dict):
             refuse(key, "a mapping of option names to values", value)
-        elif key in ("calib_file", "eval_file") and value is not None:
-            several = key == "calib_file" or several_eval_files
+        elif key in ("calib_file", "eval_file", "heal_file") and value is not None:
+            several = key != "eval_file" or several_eval_files
             items = value if isinstance(value, list) and several else [value]
             if not items or not all(isinstance(item, str) and item.strip() for item in items):
                 refuse(key, "a file path" + (" or a list of them" if several else ""), value)

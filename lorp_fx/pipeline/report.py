@@ -29,10 +29,17 @@ def summary_lines(report: dict, out: str | None = None) -> list[str]:
         # much of the loss on that text but little on WikiText-2, and maps fitted on WikiText-2 the reverse.
         rows.append(("hint", "calibrated on the model's own text, so the compensation fits that text; "
                              "pass --calib-file with text like yours"))
+    healing = report.get("healing")
+    if healing:
+        held = healing["held_out"]
+        on_held_out = f"; held-out perplexity {held['ppl_before']:.2f} -> {held['ppl_after']:.2f}" if "ppl_after" in held else ""
+        rows.append(("healing", (f"{healing['steps']} steps ({healing['train']}), {healing['tokens']:,} tokens, "
+                                 f"{healing['seconds']:.0f} s{on_held_out}")))
     evaluation = report.get("evaluation")
     if evaluation:
-        rows.append(("perplexity", f"{evaluation['ppl_before']:.2f} -> {evaluation['ppl_after']:.2f} "
-                                   f"({evaluation['tokens']:,} tokens of {evaluation['file']})"))
+        healed = f" -> {evaluation['ppl_healed']:.2f} healed" if "ppl_healed" in evaluation else ""
+        rows.append(("perplexity", (f"{evaluation['ppl_before']:.2f} -> {evaluation['ppl_after']:.2f}{healed} "
+                                    f"({evaluation['tokens']:,} tokens of {evaluation['file']})")))
     if out is not None:
         rows.append(("written to", str(out)))
     width = max(len(name) for name, _ in rows)

@@ -20,6 +20,7 @@ from lorp_fx.arch.surgery import Surgery
 from lorp_fx.compensation.fit import GapFit
 from lorp_fx.core.errors import LoRPError
 from lorp_fx.core.plan import PruningPlan
+from lorp_fx.healing.plot import healing_curve
 from lorp_fx.io.gguf.pruned_file import writer
 from lorp_fx.io.output_dir import save_pretrained_atomic
 from lorp_fx.pipeline.plot import similarity_heatmap
@@ -41,8 +42,10 @@ class PruneResult:
     gguf: object | None = field(default=None, repr=False)  # the GGUFSource the model was read from, if any
 
     def folded_parameters(self) -> list[str]:
-        """The pruned model's parameters that compensation changed."""
-        return [Surgery(self.model, self.names).rename(p) for fit in self.fits for p in fit.projections]
+        """The pruned model's parameters that compensation changed, and healing (`lorp_fx.heal`) after it."""
+        folded = [Surgery(self.model, self.names).rename(p) for fit in self.fits for p in fit.projections]
+        healed = (self.report.get("healing") or {}).get("changed_parameters", [])
+        return list(dict.fromkeys([*folded, *healed]))
 
     def save(self, out_dir: str | os.PathLike, tokenizer=None, *, overwrite: bool = False, extra_files: dict | None = None,
              gguf_requantize: str | None = "original") -> Path:
@@ -68,14 +71,24 @@ class PruneResult:
         files["report.json"] = write_report
         files["plan.json"] = self.plan.to_json()
         files.update(heatmap_file(self.plan))
+        files.update(healing_file(self.report))
         files.update(extra_files or {})
         return save_pretrained_atomic(self.model, tokenizer, out_dir, extra_files=files, overwrite=overwrite)
 
 
 def heatmap_file(plan: PruningPlan) -> dict[str, bytes]:
     """{"similarity.png": PNG bytes}, or {} with a note where matplotlib is missing."""
+    return _png("similarity.png", "heatmap", similarity_heatmap, plan)
+
+
+def healing_file(report: dict) -> dict[str, bytes]:
+    """{"healing.png": the healing curve} for a healed model, else {}."""
+    return _png("healing.png", "healing curve", healing_curve, report["healing"]) if report.get("healing") else {}
+
+
+def _png(name: str, what: str, draw, data) -> dict[str, bytes]:
     try:
-        return {"similarity.png": similarity_heatmap(plan)}
+        return {name: draw(data)}
     except LoRPError as error:  # matplotlib is an extra: say so, keep going
-        print(f"lorp-fx: note: no heatmap ({error})", file=sys.stderr)
+        print(f"lorp-fx: note: no {what} ({error})", file=sys.stderr)
         return {}
