@@ -113,3 +113,22 @@ def test_two_processes_heal_as_one_process_with_their_joint_batch(model_dir, tmp
     ours, theirs = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-4
     assert not (tmp_path / "two.healing").exists()
+
+
+def test_two_processes_judge_the_compensated_loss_as_one_process(model_dir, tmp_path):
+    """Issue 26: with compensation on (the default), --devices 2 runs the compensating judge on each rank's windows
+    and sums over the ranks: the layers, the measured losses and the maps are one process's (the ranks used to
+    judge the uncompensated loss and chose other layers: 3 of 6, 2..4 in one process, 1, 3, 4 in two)."""
+    args = [*ARGS[2:], "--remove", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process("--model", model_dir, *args, "--out", one)
+    done = lorp_fx("--model", model_dir, *args, "--devices", "2", "--out", two)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "uncompensated" not in done.stderr
+    assert report(two)["removed"] == report(one)["removed"]
+    ours, theirs = report(two)["compensation"], report(one)["compensation"]
+    assert ours["calibration_loss"] == pytest.approx(theirs["calibration_loss"], rel=1e-5)
+    assert [g["fold_into"] for g in ours["gaps"]] == [g["fold_into"] for g in theirs["gaps"]]
+    assert report(two)["scores"] == pytest.approx(report(one)["scores"], rel=1e-5)
+    weights_two, weights_one = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert max(float((weights_two[k] - weights_one[k]).abs().max()) for k in weights_one) < 1e-5

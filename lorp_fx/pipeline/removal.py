@@ -55,11 +55,13 @@ def _judged_compensation_method(model, config: PruneConfig) -> str | None:
 
 
 def build_judge(model, graph, batches: list[dict], config: PruneConfig, progress: bool = False,
-                    text=None) -> CandidateLoss | None:
+                text=None, window_indices: list[int] | None = None, reduce=None) -> CandidateLoss | None:
     """The calibration loss candidates and the final compensation are judged by: compensated when
     compensation is on and the family takes it, plain otherwise; None where there is nothing to
     judge (no loss-judged selector, no compensation) or no causal-LM loss (encoder-decoders). `text` (the
-    `calibrate.CalibrationText` whose windows `batches` hold) names each window's source, for the guard."""
+    `calibrate.CalibrationText` whose windows `batches` hold) names each window's source, for the guard.
+    In several processes `batches` holds this process's windows `window_indices` (of `text.windows`) and
+    `reduce` sums a tensor over the processes (`CandidateLoss`)."""
     method = _judged_compensation_method(model, config)
     if method is None and not SELECTORS[config.method].judges_by_loss:
         return None
@@ -72,7 +74,8 @@ def build_judge(model, graph, batches: list[dict], config: PruneConfig, progress
         return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
                              reject_unhelpful_maps=config.compensate == "auto", progress=progress,
                              sources=None if text is None else text.sources,
-                             held_only=() if text is None else text.held_only)
+                             held_only=() if text is None else text.held_only,
+                             window_indices=window_indices, reduce=reduce)
     except CalibrationError:
         return None
 
@@ -92,7 +95,7 @@ def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
 
 
 def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, progress: bool,
-                          judge: CandidateLoss | None = None, text=None):
+                          judge: CandidateLoss | None = None, text=None, decided: tuple | None = None):
     """(pruned model, fits, old -> new layer names, what compensation did, fx self-check).
 
     Compensation reads the dense model before the surgery (which may be in place) and
@@ -103,10 +106,11 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
     a judge, a `Compensator`'s maps are checked the same way (`_held_out_check`). `text` (the
     `calibrate.CalibrationText` whose windows `batches` hold) names each window's source.
     Without a graph (an offloaded model) there is no fx self-check, and the fold units'
-    weights are made resident first so that maps fold into them.
+    weights are made resident first so that maps fold into them. `decided`: the judge's
+    `decide_maps` where every process made it (a sharded judge sums over the processes).
     """
     if judge is not None and judge.compensation:
-        return _judged_compensation(model, graph, plan, batches, config, judge)
+        return _judged_compensation(model, graph, plan, batches, config, judge, decided)
     if judge is not None:
         judge.release()  # a plain-loss judge: selection is over
     method = compensation_method(config) or "none"
@@ -210,14 +214,22 @@ def _note_unhelpful(method: str, check: dict, fold: bool) -> None:
     print(f"lorp-fx: note: {method} compensation makes {where}{done}", file=sys.stderr)
 
 
-def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss):
-    """`remove_and_compensate` with the judge's maps. With "auto" they are folded only if they do not
-    make the held-out calibration loss worse; an explicitly named method is folded anyway, with a note."""
+def decide_maps(plan: PruningPlan, config: PruneConfig, judge: CandidateLoss) -> tuple[dict, list, bool]:
+    """(the judge's check of compensating `plan`, the maps to fold, whether to fold them). With "auto" they
+    are folded only if they do not make the held-out calibration loss worse; an explicitly named method is
+    folded anyway. A sharded judge sums over the processes here: every process calls it."""
     check = judge.compensation_report(plan.remove)
     fold = check["apply"] or config.compensate != "auto"
-    _note_unhelpful(judge.compensation, check, fold)
     keep = check["kept"] if config.compensate == "auto" else None  # the gaps the guard across sources kept
-    fits = eager_fits(model, judge.final_fits(plan.remove, keep=keep)) if fold else []  # names from the dense model
+    return check, judge.final_fits(plan.remove, keep=keep) if fold else [], fold
+
+
+def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss,
+                         decided: tuple | None = None):
+    """`remove_and_compensate` with the judge's maps (`decide_maps`)."""
+    check, fitted, fold = decided if decided is not None else decide_maps(plan, config, judge)
+    _note_unhelpful(judge.compensation, check, fold)
+    fits = eager_fits(model, fitted) if fitted else []  # names from the dense model
     judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
     surgery = remove_layers(model, plan, inplace=config.inplace)
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])

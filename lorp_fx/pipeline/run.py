@@ -341,18 +341,28 @@ def select_blocks(stats: LayerStatistics, graph, loss_batches: list[dict], confi
 @contextlib.contextmanager
 def counted(loss_fn, description: str, progress: bool):
     """`loss_fn` with a progress bar of the measurements a loss-judged selector makes
-    (the count is the selector's to decide, so the bar has no total)."""
+    (the count is the selector's to decide, so the bar has no total). The bar changes nothing else: the
+    wrapper answers for `loss_fn`'s other attributes (a judge's `compensation_report`, which a selector
+    calls where it finds it, and which sums over the processes where the judge is sharded)."""
     if loss_fn is None or not progress:
         yield loss_fn
         return
 
     with tqdm(desc=description, unit="eval", delay=1.0) as bar:  # silent for selectors that measure nothing
-        def counted_loss(removed: list[str]) -> float:
-            value = loss_fn(removed)
-            bar.update(1)
-            return value
+        yield _Counted(loss_fn, bar)
 
-        yield counted_loss
+
+class _Counted:
+    def __init__(self, loss_fn, bar):
+        self.loss_fn, self.bar = loss_fn, bar
+
+    def __call__(self, removed: list[str]) -> float:
+        value = self.loss_fn(removed)
+        self.bar.update(1)
+        return value
+
+    def __getattr__(self, name: str):
+        return getattr(self.loss_fn, name)
 
 
 
