@@ -4,13 +4,15 @@
 `validation_step` (and test, predict and training steps) calls `self.model` the way
 `call` says, from dict, tuple or list batches (`loader(data, form)` collates them).
 
-    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES [METHOD [N_REMOVE SEQUENCES BATCH_SIZE]]
+    python tests/calibration_run.py OUT_DIR STRATEGY DEVICES [METHOD [N_REMOVE SEQUENCES BATCH_SIZE]] [--compensate=M]
 
 runs one `Trainer.validate` (the multi-process tests) and writes OUT_DIR/rank{r}.json
-(the plan each rank holds) and, in the launching process, OUT_DIR/parent.json (the
+(the plan each rank holds; with --compensate, rank{r}-compensation.json: what the callback fitted and
+folded, and the pruned network's weights' sums) and, in the launching process, OUT_DIR/parent.json (the
 plan the parent can see).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -163,11 +165,16 @@ class WriteEveryRank(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         (self.out / f"rank{trainer.global_rank}.json").write_text(self.lorp.plan.to_json())
+        if self.lorp.compensation is not None:
+            weights = {name: float(p.detach().double().sum()) for name, p in pl_module.model.named_parameters()}
+            (self.out / f"rank{trainer.global_rank}-compensation.json").write_text(
+                json.dumps({"compensation": self.lorp.compensation, "weights": weights}))
 
 
 def main(out: Path, strategy: str, devices: int, method: str = "shortgpt", n_remove: int = 2, sequences: int = 8,
-         batch_size: int = 2) -> None:
-    lorp = LoRPCallback(n_remove=n_remove, method=method, plan_path=out / "plan.json")
+         batch_size: int = 2, compensate: str | None = None) -> None:
+    lorp = LoRPCallback(n_remove=n_remove, method=method, plan_path=out / "plan.json", compensate=compensate,
+                        apply=compensate is not None)
     run = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, callbacks=[lorp, WriteEveryRank(lorp, out)],
         logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -186,4 +193,8 @@ def main(out: Path, strategy: str, devices: int, method: str = "shortgpt", n_rem
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), *sys.argv[4:5], *map(int, sys.argv[5:]))
+    options = [a for a in sys.argv[1:] if a.startswith("--")]
+    positional = [a for a in sys.argv[1:] if not a.startswith("--")]
+    compensate = next((a.split("=", 1)[1] for a in options if a.startswith("--compensate=")), None)
+    main(Path(positional[0]), positional[1], int(positional[2]), *positional[3:4], *map(int, positional[4:]),
+         compensate=compensate)

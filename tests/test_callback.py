@@ -200,6 +200,36 @@ def test_ddp_measures_the_loss_on_the_single_process_windows_and_chooses_its_lay
 
 
 @pytest.mark.distributed
+def test_ddp_judges_the_compensated_loss_and_folds_the_maps_of_one_process(tmp_path):
+    """Issue 26: LoRPCallback(compensate="cosine", apply=True) on 2 DDP ranks: each rank fits and measures the
+    windows it holds and the sums are all-reduced, so the plan, the measured losses, the maps and the pruned
+    network are one process's (16 sequences in batches of 4: the loss windows are batch 0 on rank 0 and batch 1 on
+    rank 1, the maps are fitted on batches 2 and 3)."""
+    sizes = (3, 16, 4)
+    one = tmp_path / "one"
+    one.mkdir()
+    calibration_run.main(one, "auto", 1, "lorp", *sizes, compensate="cosine")
+    single = json.loads((one / "rank0.json").read_text())
+    single_maps = json.loads((one / "rank0-compensation.json").read_text())
+    assert single_maps["compensation"]["gaps"], "no map was folded: the maps are not compared"
+    ddp = run_calibration(tmp_path, "ddp", 2, "lorp", *sizes, "--compensate=cosine")
+    for r in range(2):
+        rank = json.loads((ddp / f"rank{r}.json").read_text())
+        maps = json.loads((ddp / f"rank{r}-compensation.json").read_text())
+        assert rank["remove"] == single["remove"]
+        steps, reference = rank["details"]["steps"], single["details"]["steps"]
+        assert [s["removed"] for s in steps] == [s["removed"] for s in reference]
+        # per-window losses summed in another order (float64 sums of float32 window losses)
+        np.testing.assert_allclose([s["loss"] for s in steps], [s["loss"] for s in reference], rtol=1e-6)
+        ours, theirs = maps["compensation"], single_maps["compensation"]
+        assert [g["fold_into"] for g in ours["gaps"]] == [g["fold_into"] for g in theirs["gaps"]]
+        assert ours["calibration_loss"] == pytest.approx(theirs["calibration_loss"], rel=1e-6)
+        assert maps["weights"].keys() == single_maps["weights"].keys()
+        for name, total in single_maps["weights"].items():
+            assert maps["weights"][name] == pytest.approx(total, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.distributed
 def test_ddp_spawn_hands_the_plan_to_the_parent_through_plan_path(tmp_path, single):
     spawn = run_calibration(tmp_path, "ddp_spawn", 2)
     parent = json.loads((spawn / "parent.json").read_text())

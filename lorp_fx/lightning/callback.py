@@ -13,13 +13,17 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lorp_fx.arch.anatomy import check_compensable
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
 from lorp_fx.calibration.network_call import NetworkCall
+from lorp_fx.compensation.fit import eager_fits
+from lorp_fx.compensation.solver import METHODS as COMPENSATION_METHODS
 from lorp_fx.core.budget import budget_from_ratio, check_budget
 from lorp_fx.core.errors import (
     BudgetError,
     CalibrationError,
+    CompensationError,
     ConfigError,
     LoRPError,
     SelectorError,
@@ -36,8 +40,10 @@ from lorp_fx.judge.loss import (
     loss_on_calls,
     next_token_cross_entropy,
 )
+from lorp_fx.lightning.compensated_judge import sharded_judge
 from lorp_fx.lightning.pruned_network import pruned_network
 from lorp_fx.lightning.windows import LossWindows
+from lorp_fx.pipeline.removal import decide_maps
 from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
@@ -118,6 +124,14 @@ class LoRPCallback(Callback):
         protected, seed, n_clusters: passed to the selector (`protected`: a block name or
             index, or a list of them; `seed`: a whole number >= 0; `n_clusters`: a whole
             number >= 1, at most the number of blocks, checked on the first batch).
+        compensate: "auto", "cosine" or "lstsq" (None: no compensation, the default): judge candidates by
+            the calibration loss with each gap's linear map (fitted on the other calibration windows, as
+            `lorp-fx prune` does), and with `apply=True` fold the maps into the pruned network. Every
+            calibration window is kept (token ids); under DDP each rank fits and measures the windows it
+            holds and the sums are all-reduced, so the plan and the maps are one process's
+            (`lorp_fx/lightning/compensated_judge.py`). `transformers` causal LMs called with `input_ids`;
+            "auto" leaves a family that takes no map (BERT) uncompensated, and drops maps that do not help.
+            `cb.compensation` then says what was fitted and folded, and `cb.fits` holds the maps.
         heal_steps: with `apply=True`, heal the pruned network by that many steps of
             distillation from the dense one (`lorp_fx.heal`, in a Trainer of its own) before
             handing it back; `heal` takes a whole `HealConfig` instead. The healing text is
@@ -146,6 +160,7 @@ class LoRPCallback(Callback):
         protected: Sequence[str | int] | None = None,
         seed: int | None = None,
         n_clusters: int | None = None,
+        compensate: str | None = None,
         heal_steps: int | None = None,
         heal: HealConfig | None = None,
         heal_data=None,
@@ -191,11 +206,16 @@ class LoRPCallback(Callback):
                 f"method {method!r} chooses from the statistics alone and takes no loss_fn; "
                 "drop loss_fn, or choose a loss-judged method (lorp, sleb)"
             )
+        if compensate is not None and compensate not in ("auto", *COMPENSATION_METHODS):
+            raise ConfigError(f"compensate must be None, 'auto' or one of {', '.join(COMPENSATION_METHODS)}, "
+                              f"got {compensate!r}")
+        if compensate is not None and loss_fn is not None:
+            raise ConfigError("compensate judges by the next-token loss, so it takes no loss_fn; drop one of them")
         if loss_fn is not None and not callable(loss_fn):
             raise ConfigError(f"loss_fn must be a function (output, inputs) -> loss, not {type(loss_fn).__name__}")
         self.n_remove, self.ratio, self.method, self.granularity = n_remove, ratio, method, granularity
         self.apply, self.stage, self.loss_fn, self.attribute = bool(apply), stage, loss_fn, attribute
-        self.loss_batches = loss_batches
+        self.loss_batches, self.compensate = loss_batches, compensate
         self.plan_path = None if plan_path is None else Path(plan_path)
         self.selector_options = given
         self.healing = HealAfterPruning(heal_steps, heal, heal_data, self.apply, heal_tokenizer)
@@ -207,8 +227,11 @@ class LoRPCallback(Callback):
         self._plan: PruningPlan | None = None
         self._observer: ResidualObserver | None = None
         self._original: torch.nn.Module | None = None
-        self._windows = LossWindows(self.loss_batches)
+        self._windows = LossWindows(self.loss_batches, every=self.compensate is not None)
         self._apply_call: NetworkCall | None = None  # a call to check the pruned network against
+        self._compensation_method: str | None = None  # what the network takes of `compensate`
+        self.compensation: dict | None = None
+        self.fits: list = []
         self._first_call_checked = False
         self._batches_seen = 0
         self._module: weakref.ref | None = None  # the LightningModule the plan belongs to
@@ -253,7 +276,7 @@ class LoRPCallback(Callback):
         self._check_network(network)
         self._original, self._module = network, weakref.ref(pl_module)
         self._apply_call, self._first_call_checked, self._batches_seen = None, False, 0
-        self._windows = LossWindows(self.loss_batches)
+        self._windows = LossWindows(self.loss_batches, every=self._compensation_method is not None)
         self._windows.start(_calibration_loader(trainer, self.stage))
         self._observer = ResidualObserver(network, self.granularity, on_call=self._on_network_call)
         setattr(pl_module, self.attribute, self._observer)
@@ -285,9 +308,15 @@ class LoRPCallback(Callback):
             stats = observer.statistics()
             self.graph_module = observer.graph
             options = dict(self.selector_options)
+            judge = None
+            if self._compensation_method is not None:
+                judge = sharded_judge(self.graph_module, trainer, self._windows, self._compensation_method,
+                                      self.compensate == "auto")
             if self.judges_by_loss:
-                options["loss_fn"] = self._loss_function(trainer)
+                options["loss_fn"] = judge if judge is not None else self._loss_function(trainer)
             plan = select(stats, self.n_remove, ratio=self.ratio, method=self.method, **options)
+            if judge is not None:
+                self._keep_maps(plan, judge, network)
         finally:
             self._restore(pl_module)
         self._plan, self._networks = plan, [weakref.ref(network)]
@@ -296,12 +325,13 @@ class LoRPCallback(Callback):
         rank_zero_info(f"LoRP ({self.method}): remove {', '.join(plan.remove)}")
         if self.apply:
             teacher = self.healing.teacher(network)  # before the layers go: a layer plan prunes the network in place
-            replacement = pruned_network(network, self.graph_module, plan, self._apply_call)
+            replacement = pruned_network(network, self.graph_module, plan, self._apply_call, self.fits)
             if teacher is not None:
                 replacement = self.healing.heal(replacement, teacher, plan, trainer.progress_bar_callback is not None)
             setattr(pl_module, self.attribute, replacement)
             self._networks.append(weakref.ref(replacement))
-        self._windows, self._apply_call = LossWindows(self.loss_batches), None  # the recorded inputs are no longer needed
+        # the recorded inputs are no longer needed
+        self._windows, self._apply_call = LossWindows(self.loss_batches, every=self.compensate is not None), None
 
     on_test_start = on_predict_start = on_validation_start
     on_test_batch_start = on_predict_batch_start = on_validation_batch_start
@@ -341,7 +371,7 @@ class LoRPCallback(Callback):
 
     def _on_network_call(self, call: NetworkCall, output: Any) -> None:
         """Keep the calls a loss (or the `apply` check) needs; check budget and loss on the first one."""
-        if self.judges_by_loss:
+        if self.judges_by_loss or self._compensation_method is not None:
             self._windows.keep(call)
         if self.apply and self._apply_call is None:
             self._apply_call = call.detached()
@@ -398,9 +428,40 @@ class LoRPCallback(Callback):
         if self.healing.asked and not is_transformers_model(network):
             raise ConfigError(f"heal_steps heals transformers causal LMs, and {type(network).__name__} is not one; "
                               "heal the pruned network with lorp_fx.heal yourself, or drop heal_steps")
+        self._compensation_method = self._compensation_for(network)
         if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
             return
         check_sublayer_pruning(network)
+
+    def _compensation_for(self, network: torch.nn.Module) -> str | None:
+        """The map `compensate` fits on `network`: None where none was asked, or "auto" meets a family that
+        takes none; an explicit method the network cannot take is refused here, before calibrating."""
+        if self.compensate is None:
+            return None
+        if not is_transformers_model(network):
+            raise ConfigError(f"compensate folds maps into a transformers causal LM's layers, and "
+                              f"{type(network).__name__} is not one; leave compensate=None")
+        try:
+            check_compensable(network)
+        except CompensationError as error:
+            if self.compensate != "auto":
+                raise ConfigError(f"compensate={self.compensate!r}: {first_line(error)}; use 'auto' or None") from None
+            rank_zero_info(f"LoRPCallback: no compensation ({first_line(error)})")
+            return None
+        return "cosine" if self.compensate == "auto" else self.compensate
+
+    def _keep_maps(self, plan: PruningPlan, judge, network: torch.nn.Module) -> None:
+        """Every rank: the judge's check of compensating `plan` and the maps to fold (`cb.compensation`, `cb.fits`)."""
+        check, fitted, fold = decide_maps(plan, self.compensate, judge)
+        self.fits = eager_fits(network, fitted) if fitted else []
+        self.compensation = {
+            "method": self._compensation_method if self.fits else "none", "requested": self.compensate,
+            "folded": bool(self.fits), "helps": check["apply"], "gaps": [fit.to_dict() for fit in self.fits],
+            "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                                 "windows": judge.loss_windows},
+            "gaps_without_map": check["gaps_without_map"], "dropped": check["dropped"],
+        }
+        judge.release()
 
     def _network(self, pl_module: LightningModule) -> torch.nn.Module:
         network = getattr(pl_module, self.attribute, None)

@@ -46,7 +46,12 @@ from lorp_fx.lightning.callback import LoRPCallback
 from lorp_fx.pipeline.calibrate import CalibrationText, calibration_text
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
-from lorp_fx.pipeline.removal import build_judge, compensation_method, decide_maps, remove_and_compensate
+from lorp_fx.pipeline.removal import (
+    build_judge,
+    compensation_method,
+    decide_maps,
+    remove_and_compensate,
+)
 from lorp_fx.pipeline.result import PruneResult
 from lorp_fx.pipeline.run import (
     build_report,
@@ -223,7 +228,7 @@ def _judged_decision(model, lorp, text, config: PruneConfig, trainer, progress: 
                         "can run in several processes; run without --devices, or with --compensate none")
     stats = statistics_of_judge(judge, config) or lorp.plan.statistics
     plan = select_blocks(stats, lorp.graph_module, [], config, progress and rank == 0, judge=judge)
-    return {"plan": plan, "statistics": stats, "judge": judge, "maps": decide_maps(plan, config, judge)}
+    return {"plan": plan, "statistics": stats, "judge": judge, "maps": decide_maps(plan, config.compensate, judge)}
 
 
 def _summed_over_ranks(trainer):

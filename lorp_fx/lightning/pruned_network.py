@@ -24,6 +24,7 @@ from torch.utils import _pytree as pytree
 
 from lorp_fx.arch.surgery import remove_layers
 from lorp_fx.calibration.network_call import NetworkCall
+from lorp_fx.compensation.fit import apply_compensation
 from lorp_fx.core.errors import CalibrationError
 from lorp_fx.core.model import is_transformers_model
 from lorp_fx.core.plan import PruningPlan
@@ -31,21 +32,24 @@ from lorp_fx.graph.rewrite import prune
 from lorp_fx.judge.loss import output_logits
 
 
-def pruned_network(network: nn.Module, graph: GraphModule, plan: PruningPlan, call: NetworkCall | None) -> nn.Module:
+def pruned_network(network: nn.Module, graph: GraphModule, plan: PruningPlan, call: NetworkCall | None,
+                   fits: list | None = None) -> nn.Module:
     """`network` without the plan's blocks: eager for `transformers` models, else the pruned graph.
 
     Layer plans are applied to the eager network in place (its kept parameters stay
     the same objects, so an optimizer holding them keeps working); sublayer plans
     zero output projections, which the dense `graph` shares, so they go to a copy.
+    `fits` (compensation maps, `transformers` models) are folded after the surgery is
+    checked against the pruned graph, which has no maps.
     """
     if not is_transformers_model(network):
         pruned = prune(graph, plan)
         _warn_if_frozen_in_eval_mode(network, pruned)
         return pruned
-    eager = remove_layers(network, plan, inplace=plan.granularity == "layer").model
+    surgery = remove_layers(network, plan, inplace=plan.granularity == "layer")
     if call is not None:
-        check_agreement(eager, prune(graph, plan), call)
-    return eager
+        check_agreement(surgery.model, prune(graph, plan), call)
+    return apply_compensation(surgery, plan.remove, fits or [])
 
 
 @torch.no_grad()

@@ -29,10 +29,11 @@ def index_batches(loader) -> list[list[int]] | None:
 
 
 class LossWindows:
-    """The loss windows this rank holds, one `NetworkCall` each, in global order."""
+    """The loss windows this rank holds, one `NetworkCall` each, in global order; with `every`, every
+    calibration window it holds (a compensating judge fits its maps on the others)."""
 
-    def __init__(self, loss_batches: int):
-        self.loss_batches = loss_batches
+    def __init__(self, loss_batches: int, every: bool = False):
+        self.loss_batches, self.every = loss_batches, every
         self.batches: list[list[int]] | None = None
         self.limit: int | None = None  # windows of global index below it are loss windows
         self.current: list[int] | None = None  # the global indices of the batch being run
@@ -44,6 +45,7 @@ class LossWindows:
         self.batches, self.calls, self.seen = index_batches(loader), [], 0
         batch_size = getattr(loader, "batch_size", None) or (len(self.batches[0]) if self.batches else None)
         self.limit = None if self.batches is None or not batch_size else self.loss_batches * batch_size
+        self.local_loss_windows = 0  # where the order is not fixed: the rows of this rank's first loss batches
 
     @property
     def global_order(self) -> bool:
@@ -57,10 +59,12 @@ class LossWindows:
         """Keep the rows of `call` that are loss windows (rank-local order where the global one is unknown)."""
         rows = call.rows() or 0
         if self.global_order and self.current is not None and len(self.current) == rows:
-            wanted = [(index, r) for r, index in enumerate(self.current) if index < self.limit]
-        elif self.seen <= self.loss_batches:
+            wanted = [(index, r) for r, index in enumerate(self.current) if self.every or index < self.limit]
+        elif self.seen <= self.loss_batches or self.every:
             start = len(self.calls)
             wanted = [(start + r, r) for r in range(rows)]
+            if self.seen <= self.loss_batches:
+                self.local_loss_windows += rows
         else:
             wanted = []
         if wanted:
@@ -68,4 +72,12 @@ class LossWindows:
             self.calls.extend((index, kept.row(r)) for index, r in wanted)
 
     def ordered(self) -> list[NetworkCall]:
-        return [call for _, call in sorted(self.calls, key=lambda pair: pair[0])]
+        """The loss windows (with `every`, every window) in global order."""
+        return [call for _, call in self.indexed() if not self.every or self.is_loss_window(_)]
+
+    def indexed(self) -> list[tuple[int, NetworkCall]]:
+        """(global index, window) of every window kept, in global order, each index once."""
+        return sorted(dict(self.calls).items(), key=lambda pair: pair[0])
+
+    def is_loss_window(self, index: int) -> bool:
+        return index < self.limit if self.global_order else index < self.local_loss_windows

@@ -214,20 +214,20 @@ def _note_unhelpful(method: str, check: dict, fold: bool) -> None:
     print(f"lorp-fx: note: {method} compensation makes {where}{done}", file=sys.stderr)
 
 
-def decide_maps(plan: PruningPlan, config: PruneConfig, judge: CandidateLoss) -> tuple[dict, list, bool]:
-    """(the judge's check of compensating `plan`, the maps to fold, whether to fold them). With "auto" they
-    are folded only if they do not make the held-out calibration loss worse; an explicitly named method is
-    folded anyway. A sharded judge sums over the processes here: every process calls it."""
+def decide_maps(plan: PruningPlan, compensate: str, judge: CandidateLoss) -> tuple[dict, list, bool]:
+    """(the judge's check of compensating `plan`, the maps to fold, whether to fold them). With `compensate`
+    "auto" they are folded only if they do not make the held-out calibration loss worse; an explicitly named
+    method is folded anyway. A sharded judge sums over the processes here: every process calls it."""
     check = judge.compensation_report(plan.remove)
-    fold = check["apply"] or config.compensate != "auto"
-    keep = check["kept"] if config.compensate == "auto" else None  # the gaps the guard across sources kept
+    fold = check["apply"] or compensate != "auto"
+    keep = check["kept"] if compensate == "auto" else None  # the gaps the guard across sources kept
     return check, judge.final_fits(plan.remove, keep=keep) if fold else [], fold
 
 
 def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], config: PruneConfig, judge: CandidateLoss,
                          decided: tuple | None = None):
     """`remove_and_compensate` with the judge's maps (`decide_maps`)."""
-    check, fitted, fold = decided if decided is not None else decide_maps(plan, config, judge)
+    check, fitted, fold = decided if decided is not None else decide_maps(plan, config.compensate, judge)
     _note_unhelpful(judge.compensation, check, fold)
     fits = eager_fits(model, fitted) if fitted else []  # names from the dense model
     judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
