@@ -278,7 +278,8 @@ def scaling(args) -> list[dict]:
         for _ in range(args.pipeline_rounds):
             seconds, _ = _timed(lorp_fx.find_blocks, gm)
             find_times.append(seconds)
-            seconds, _ = _timed(lorp_fx.prune, gm, remove)
+            # a depth too small to remove anything (2 layers) times the copy the rewrite makes
+            seconds, _ = _timed(lorp_fx.prune, gm, remove, allow_empty=not remove)
             prune_times.append(seconds)
         rows.append({"layers": depth, "nodes": len(gm.graph.nodes), "removed": len(remove), "trace": trace_times,
                      "find_blocks": find_times, "prune": prune_times})

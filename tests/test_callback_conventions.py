@@ -30,17 +30,18 @@ CONVENTIONS = [
 
 
 def next_token_losses_without(model, block: str, masked: bool, batches: int = 2) -> float:
-    """The loss sleb must have measured for `block`: the eager model without it, on the first
-    `batches` batches, called with the padding mask only when the network saw it."""
+    """The loss sleb must have measured for `block`: the eager model without it, on the windows (rows) of the
+    first `batches` batches, called with the padding mask only when the network saw it; each window's mean
+    token loss, averaged over the windows (`lorp_fx/lightning/windows.py`)."""
     pruned = eager_without(model, [block])
     losses = []
     with torch.no_grad():
         for batch in list(loader())[:batches]:
             ids, mask = batch["input_ids"], batch["attention_mask"]
             logits = pruned(input_ids=ids, attention_mask=mask if masked else None, use_cache=False).logits
-            each = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-            keep = mask[:, 1:].flatten().bool() if masked else torch.ones_like(each, dtype=torch.bool)
-            losses.append(float(each[keep].mean()))
+            each = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            keep = mask[:, 1:].bool() if masked else torch.ones_like(each, dtype=torch.bool)
+            losses.extend(float(row[kept].mean()) for row, kept in zip(each, keep))
     return sum(losses) / len(losses)
 
 
@@ -117,7 +118,8 @@ def test_loss_fn_sees_the_network_output_and_its_inputs_by_name():
     cb = LoRPCallback(n_remove=1, method="sleb", loss_fn=loss_fn, loss_batches=3)
     trainer(cb).validate(Calibrated(network, call="x", fields=PLAIN_FIELDS), dataloaders=loader(data, form="list"))
     assert all(set(inputs) == {"x"} for inputs in seen)
-    firsts = torch.cat([inputs["x"] for inputs in seen[1:4]])  # seen[0]: the first-batch check
+    # seen[0]: the first-batch check; then the loss windows one by one (3 batches of 2 rows)
+    firsts = torch.cat([inputs["x"] for inputs in seen[1:7]])
     torch.testing.assert_close(firsts, torch.stack([d["x"] for d in data[:6]]))
     blocks = cb.plan.statistics.blocks
     for index, block in enumerate(blocks[1:-1], start=1):

@@ -32,7 +32,7 @@ def test_an_unknown_protected_block_is_refused_before_any_calibration(monkeypatc
     def never(*args, **kwargs):
         raise AssertionError("calibration text was read or sampled before the protected blocks were checked")
 
-    monkeypatch.setattr(run, "calibration_windows", never)
+    monkeypatch.setattr(run, "calibration_text", never)
     config = lorp_fx.PruneConfig(remove=1, calib_samples=8, seq_len=16, selector_options={"protected": protected})
     with pytest.raises(UnknownBlockError, match="protected block"):
         lorp_fx.prune_model(tiny_model("llama"), WINDOWS, config, progress=False)

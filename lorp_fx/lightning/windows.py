@@ -21,6 +21,9 @@ from lorp_fx.calibration.network_call import NetworkCall
 def index_batches(loader) -> list[list[int]] | None:
     """The dataset indices of each batch `loader` yields, where its order is fixed; None otherwise."""
     batch_sampler = getattr(loader, "batch_sampler", None)
+    # Lightning's predict loop wraps the batch sampler in one that records the indices it yields; iterating
+    # the wrapper here would restart the loop's own iterator, so the sampler inside it is read instead.
+    batch_sampler = getattr(batch_sampler, "_batch_sampler", batch_sampler)
     sampler = getattr(batch_sampler, "sampler", None)
     fixed = isinstance(sampler, SequentialSampler) or (isinstance(sampler, DistributedSampler) and not sampler.shuffle)
     if batch_sampler is None or not fixed:

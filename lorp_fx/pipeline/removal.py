@@ -163,6 +163,7 @@ def remove_and_compensate(model, graph, plan: PruningPlan, batches: list[dict], 
                                  "held_out": bool(fit_rows), "windows": len(loss_rows)},
             "sources": check["sources"], "dropped": check["dropped"],
         }
+        compensation["summary"] = compensation_summary(compensation)
     return surgery.model, fits, surgery.names, compensation, fx_difference
 
 
@@ -241,7 +242,30 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
                              "held_out": check["held_out"], "windows": judge.loss_windows},
         "gaps_without_map": check["gaps_without_map"], "sources": check["sources"], "dropped": check["dropped"],
     }
+    compensation["summary"] = compensation_summary(compensation)
     return surgery.model, fits, surgery.names, compensation, fx_difference
+
+
+def compensation_summary(block: dict) -> str:
+    """report.json's compensation block in one sentence: what was fitted, what was folded, and why not.
+    ("applied" is the decision to fold the maps that survived the per-gap checks; "gaps" are those folded.)"""
+    requested, gaps = block.get("requested"), block.get("gaps") or []
+    dropped = [d["gap"] for d in block.get("dropped") or []]
+    without = [" .. ".join(g) if isinstance(g, list) else str(g) for g in block.get("gaps_without_map") or []]
+    loss = block.get("calibration_loss") or {}
+    if gaps:
+        said = f"{block['method']} maps folded into {len(gaps)} gap{'s' if len(gaps) != 1 else ''} ({', '.join(g['fold_into'] for g in gaps)})"
+    elif block.get("applied") is False:
+        return (f"no map folded: the {requested} maps made the held-out calibration loss worse "
+                f"({loss.get('compensated', float('nan')):.4f} against {loss.get('uncompensated', float('nan')):.4f} "
+                "without them)")
+    else:
+        said = f"no map folded: no {requested} map beat leaving its gap open"
+    if dropped:
+        said += f"; dropped for hurting a calibration source: {', '.join(dropped)}"
+    if without:
+        said += f"; gaps no map helped on held-out windows: {', '.join(without)}"
+    return said
 
 
 @torch.no_grad()

@@ -61,6 +61,8 @@ def _compensation_phrase(compensation: dict) -> str:
         return phrase
     if compensation.get("skipped"):
         return f"none ({compensation['skipped']})"
+    if compensation.get("summary"):
+        return f"none: {compensation['summary'].removeprefix('no map folded: ')}"
     return "none"
 
 
