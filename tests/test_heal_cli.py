@@ -27,6 +27,7 @@ def prune_args(model_dir, text_file, out, *extra):
             "--heal-seq-len", 16, "--heal-held-out", 2, "--heal-lr", "3e-3", *extra]
 
 
+@pytest.mark.heatmap  # reads similarity.png
 def test_prune_heal_writes_the_healed_checkpoint_its_report_and_curve(tmp_path, capsys, text_file):
     model_dir, out = save_tiny(tmp_path, "llama", layers=5), tmp_path / "out"
     code, stdout, err = run(prune_args(model_dir, text_file, out, "--eval-file", text_file, "--eval-samples", 2,

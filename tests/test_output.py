@@ -166,7 +166,14 @@ def test_an_output_that_is_or_contains_an_input_is_refused_even_with_overwrite(t
         for overwrite in (False, True):
             with pytest.raises(OutputDirError, match="refused even with overwrite"):
                 check_output_location(out, overwrite, protect=[model, text])
+    # inside a model's folder (a checkpoint: config.json): refused too, as --offload-dir there is (one rule for
+    # both, issue 26); beside an input, or in a folder that merely holds one (a .gguf file, a text), allowed
     assert check_output_location(model / "pruned", True, protect=[model, text]) == model / "pruned"
+    assert check_output_location(text.parent / "pruned", True, protect=[model, text]) == text.parent / "pruned"
+    (model / "config.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="lies inside the input"):
+        check_output_location(model / "pruned", True, protect=[model, text])
+    assert check_output_location(tmp_path / "out", True, protect=[model, text]) == tmp_path / "out"
 
 
 def test_a_symbolic_link_is_resolved_before_the_checks(tmp_path):

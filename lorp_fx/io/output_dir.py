@@ -197,6 +197,12 @@ def _resolve(path: Path, what: str) -> Path:
         raise OutputDirError(f"{what} {path} cannot be resolved ({error}); fix the symbolic links on the way") from None
 
 
+def is_model_folder(path: Path) -> bool:
+    """A `transformers` checkpoint's folder (what save_pretrained writes): output goes nowhere inside one. The
+    folder that merely holds a .gguf file or a text file is not one (writing beside an input is fine)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
 def _check_not_an_input(out: Path, given: Path, protect: Iterable) -> None:
     inputs = [(Path.cwd(), "the current directory")]
     for item in protect:
@@ -208,8 +214,8 @@ def _check_not_an_input(out: Path, given: Path, protect: Iterable) -> None:
             relation = "is" if path == out else "contains"
             raise OutputDirError(f"output directory {out} {relation} {what}; writing there could destroy it, "
                                  "so it is refused even with overwrite: choose another output directory")
-        if path in out.parents and path.is_dir() and what != "the current directory":
-            # The same rule as --offload-dir: an input directory (the model's folder) is never written into.
+        if path in out.parents and is_model_folder(path) and what != "the current directory":
+            # The same rule as --offload-dir: a model's folder is never written into.
             raise OutputDirError(f"output directory {out} lies inside {what}; lorp-fx does not write into an input "
                                  "directory: choose an output directory outside it")
 
@@ -229,7 +235,7 @@ def check_offload_location(offload_dir, out: Path | None, protect: Iterable = ()
                              "whole at the end; put offloaded weights elsewhere")
     for item in protect:
         path = _resolve(Path(os.path.expanduser(str(item))), "input path")
-        if folder == path or path in folder.parents:
+        if folder == path or (path in folder.parents and is_model_folder(path)):
             raise OutputDirError(f"--offload-dir {folder} is or lies inside the input {path}; put offloaded weights elsewhere")
     existing = next(p for p in (folder, *folder.parents) if os.path.lexists(p))
     if not existing.is_dir():
