@@ -29,4 +29,10 @@ The numerical cores (`lorp_paper_order`, `lorp_hier_order`, `spectral_clustering
 without statistics. Definitions and reference numbers: ../shared/REFERENCE.md.
 """
 
-from lorp_fx.selection import baselines, lorp, lorp_hier, lorp_paper  # noqa: F401  (registration, in order)
+# Registration, in the order SELECTORS lists them (the order of these imports, which sorting must not change).
+# isort: off
+from lorp_fx.selection import lorp  # noqa: F401
+from lorp_fx.selection import lorp_paper  # noqa: F401
+from lorp_fx.selection import lorp_hier  # noqa: F401
+from lorp_fx.selection import baselines  # noqa: F401
+# isort: on
