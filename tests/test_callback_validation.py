@@ -41,6 +41,9 @@ BAD_ARGUMENTS = [
     ({"method": "shortgpt", "protected": {"model.layers.0": 1}}, lorp_fx.ConfigError, "protected must be"),
     ({"method": ["shortgpt"]}, lorp_fx.SelectorError, "unknown selection method"),
     ({"method": 3}, lorp_fx.SelectorError, "unknown selection method 3; choose one of"),
+    ({"compensate": "ridge"}, lorp_fx.ConfigError, "compensate must be None, 'auto' or one of"),
+    ({"compensate": "auto", "method": "sleb", "loss_fn": lambda o, i: o.sum()}, lorp_fx.ConfigError,
+     "compensate judges by the next-token loss, so it takes no loss_fn"),
 ]
 
 
@@ -91,6 +94,24 @@ def test_apply_of_sublayers_of_a_post_norm_transformers_model_is_refused_before_
     assert module.steps["validation"] == 0  # no batch ran
     assert module.model is model
     assert cb.plan is None and cb.graph_module is None  # no plan left that cannot be applied
+
+
+def test_compensation_of_a_network_that_cannot_take_a_map_is_refused_or_left_out_before_calibrating():
+    """A plain network has no layers to fold a map into; post-norm BERT takes none ("auto" leaves it out)."""
+    from calibration_run import PLAIN_FIELDS
+    from test_callback_conventions import MLP, plain_data
+
+    module = Calibrated(MLP(), call="x", fields=PLAIN_FIELDS)
+    with pytest.raises(lorp_fx.ConfigError, match="compensate folds maps into a transformers causal LM"):
+        trainer(LoRPCallback(n_remove=1, method="shortgpt", compensate="auto")).validate(
+            module, dataloaders=loader(plain_data(), form="tuple"))
+    assert module.steps["validation"] == 0
+    bert = Calibrated(tiny_model("bert"), call="plain_keywords")
+    with pytest.raises(lorp_fx.ConfigError, match="compensate='cosine'"):
+        trainer(LoRPCallback(n_remove=1, method="shortgpt", compensate="cosine")).validate(bert, dataloaders=loader())
+    cb = LoRPCallback(n_remove=1, method="shortgpt", compensate="auto", apply=True)
+    trainer(cb).validate(bert, dataloaders=loader())
+    assert cb.plan is not None and cb.compensation is None and cb.fits == []
 
 
 class MadeInConfigureModel(Calibrated):

@@ -52,13 +52,16 @@ from lorp_fx.core.errors import CalibrationError, ConfigError
 from lorp_fx.core.model import release_memory
 from lorp_fx.core.stats import (
     LayerStatistics,
-    SimilarityAccumulator,
-    check_finite_states,
 )
 from lorp_fx.graph.runner import GraphRunner
 from lorp_fx.judge.layout import Reduce, WindowLayout, local_windows, reduce_sums
-from lorp_fx.judge.loss import as_loss, next_token_cross_entropy
 from lorp_fx.judge.source_guard import compensation_report
+from lorp_fx.judge.windows import (
+    next_token_loss,
+    statistics_of_states,
+    window_labels,
+    window_rows,
+)
 
 KEPT = None
 REMOVED = "removed"
@@ -99,7 +102,7 @@ class CandidateLoss:
         inputs = {n.name for n in graph.graph.nodes if n.op == "placeholder"}
         # One window per forward call: a call holds one window's logits (and their log-softmax), not a
         # batch's (SmolLM2: 50 MB instead of 200 MB each); the mean over equal windows is the same.
-        windows = _rows(batches, inputs)
+        windows = window_rows(batches, inputs)
         if not windows or "input_ids" not in windows[0]:
             raise CalibrationError("CandidateLoss needs causal-LM batches with input_ids")
         # What each window is for, decided from every window's label (judge/layout.py): the same in every
@@ -108,7 +111,7 @@ class CandidateLoss:
         if total is None:
             raise ConfigError("window_indices needs sources: a label for every window of every process")
         here = local_windows(window_indices, len(windows), total)
-        self.layout = WindowLayout.plan(_labels(sources, total), loss_windows, compensation is not None, fit_on,
+        self.layout = WindowLayout.plan(window_labels(sources, total), loss_windows, compensation is not None, fit_on,
                                         held_only)
         self.reduce, self.held_only, self.fit_on = reduce, self.layout.held_only, self.layout.fit_on
         by_index = dict(zip(here, windows))
@@ -224,7 +227,7 @@ class CandidateLoss:
         for batch, cached in zip(self.loss_batches, source):
             resume = (start, cached[start]) if start else None
             output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
-            losses.append(_next_token_loss(output, batch))
+            losses.append(next_token_loss(output, batch))
             states.append({**{u: cached[u] for u in cached if u < (start or 0)}, **self._kept(recorded)})
         self._remember(config, states)
         return losses
@@ -273,7 +276,7 @@ class CandidateLoss:
         loss_states, window_losses = [], []
         for batch in self.loss_batches:
             output, recorded = self.runner.run(batch, record=True)
-            window_losses.append(_next_token_loss(output, batch))
+            window_losses.append(next_token_loss(output, batch))
             loss_states.append(self._kept(recorded))
             bar.update()
         if not self.loss_batches:  # this process holds no loss window: time one of its windows instead
@@ -303,27 +306,14 @@ class CandidateLoss:
         the states the caching pass kept (no further pass). Needs every window cached, i.e.
         compensation on (fit windows) or only loss windows given; one residual stream."""
         self._check_not_released()
-        runner = self.runner
-        if len({u.stream for u in runner.units}) != 1:
+        if len({u.stream for u in self.runner.units}) != 1:
             raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
         if self.fit_on != "others" and len(self.layout.fit) + len(self.layout.loss) < self.calibration_batches - len(self.layout.guard):
             raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
-        points = [group[0] for group in runner.layer_units] + [len(runner.units)]
-        accumulator = SimilarityAccumulator(len(points))
         pairs = list(zip(self.loss_batches, self._cache[self._dense_key]))
         if self.fit_on == "others":
             pairs += list(zip(self.fit_batches, self._fit_states))
-        blocks = runner.layers
-        names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
-        for batch, states in pairs:
-            check_finite_states([states[p] for p in points], names)
-            accumulator.update([states[p] for p in points], batch.get("attention_mask"))
-        if self.reduce is not None:
-            accumulator.reduce(self.reduce)
-        return accumulator.statistics(
-            names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
-            [b.kind for b in blocks], [b.removable for b in blocks],
-        )
+        return statistics_of_states(self.runner, pairs, self.reduce)
 
     # ------------------------------------------------------------------ compensation
 
@@ -444,7 +434,7 @@ class CandidateLoss:
         """Each window's loss, resumed from its dense states at the checkpoint before the first change."""
         self._check_not_released()
         start = self._checkpoint(min([*units, *maps])) if units or maps else None
-        return [_next_token_loss(self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None), batch)
+        return [next_token_loss(self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None), batch)
                 for batch, states in zip(batches, dense)]
 
     def _check_not_released(self) -> None:
@@ -470,27 +460,3 @@ class CandidateLoss:
         self.seconds += time.perf_counter() - clock
         self.measurements += 1
         return self.mean(losses)
-
-
-def _labels(sources: list[str] | None, windows: int) -> list[str]:
-    """A calibration-source label per window ("calibration" for all when none are given)."""
-    if sources is None:
-        return ["calibration"] * windows
-    if len(sources) != windows:
-        raise ConfigError(f"sources labels {len(sources)} windows, but the calibration batches hold {windows}")
-    return [str(s) for s in sources]
-
-
-def _rows(batches: list[dict], inputs: set[str]) -> list[dict]:
-    """Every window of `batches` as its own dict of (1, seq) tensors, keys limited to the graph's inputs."""
-    rows = []
-    for batch in batches:
-        tensors = {k: v for k, v in batch.items() if k in inputs and isinstance(v, torch.Tensor)}
-        for r in range(tensors["input_ids"].shape[0]):
-            rows.append({k: v[r : r + 1] for k, v in tensors.items()})
-    return rows
-
-
-def _next_token_loss(output, batch: dict) -> float:
-    """`loss.next_token_cross_entropy` of a graph output (NaN counts as +inf), as `calibration_loss` measures it."""
-    return as_loss(next_token_cross_entropy(output, batch))

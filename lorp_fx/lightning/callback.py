@@ -6,55 +6,55 @@ import math
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lorp_fx.arch.anatomy import check_compensable
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
 from lorp_fx.calibration.network_call import NetworkCall
-from lorp_fx.compensation.fit import eager_fits
-from lorp_fx.compensation.solver import METHODS as COMPENSATION_METHODS
 from lorp_fx.core.budget import budget_from_ratio, check_budget
 from lorp_fx.core.errors import (
-    BudgetError,
     CalibrationError,
-    CompensationError,
     ConfigError,
     LoRPError,
     SelectorError,
     first_line,
 )
 from lorp_fx.core.model import is_transformers_model
-from lorp_fx.core.plan import GRANULARITIES, PruningPlan, check_plan_folder
-from lorp_fx.core.stats import LayerStatistics, SimilarityAccumulator
+from lorp_fx.core.plan import PruningPlan
+from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.healing.after_pruning import HealAfterPruning
 from lorp_fx.healing.config import HealConfig
 from lorp_fx.judge.loss import (
     OutputLoss,
     as_loss,
-    loss_on_calls,
     next_token_cross_entropy,
 )
-from lorp_fx.lightning.compensated_judge import sharded_judge
+from lorp_fx.lightning.arguments import check_arguments
+from lorp_fx.lightning.compensated_judge import (
+    compensation_for,
+    kept_maps,
+    sharded_judge,
+)
+from lorp_fx.lightning.over_ranks import (
+    calibration_loader,
+    plain_loss,
+    reduce_statistics,
+)
 from lorp_fx.lightning.pruned_network import pruned_network
 from lorp_fx.lightning.windows import LossWindows
-from lorp_fx.pipeline.removal import decide_maps
 from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
     SELECTORS,
-    check_option_values,
-    check_options,
     select,
 )
 from lorp_fx.selection.rls import resolve_k
 
-STAGES = ("fit", "validate", "test", "predict")
 _STEP = {"fit": "validation_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
 
@@ -166,53 +166,9 @@ class LoRPCallback(Callback):
         heal_data=None,
         heal_tokenizer=None,
     ):
-        if (n_remove is None) == (ratio is None):
-            raise BudgetError("give exactly one budget: n_remove (a number of blocks) or ratio (a fraction)")
-        if n_remove is not None and (isinstance(n_remove, bool) or not isinstance(n_remove, int) or n_remove < 1):
-            raise BudgetError(f"n_remove must be a whole number of blocks, at least 1, got {n_remove!r}")
-        if ratio is not None:
-            budget_from_ratio(10, ratio)  # validates the range
-        if not isinstance(method, str) or method not in SELECTORS:
-            raise SelectorError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTORS)}")
-        if granularity not in GRANULARITIES:
-            raise ConfigError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
-        if stage not in STAGES:
-            raise ConfigError(f"stage must be one of {', '.join(STAGES)} (the Lightning stage that calibrates), not {stage!r}")
-        if isinstance(loss_batches, bool) or not isinstance(loss_batches, int) or loss_batches < 1:
-            raise ConfigError(f"loss_batches must be a whole number of calls, at least 1, got {loss_batches!r}")
-        given = {k: v for k, v in {"protected": protected, "seed": seed, "n_clusters": n_clusters}.items() if v is not None}
-        check_options(method, given, require=False)
-        check_option_values(given)
-        if not (isinstance(apply, (bool, np.bool_)) or (isinstance(apply, int) and apply in (0, 1))):
-            raise ConfigError(f"apply must be True or False (hand the LightningModule the pruned network or not), got {apply!r}")
-        if not isinstance(attribute, str) or not attribute.isidentifier():
-            raise ConfigError(f"attribute must be the name of the LightningModule attribute that holds the network, "
-                              f"such as 'model', got {attribute!r}")
-        if plan_path is not None and (not isinstance(plan_path, (str, os.PathLike)) or not os.fspath(plan_path)
-                                      or isinstance(os.fspath(plan_path), bytes)):
-            raise ConfigError(f"plan_path must be a file path (str or pathlib.Path) for the plan's JSON, or None, got {plan_path!r}")
-        if plan_path is not None:
-            check_plan_folder(plan_path)  # before calibrating, not when the plan is written at the end
-        if not isinstance(measure_loss, bool):
-            raise ConfigError(f"measure_loss must be True or False, got {measure_loss!r}")
-        if not measure_loss and "loss_fn" in SELECTORS[method].required:
-            raise ConfigError(f"method {method!r} cannot choose without a calibration loss; keep measure_loss=True "
-                              "or choose a method that can (lorp, or a statistics method)")
-        if not measure_loss and loss_fn is not None:
-            raise ConfigError("loss_fn was given with measure_loss=False; drop one of them")
+        given = check_arguments(n_remove, ratio, method, granularity, apply, stage, loss_fn, attribute, plan_path,
+                                loss_batches, measure_loss, protected, seed, n_clusters, compensate)
         self.judges_by_loss = SELECTORS[method].judges_by_loss and measure_loss
-        if loss_fn is not None and not self.judges_by_loss:
-            raise ConfigError(
-                f"method {method!r} chooses from the statistics alone and takes no loss_fn; "
-                "drop loss_fn, or choose a loss-judged method (lorp, sleb)"
-            )
-        if compensate is not None and compensate not in ("auto", *COMPENSATION_METHODS):
-            raise ConfigError(f"compensate must be None, 'auto' or one of {', '.join(COMPENSATION_METHODS)}, "
-                              f"got {compensate!r}")
-        if compensate is not None and loss_fn is not None:
-            raise ConfigError("compensate judges by the next-token loss, so it takes no loss_fn; drop one of them")
-        if loss_fn is not None and not callable(loss_fn):
-            raise ConfigError(f"loss_fn must be a function (output, inputs) -> loss, not {type(loss_fn).__name__}")
         self.n_remove, self.ratio, self.method, self.granularity = n_remove, ratio, method, granularity
         self.apply, self.stage, self.loss_fn, self.attribute = bool(apply), stage, loss_fn, attribute
         self.loss_batches, self.compensate = loss_batches, compensate
@@ -277,7 +233,7 @@ class LoRPCallback(Callback):
         self._original, self._module = network, weakref.ref(pl_module)
         self._apply_call, self._first_call_checked, self._batches_seen = None, False, 0
         self._windows = LossWindows(self.loss_batches, every=self._compensation_method is not None)
-        self._windows.start(_calibration_loader(trainer, self.stage))
+        self._windows.start(calibration_loader(trainer, self.stage))
         self._observer = ResidualObserver(network, self.granularity, on_call=self._on_network_call)
         setattr(pl_module, self.attribute, self._observer)
 
@@ -304,7 +260,7 @@ class LoRPCallback(Callback):
             return
         observer, network = self._observer, self._original
         try:
-            self._reduce(trainer, observer.accumulators(), observer.calls)
+            reduce_statistics(trainer, observer.accumulators(), observer.calls)
             stats = observer.statistics()
             self.graph_module = observer.graph
             options = dict(self.selector_options)
@@ -313,10 +269,10 @@ class LoRPCallback(Callback):
                 judge = sharded_judge(self.graph_module, trainer, self._windows, self._compensation_method,
                                       self.compensate == "auto")
             if self.judges_by_loss:
-                options["loss_fn"] = judge if judge is not None else self._loss_function(trainer)
+                options["loss_fn"] = judge if judge is not None else plain_loss(trainer, self.graph_module, self._windows, self.loss_fn)
             plan = select(stats, self.n_remove, ratio=self.ratio, method=self.method, **options)
-            if judge is not None:
-                self._keep_maps(plan, judge, network)
+            if judge is not None:  # every rank: the judge sums over the ranks
+                self.fits, self.compensation = kept_maps(plan, self.compensate, self._compensation_method, judge, network)
         finally:
             self._restore(pl_module)
         self._plan, self._networks = plan, [weakref.ref(network)]
@@ -428,40 +384,10 @@ class LoRPCallback(Callback):
         if self.healing.asked and not is_transformers_model(network):
             raise ConfigError(f"heal_steps heals transformers causal LMs, and {type(network).__name__} is not one; "
                               "heal the pruned network with lorp_fx.heal yourself, or drop heal_steps")
-        self._compensation_method = self._compensation_for(network)
+        self._compensation_method = compensation_for(self.compensate, network)
         if not (self.apply and self.granularity == "sublayer" and is_transformers_model(network)):
             return
         check_sublayer_pruning(network)
-
-    def _compensation_for(self, network: torch.nn.Module) -> str | None:
-        """The map `compensate` fits on `network`: None where none was asked, or "auto" meets a family that
-        takes none; an explicit method the network cannot take is refused here, before calibrating."""
-        if self.compensate is None:
-            return None
-        if not is_transformers_model(network):
-            raise ConfigError(f"compensate folds maps into a transformers causal LM's layers, and "
-                              f"{type(network).__name__} is not one; leave compensate=None")
-        try:
-            check_compensable(network)
-        except CompensationError as error:
-            if self.compensate != "auto":
-                raise ConfigError(f"compensate={self.compensate!r}: {first_line(error)}; use 'auto' or None") from None
-            rank_zero_info(f"LoRPCallback: no compensation ({first_line(error)})")
-            return None
-        return "cosine" if self.compensate == "auto" else self.compensate
-
-    def _keep_maps(self, plan: PruningPlan, judge, network: torch.nn.Module) -> None:
-        """Every rank: the judge's check of compensating `plan` and the maps to fold (`cb.compensation`, `cb.fits`)."""
-        check, fitted, fold = decide_maps(plan, self.compensate, judge)
-        self.fits = eager_fits(network, fitted) if fitted else []
-        self.compensation = {
-            "method": self._compensation_method if self.fits else "none", "requested": self.compensate,
-            "folded": bool(self.fits), "helps": check["apply"], "gaps": [fit.to_dict() for fit in self.fits],
-            "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
-                                 "windows": judge.loss_windows},
-            "gaps_without_map": check["gaps_without_map"], "dropped": check["dropped"],
-        }
-        judge.release()
 
     def _network(self, pl_module: LightningModule) -> torch.nn.Module:
         network = getattr(pl_module, self.attribute, None)
@@ -491,48 +417,3 @@ class LoRPCallback(Callback):
             setattr(pl_module, self.attribute, self._original)
         self._original = None
         self._observer = None
-
-    @staticmethod
-    def _reduce(trainer: Trainer, accumulators: list[SimilarityAccumulator], calls: int) -> None:
-        """All-reduce the sums once; clones, because `strategy.reduce` may work in place."""
-        total_calls = trainer.strategy.reduce(torch.tensor(float(calls), device=trainer.strategy.root_device), reduce_op="sum")
-        if float(total_calls) == 0:
-            raise CalibrationError("no calibration batch was seen: the calibration loader is empty")
-        for accumulator in accumulators:
-            for name in SimilarityAccumulator.SUM_NAMES:
-                value = getattr(accumulator, name).clone()
-                setattr(accumulator, name, trainer.strategy.reduce(value, reduce_op="sum").to(torch.float64))
-
-    def _loss_function(self, trainer: Trainer) -> Callable[[list[str]], float]:
-        """Calibration loss on the loss windows, the mean over every rank's (`windows.py`).
-
-        Loss-judged selectors choose their next candidates from the losses they have
-        seen, so every rank must see the same numbers to ask the same questions (the
-        reductions stay matched) and end with the same plan.
-        """
-        calls = self._windows.ordered()
-        if trainer.world_size == 1:
-            return loss_on_calls(self.graph_module, calls, self.loss_fn)
-        if not self._windows.global_order:
-            rank_zero_warn("LoRPCallback: the calibration loader's order is not fixed (a shuffling sampler or an "
-                           "iterable dataset), so each rank measures the loss on its own first batches and the "
-                           "loss windows depend on the number of processes; use a sequential, unshuffled loader")
-        reduce, device = trainer.strategy.reduce, trainer.strategy.root_device  # NCCL reduces device tensors only
-
-        def over_ranks(total: float, count: int) -> tuple[float, int]:
-            summed = reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=device), reduce_op="sum")
-            return float(summed[0]), int(round(float(summed[1])))
-
-        return loss_on_calls(self.graph_module, calls, self.loss_fn, reduce=over_ranks)
-
-
-def _calibration_loader(trainer: Trainer, stage: str):
-    """The first dataloader of the calibrating stage's loop (None where Lightning holds none yet)."""
-    loaders = {"fit": "val_dataloaders", "validate": "val_dataloaders", "test": "test_dataloaders",
-               "predict": "predict_dataloaders"}[stage]
-    loaders = getattr(trainer, loaders, None)
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders

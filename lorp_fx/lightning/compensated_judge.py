@@ -14,10 +14,55 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 
-from lorp_fx.core.errors import CalibrationError
+from lorp_fx.arch.anatomy import check_compensable
+from lorp_fx.compensation.fit import eager_fits
+from lorp_fx.core.errors import (
+    CalibrationError,
+    CompensationError,
+    ConfigError,
+    first_line,
+)
+from lorp_fx.core.model import is_transformers_model
+from lorp_fx.core.plan import PruningPlan
 from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.lightning.windows import LossWindows
+from lorp_fx.pipeline.removal import decide_maps
+
+
+def compensation_for(compensate: str | None, network: torch.nn.Module) -> str | None:
+    """The map `compensate` fits on `network`: None where none was asked, or "auto" meets a family that
+    takes none; an explicit method the network cannot take is refused, before calibrating."""
+    if compensate is None:
+        return None
+    if not is_transformers_model(network):
+        raise ConfigError(f"compensate folds maps into a transformers causal LM's layers, and "
+                          f"{type(network).__name__} is not one; leave compensate=None")
+    try:
+        check_compensable(network)
+    except CompensationError as error:
+        if compensate != "auto":
+            raise ConfigError(f"compensate={compensate!r}: {first_line(error)}; use 'auto' or None") from None
+        rank_zero_info(f"LoRPCallback: no compensation ({first_line(error)})")
+        return None
+    return "cosine" if compensate == "auto" else compensate
+
+
+def kept_maps(plan: PruningPlan, compensate: str, method: str, judge: CandidateLoss,
+              network: torch.nn.Module) -> tuple[list, dict]:
+    """Every rank: (the maps to fold, what was fitted and folded and why) for `plan`; the judge lets go."""
+    check, fitted, _ = decide_maps(plan, compensate, judge)
+    fits = eager_fits(network, fitted) if fitted else []  # names from the dense network
+    block = {
+        "method": method if fits else "none", "requested": compensate,
+        "folded": bool(fits), "helps": check["apply"], "gaps": [fit.to_dict() for fit in fits],
+        "calibration_loss": {"compensated": check["compensated_loss"], "uncompensated": check["uncompensated_loss"],
+                             "windows": judge.loss_windows},
+        "gaps_without_map": check["gaps_without_map"], "dropped": check["dropped"],
+    }
+    judge.release()
+    return fits, block
 
 
 def one_numbering(pairs: list[tuple[int, object]], trainer) -> tuple[list[int], list[tuple[int, object]], int]:
