@@ -100,12 +100,7 @@ def gap_statistics(names: list[str], windows: torch.Tensor, folds: int) -> list[
     m, _ = C.model()
     batches = C.batches(windows, 1)
     setup = _Setup(m, names, batches[:1], "cosine", None, "auto", verify=False)
-    points = {}
-    for gap in setup.gaps:
-        stack = setup.stacks[gap.stack]
-        for index in (gap.first - 1, gap.first, gap.last + 1):
-            key, module, kind = stack.point(index)
-            points[key] = (module, kind)
+    points = setup.capture_points()
     stats = [[GapStatistics(setup.d, "cosine") for _ in range(folds)] for _ in setup.gaps]
     capture = Capture(points)
     for i, batch in enumerate(batches):

@@ -114,6 +114,16 @@ class _Setup:
         if verify:
             verify_folds(model, self.family, self.stacks, self.gaps, self.projections, self.batches[0], self.d, self.form)
 
+    def capture_points(self) -> dict:
+        """{point key: (module, kind)}: where each gap's input, fold-unit output and target are read."""
+        points = {}
+        for gap in self.gaps:
+            stack = self.stacks[gap.stack]
+            for index in (gap.first - 1, gap.first, gap.last + 1):
+                key, module, kind = stack.point(index)
+                points[key] = (module, kind)
+        return points
+
     def statistics(self) -> FoldedStatistics:
         return FoldedStatistics(self.d, self.method, self.folds, self.device, self.form, self.sources, self.held_only)
 
@@ -272,12 +282,7 @@ def _fit_one_pass(setup: _Setup, progress: bool) -> list[GapFit]:
     """Every gap's map from one pass over the dense model (each pass stops after the last gap it needs)."""
     if not setup.gaps:
         return []
-    points = {}
-    for gap in setup.gaps:
-        stack = setup.stacks[gap.stack]
-        for index in (gap.first - 1, gap.first, gap.last + 1):
-            key, module, kind = stack.point(index)
-            points[key] = (module, kind)
+    points = setup.capture_points()
     statistics = [setup.statistics() for _ in setup.gaps]
     capture, first_row = Capture(points), 0
     for batch in _progress(setup.batches, progress, "compensation statistics"):
