@@ -13,6 +13,16 @@ from tiny_models import tiny_model
 import lorp_fx
 from lorp_fx import LoRPCallback
 
+class SummedOutput:
+    """A loss_fn whose repr is the same in every process (test ids are built from repr; xdist compares them)."""
+
+    def __call__(self, output, inputs):
+        return output.sum()
+
+    def __repr__(self) -> str:
+        return "SummedOutput()"
+
+
 # (arguments besides n_remove=1, the error class, what the message must say)
 BAD_ARGUMENTS = [
     ({"attribute": 3}, lorp_fx.ConfigError, "attribute must be the name of the LightningModule attribute"),
@@ -42,7 +52,7 @@ BAD_ARGUMENTS = [
     ({"method": ["shortgpt"]}, lorp_fx.SelectorError, "unknown selection method"),
     ({"method": 3}, lorp_fx.SelectorError, "unknown selection method 3; choose one of"),
     ({"compensate": "ridge"}, lorp_fx.ConfigError, "compensate must be None, 'auto' or one of"),
-    ({"compensate": "auto", "method": "sleb", "loss_fn": lambda o, i: o.sum()}, lorp_fx.ConfigError,
+    ({"compensate": "auto", "method": "sleb", "loss_fn": SummedOutput()}, lorp_fx.ConfigError,
      "compensate judges by the next-token loss, so it takes no loss_fn"),
 ]
 
