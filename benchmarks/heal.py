@@ -325,7 +325,7 @@ def table_rows(rows: list[dict]) -> list[list]:
 
 def target_lines(rows: list[dict], passes: dict | None) -> list[str]:
     """Each issue-25 target against the `cli` rows that measure it (the latest of each)."""
-    latest = {(r["budget"], r["text"]): r for r in rows if r["kind"] == "cli" and r.get("tag") == "default"}
+    latest = {(r["budget"], r["text"]): r for r in rows if r["kind"] == "cli" and r.get("tag", "") in ("", "default")}  # no --tag: the defaults
     lines = []
     for (budget, text), row in sorted(latest.items()):
         before, after = row["ppl"]["0"], row["ppl"][str(row["steps"])]
