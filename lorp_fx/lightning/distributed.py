@@ -43,6 +43,7 @@ from lorp_fx.core.model import causal_lm, encoder_decoder, model_device
 from lorp_fx.io.gguf.pruned_file import check_removal
 from lorp_fx.io.placement import Placement
 from lorp_fx.lightning.callback import LoRPCallback
+from lorp_fx.lightning.compensated_judge import summed_over_ranks
 from lorp_fx.pipeline.calibrate import CalibrationText, calibration_text
 from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.costs import Stopwatch, plain_pass
@@ -220,7 +221,7 @@ def _judged_decision(model, lorp, text, config: PruneConfig, trainer, progress: 
     mine = rank_windows(text.windows.shape[0], config.batch_size, rank, world)
     device = model_device(model)
     batches = on_device(token_batches(text.windows[mine], config.batch_size, False), device)
-    reduce = _summed_over_ranks(trainer)
+    reduce = summed_over_ranks(trainer)
     judge = build_judge(model, lorp.graph_module, batches, config, progress and rank == 0, text,
                         window_indices=mine, reduce=reduce)
     if judge is None:
@@ -229,17 +230,6 @@ def _judged_decision(model, lorp, text, config: PruneConfig, trainer, progress: 
     stats = statistics_of_judge(judge, config) or lorp.plan.statistics
     plan = select_blocks(stats, lorp.graph_module, [], config, progress and rank == 0, judge=judge)
     return {"plan": plan, "statistics": stats, "judge": judge, "maps": decide_maps(plan, config.compensate, judge)}
-
-
-def _summed_over_ranks(trainer):
-    """`reduce(tensor)`: its sum over the ranks, through the strategy (NCCL reduces device tensors only)."""
-    strategy = trainer.strategy
-
-    def reduce(tensor: torch.Tensor) -> torch.Tensor:
-        summed = strategy.reduce(tensor.detach().clone().to(strategy.root_device), reduce_op="sum")
-        return summed.to(tensor.device)
-
-    return reduce
 
 
 def _gather_windows(trainer, data, windows, config: PruneConfig) -> torch.Tensor | None:
