@@ -443,7 +443,7 @@ def run_lm_eval(args, model, tokenizer, results, log) -> dict:
     """lm-eval on saved dense and pruned checkpoints, if it is installed; nothing else depends on it."""
     if importlib.util.find_spec("lm_eval") is None:
         return {"status": "lm-eval is not installed (pip install lm-eval); skipped"}
-    from lorp_fx.io.output_dir import save_pretrained_atomic
+    from lorp_fx.io.checkpoint import save_pretrained_atomic
 
     out = {}
     rows = [r for r in results["rows"] if r["method"] in ("dense", args.lm_eval_method) and "error" not in r]

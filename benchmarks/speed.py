@@ -54,7 +54,7 @@ import lorp_fx  # noqa: E402
 from lorp_fx.arch.families import layer_stacks  # noqa: E402
 from lorp_fx.arch.surgery import count_parameters, remove_layers  # noqa: E402
 from lorp_fx.calibration.graph_observer import ResidualObserver  # noqa: E402
-from lorp_fx.io.output_dir import save_pretrained_atomic  # noqa: E402
+from lorp_fx.io.checkpoint import save_pretrained_atomic  # noqa: E402
 from lorp_fx.io.text import shared_data_dir, text_windows  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"

@@ -42,7 +42,7 @@ _PUBLIC = {
     "count_parameters": "lorp_fx.arch.surgery",
     "remove_layers": "lorp_fx.arch.surgery",
     "load_model": "lorp_fx.io.models",
-    "save_pretrained_atomic": "lorp_fx.io.output_dir",
+    "save_pretrained_atomic": "lorp_fx.io.checkpoint",
     "ResidualObserver": "lorp_fx.calibration.graph_observer",
     "collect_statistics": "lorp_fx.calibration.graph_observer",
     "DEFAULT_SELECTOR": "lorp_fx.selection.registry",

@@ -19,7 +19,7 @@ from lorp_fx.compensation.solver import (
 )
 from lorp_fx.core.errors import CompensationError, LoRPError
 from lorp_fx.core.plan import PruningPlan
-from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.io.checkpoint import save_pretrained_atomic
 
 # family -> removals: scattered runs, a run at the end of the stack, sublayers, both T5 stacks.
 REMOVALS = {

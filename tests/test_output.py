@@ -10,12 +10,8 @@ from tiny_models import REMOVALS, tiny_model, tiny_tokenizer
 
 from lorp_fx.arch.surgery import remove_layers
 from lorp_fx.core.errors import OutputDirError
-from lorp_fx.io.output_dir import (
-    MARKER,
-    check_output_location,
-    is_lorp_fx_output,
-    save_pretrained_atomic,
-)
+from lorp_fx.io.checkpoint import save_pretrained_atomic
+from lorp_fx.io.output_dir import MARKER, check_output_location, is_lorp_fx_output
 
 
 def build(name: str):

@@ -99,6 +99,15 @@ def assert_inputs_intact(model: Path):
     assert (model / "weights.bin").read_bytes() == b"precious"
 
 
+def test_the_writer_imports_no_torch():
+    """These tests start about 200 writers; one that imported torch (1-2 s each) made this file a third of the
+    suite's time. The output rules (`io/output_dir.py`, `io/atomic.py`) need no torch; model saving is
+    `io/checkpoint.py`."""
+    code = f"import runpy, sys; runpy.run_path({str(HELPER)!r}); print('torch' in sys.modules)"  # imports only
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- SIGKILL at each stage
 
 

@@ -26,7 +26,7 @@ from lorp_fx.core.errors import (
     UnknownBlockError,
 )
 from lorp_fx.core.plan import PruningPlan
-from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.io.checkpoint import save_pretrained_atomic
 
 GENERATIVE = [name for name in REMOVALS if name != "bert"]
 

@@ -13,7 +13,7 @@ import transformers
 from tiny_models import VOCAB, tiny_model, tiny_tokenizer
 
 from lorp_fx.arch.surgery import remove_layers
-from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.io.checkpoint import save_pretrained_atomic
 
 STEPS = 6
 

@@ -17,7 +17,7 @@ from lorp_fx.healing.options import (
 )
 from lorp_fx.healing.run import heal as lorp_fx_heal
 from lorp_fx.io.gguf.pruned_file import open_source
-from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.io.checkpoint import save_pretrained_atomic
 from lorp_fx.io.placement import (
     check_offload_granularity,
     load_placed,

@@ -22,7 +22,7 @@ from lorp_fx.core.errors import LoRPError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.healing.plot import healing_curve
 from lorp_fx.io.gguf.pruned_file import writer
-from lorp_fx.io.output_dir import save_pretrained_atomic
+from lorp_fx.io.checkpoint import save_pretrained_atomic
 from lorp_fx.pipeline.plot import similarity_heatmap
 
 
