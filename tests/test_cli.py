@@ -305,7 +305,7 @@ def test_prune_and_analyze_outputs_replace_each_other_with_overwrite(tmp_path, c
 def test_prune_smollm2_end_to_end(tmp_path, capsys):
     valid = require_shared_data("wikitext-2", "valid.txt")
     out = tmp_path / "smollm2-pruned"
-    code, stdout, err = run(["prune", "--remove", 3, "--calib-file", valid, "--calib-samples", 4, "--seq-len", 64,
+    code, stdout, err = run(["prune", "--remove", 3, "--calib-file", valid, "--calib-samples", 4, "--seq-len", 32,
                              "--out", out], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
