@@ -241,8 +241,15 @@ def _free_ratios(stats, L: _Measurements, cost, base: float) -> list[float]:
 
 
 @register("lorp", summary="guarded greedy on the calibration loss, never worse than the sets the statistics propose")
-def lorp(stats: LayerStatistics, n_remove: int, *, protected: Sequence[str | int] | None = None,
-         loss_fn: LossFn | None = None, width: int = WIDTH, max_evaluations: int | None = None) -> PruningPlan:
+def lorp(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    loss_fn: LossFn | None = None,
+    width: int = WIDTH,
+    max_evaluations: int | None = None,
+) -> PruningPlan:
     """Default selector: the guarded greedy of the module doc on `loss_fn`; without it,
     the blocks with the lowest own cost 1 - cos(input, output).
 

@@ -116,8 +116,13 @@ def lorp_hier_order(
 
 
 @register("lorp-hier", summary="LoRP variant: hierarchical clusters of 1 - S, least Ward increment first")
-def lorp_hier(stats: LayerStatistics, n_remove: int, *, protected: Sequence[str | int] | None = None,
-              n_clusters: int | None = None) -> PruningPlan:
+def lorp_hier(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
     """Variant of LoRP: hierarchical clustering of 1 - S, Ward-increment removal.
 
     Not the published method (that is `lorp-paper`); the rule is `lorp_hier_order`.

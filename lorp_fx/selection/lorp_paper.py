@@ -107,8 +107,13 @@ def lorp_paper_order(
 
 
 @register("lorp-paper", summary="LoRP as published: RLS picks K, spectral clusters, coverage then density", source="arXiv 2605.27786")
-def lorp_paper(stats: LayerStatistics, n_remove: int, *, protected: Sequence[str | int] | None = None,
-               n_clusters: int | None = None) -> PruningPlan:
+def lorp_paper(
+    stats: LayerStatistics,
+    n_remove: int,
+    *,
+    protected: Sequence[str | int] | None = None,
+    n_clusters: int | None = None,
+) -> PruningPlan:
     """LoRP as published (arXiv 2605.27786), step for step.
 
     S = similarity of the blocks' inputs; RLS = -log2(mean_{i<j} S_ij); K = 2 / 3 / 4
