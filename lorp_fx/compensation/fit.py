@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -147,15 +147,18 @@ def fit_compensation(
     plan: PruningPlan | list[str],
     calibration_batches: Iterable,
     method: str = DEFAULT_COMPENSATION,
-    **options: Any,
+    *,
+    form: str | None = None,
+    ridge: float | str = DEFAULT_RIDGE,
+    verify: bool = True,
+    progress: bool = False,
 ) -> list[GapFit]:
     """Fit one map per gap from the dense `model` in one calibration pass; nothing is folded.
 
-    The arguments are those of `compensate` (keyword `options`: `form`, `ridge`, `verify`,
-    `progress`), and it is `Compensator`'s one-pass fit. Returns one `GapFit` per gap in depth
+    The arguments are those of `compensate`. Returns one `GapFit` per gap in depth
     order; `apply_compensation` folds them into the pruned model.
     """
-    return Compensator(model, plan, calibration_batches, method, sequential=False, **options).fits
+    return _fit_one_pass(_Setup(model, plan, calibration_batches, method, form, ridge, verify), progress)
 
 
 def apply_compensation(pruned: Surgery, plan: PruningPlan | list[str], fits: list[GapFit]) -> nn.Module:
