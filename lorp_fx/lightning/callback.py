@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -16,30 +14,19 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lorp_fx.arch.families import check_sublayer_pruning
 from lorp_fx.calibration.graph_observer import ResidualObserver
 from lorp_fx.calibration.network_call import NetworkCall
-from lorp_fx.core.budget import budget_from_ratio, check_budget
-from lorp_fx.core.errors import (
-    CalibrationError,
-    ConfigError,
-    LoRPError,
-    SelectorError,
-    first_line,
-)
+from lorp_fx.core.errors import CalibrationError, ConfigError, LoRPError
 from lorp_fx.core.model import is_transformers_model
 from lorp_fx.core.plan import PruningPlan
-from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.healing.after_pruning import HealAfterPruning
 from lorp_fx.healing.config import HealConfig
-from lorp_fx.judge.loss import (
-    OutputLoss,
-    as_loss,
-    next_token_cross_entropy,
-)
+from lorp_fx.judge.loss import OutputLoss
 from lorp_fx.lightning.arguments import check_arguments
 from lorp_fx.lightning.compensated_judge import (
     compensation_for,
     kept_maps,
     sharded_judge,
 )
+from lorp_fx.lightning.first_call import check_blocks, check_loss
 from lorp_fx.lightning.over_ranks import (
     calibration_loader,
     plain_loss,
@@ -47,13 +34,11 @@ from lorp_fx.lightning.over_ranks import (
 )
 from lorp_fx.lightning.pruned_network import pruned_network
 from lorp_fx.lightning.windows import LossWindows
-from lorp_fx.selection.common import protected_indices
 from lorp_fx.selection.registry import (
     DEFAULT_SELECTOR,
     SELECTORS,
     select,
 )
-from lorp_fx.selection.rls import resolve_k
 
 _STEP = {"fit": "validation_step", "validate": "validation_step", "test": "test_step", "predict": "predict_step"}
 
@@ -140,7 +125,8 @@ class LoRPCallback(Callback):
 
     Every argument is checked here, and whatever depends on the network (budget,
     protected blocks, n_clusters, whether `apply` can remove sublayers) when the
-    callback first sees it, before any statistics are collected.
+    callback first sees it, before any statistics are collected
+    (`lorp_fx/lightning/first_call.py`).
     """
 
     def __init__(
@@ -335,46 +321,9 @@ class LoRPCallback(Callback):
         if self._first_call_checked:
             return
         self._first_call_checked = True
-        self._check_budget(self._observer.blocks)
-        if "n_clusters" in self.selector_options:
-            resolve_k(len(self._observer.blocks), self.selector_options["n_clusters"], rls=0.0)  # SelectorError if too many
+        check_blocks(self._observer.blocks, self.n_remove, self.ratio, self.method, self.granularity, self.selector_options)
         if self.judges_by_loss:
-            self._check_loss(call, output)
-
-    def _check_budget(self, blocks) -> None:
-        names = [b.name for b in blocks]
-        wanted = self.n_remove if self.n_remove is not None else budget_from_ratio(len(names), self.ratio)
-        eligible = [i for i, b in enumerate(blocks) if b.removable]
-        if "protected" in SELECTORS[self.method].options:
-            # The selector's own rule for protected blocks (first and last unless named); it reads only the names.
-            guarded = protected_indices(LayerStatistics.from_similarity(np.eye(len(names) + 1), names),
-                                        self.selector_options.get("protected"))
-            eligible = [i for i in eligible if i not in guarded]
-        check_budget(len(names), wanted, eligible=len(eligible), what=f"{self.granularity} blocks")
-
-    def _check_loss(self, call: NetworkCall, output: Any) -> None:
-        measure = self.loss_fn or next_token_cross_entropy
-        try:
-            value = as_loss(measure(output, call.inputs))
-        except CalibrationError as error:
-            if self.loss_fn is not None:
-                raise
-            raise SelectorError(
-                f"method {self.method!r} judges candidates by calibration loss, but {error}, so next-token "
-                "cross-entropy is not defined; pass LoRPCallback(loss_fn=lambda output, inputs: ...) returning one "
-                "call's loss, or choose a statistics-only method such as 'shortgpt'"
-            ) from None
-        except Exception as error:  # noqa: BLE001 - the user's loss_fn: say which call broke it
-            raise SelectorError(
-                f"loss_fn(output, inputs) failed on the first calibration call ({type(error).__name__}: "
-                f"{first_line(error)}); inputs holds the network's arguments by name ({', '.join(call.inputs)}) "
-                "and loss_fn must return one number"
-            ) from error
-        if not math.isfinite(value):
-            raise CalibrationError(
-                f"the calibration loss of the unpruned network is {value} on the first call; check the model's dtype "
-                "and the calibration inputs (and loss_fn, if you gave one)"
-            )
+            check_loss(self.method, self.loss_fn, call, output)
 
     # ------------------------------------------------------------------ helpers
 

@@ -13,8 +13,7 @@ from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
     LossFn,
     block_names,
-    check_budget,
-    eligible_blocks,
+    eligible_for,
     lowest,
     make_plan,
 )
@@ -33,8 +32,7 @@ def shortgpt(
     BI_b = 1 - mean token cos(input of b, output of b); blocks need not be contiguous.
     Scores are BI.
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     bi = stats.block_influence()
     chosen = lowest(bi, eligible, n_remove)
     details = {"removal_order": block_names(stats, chosen)}
@@ -84,8 +82,7 @@ def uidl(
     always kept, as in the paper. Scores: for each block, d of the best admissible run
     containing it; `details["runs"]` has d of the run starting at each admissible block.
     """
-    eligible = [b for b in eligible_blocks(stats, protected) if b != stats.n_blocks - 1]
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected, always_kept={stats.n_blocks - 1})
     start, runs = _best_run(stats, n_remove, eligible, stats.last_token_angular)
     chosen = range(start, start + n_remove)
     details = {"run_start": stats.blocks[start], "distance": runs[start], "runs": {stats.blocks[b]: d for b, d in runs.items()}}
@@ -102,8 +99,7 @@ def streamline(
     """LLM-Streamline, training-free part (arXiv 2403.19135): the contiguous run whose
     ends have the highest mean token cosine. Scores: for each block, that cosine of the
     best admissible run containing it; `details["runs"]` has it per run start."""
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     start, runs = _best_run(stats, n_remove, eligible, -stats.similarity)
     cosines = {b: -d for b, d in runs.items()}
     chosen = range(start, start + n_remove)
@@ -126,8 +122,7 @@ def sleb(
     recomputed after every removal. A NaN loss counts as +inf. Scores: the loss with
     each block removed alone (the first step); `details["steps"]` has every step.
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     removed: list[int] = []
     steps = []
     first_losses: dict[int, float] = {}
@@ -155,8 +150,7 @@ def last_n(
     protected: Sequence[str | int] | None = None,
 ) -> PruningPlan:
     """The naive reference: the deepest n removable, unprotected blocks. Scores: depth."""
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     return make_plan(stats, eligible[-n_remove:], "last-n", {b: b for b in eligible})
 
 
@@ -190,8 +184,7 @@ def uniform(
     among the m eligible ones, so the first and last eligible blocks are both removed
     (one block: the middle one); see `uniform_positions`. Scores: depth.
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     chosen = [eligible[p] for p in uniform_positions(len(eligible), n_remove)]
     return make_plan(stats, chosen, "uniform", {b: b for b in eligible})
 
@@ -207,8 +200,7 @@ def random_blocks(
     """Random blocks, reproducible: each block gets a key from `numpy.random.default_rng(seed)`
     and the eligible blocks with the lowest keys are removed (so a larger budget extends a
     smaller one). Scores: the keys."""
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     keys = np.random.default_rng(seed).random(stats.n_blocks)
     chosen = lowest(keys, eligible, n_remove)
     return make_plan(stats, chosen, "random", dict(enumerate(keys)), details={"seed": seed})

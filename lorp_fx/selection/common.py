@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
-from lorp_fx.core.budget import check_budget as check_budget_rule
+from lorp_fx.core.budget import check_budget
 from lorp_fx.core.errors import BudgetError, UnknownBlockError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
@@ -51,9 +51,14 @@ def eligible_blocks(stats: LayerStatistics, protected: Sequence[str | int] | Non
     return [b for b in range(stats.n_blocks) if stats.removable[b] and b not in guarded]
 
 
-def check_budget(stats: LayerStatistics, n_remove: int, eligible: Sequence[int]) -> None:
-    """The budget rule (`lorp_fx.core.budget`) for these statistics and eligible blocks."""
-    check_budget_rule(stats.n_blocks, n_remove, eligible=len(eligible))
+def eligible_for(
+    stats: LayerStatistics, n_remove: int, protected: Sequence[str | int] | None, always_kept: Collection[int] = ()
+) -> list[int]:
+    """Every selector's first step: the blocks it may choose (`eligible_blocks`, less the `always_kept` blocks
+    its method never removes), once the budget rule (`lorp_fx.core.budget`) has been checked on them."""
+    eligible = [b for b in eligible_blocks(stats, protected) if b not in always_kept]
+    check_budget(stats.n_blocks, n_remove, eligible=len(eligible))
+    return eligible
 
 
 def granularity_of(stats: LayerStatistics) -> str:
@@ -89,6 +94,14 @@ def block_names(stats: LayerStatistics, indices: Sequence[int]) -> list[str]:
 
 def cluster_names(stats: LayerStatistics, labels: Sequence[int]) -> list[list[str]]:
     return [block_names(stats, members) for members in cluster_members(labels)]
+
+
+def clustered_plan(stats: LayerStatistics, chosen: Sequence[int], method: str, scores, *, rls: float, k: int,
+                   n_clusters: int | None, labels: Sequence[int], details: dict) -> PruningPlan:
+    """`make_plan` for a clustering selector (`lorp-paper`, `lorp-hier`): its RLS and clusters, and ahead of
+    its own `details` the number of clusters K, whether `n_clusters` forced it, and the cluster labels."""
+    details = {"K": k, "K_forced": n_clusters is not None, "labels": labels, **details}
+    return make_plan(stats, chosen, method, scores, rls=rls, clusters=cluster_names(stats, labels), details=details)
 
 
 def lowest(scores: np.ndarray, eligible: Sequence[int], n: int) -> list[int]:

@@ -75,8 +75,7 @@ from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
     LossFn,
     block_names,
-    check_budget,
-    eligible_blocks,
+    eligible_for,
     lowest,
     make_plan,
 )
@@ -258,8 +257,7 @@ def lorp(
     `max_evaluations` caps the measurements spent on widening (the free sets and `width`
     per step are always measured).
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     bi = stats.block_influence()
     if loss_fn is None:
         chosen = lowest(bi, eligible, n_remove)

@@ -18,11 +18,9 @@ from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
     block_names,
-    check_budget,
     cluster_members,
-    cluster_names,
-    eligible_blocks,
-    make_plan,
+    clustered_plan,
+    eligible_for,
     renumber_by_depth,
 )
 from lorp_fx.selection.registry import register
@@ -132,8 +130,7 @@ def lorp_hier(
     score is its `ward_increment` in its whole cluster before any removal, lower =
     more redundant (a block alone in its cluster is scored against all blocks).
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     S, rls, k = paper_k(stats, n_clusters)
     order, increments, labels = lorp_hier_order(S, n_remove, k, eligible)
     everyone = list(range(stats.n_blocks))
@@ -142,12 +139,9 @@ def lorp_hier(
         mates = [i for i in everyone if labels[i] == labels[b]]
         scores[b] = ward_increment(S, mates if len(mates) > 1 else everyone, b)
     details = {
-        "K": k,
-        "K_forced": n_clusters is not None,
-        "labels": labels,
         "linkage": "average",
         "removal_order": block_names(stats, order),
         "increments": [float(v) if math.isfinite(v) else None for v in increments],
     }
-    clusters = cluster_names(stats, labels)
-    return make_plan(stats, order, "lorp-hier", scores, rls=rls, clusters=clusters, details=details)
+    return clustered_plan(stats, order, "lorp-hier", scores, rls=rls, k=k, n_clusters=n_clusters, labels=labels,
+                          details=details)

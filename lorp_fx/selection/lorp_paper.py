@@ -12,11 +12,9 @@ from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
     block_names,
-    check_budget,
     cluster_members,
-    cluster_names,
-    eligible_blocks,
-    make_plan,
+    clustered_plan,
+    eligible_for,
 )
 from lorp_fx.selection.registry import register
 from lorp_fx.selection.rls import paper_k, relative_layer_similarity, resolve_k
@@ -123,19 +121,11 @@ def lorp_paper(
     spectral clustering of (S + 1) / 2 (random state 0: the paper fixes it); then Stage 1 coverage and Stage 2 residual allocation
     (`lorp_paper_stages`). Scores are the redundancies r(l).
     """
-    eligible = eligible_blocks(stats, protected)
-    check_budget(stats, n_remove, eligible)
+    eligible = eligible_for(stats, n_remove, protected)
     S, rls, k = paper_k(stats, n_clusters)
     labels = spectral_clustering(S, k)
     order, stages = lorp_paper_stages(S, n_remove, labels, eligible)
-    r = cluster_redundancy(S, labels)
-    details = {
-        "K": k,
-        "K_forced": n_clusters is not None,
-        "labels": labels,
-        "removal_order": block_names(stats, order),
-        "stage": {stats.blocks[b]: s for b, s in zip(order, stages)},
-    }
-    clusters = cluster_names(stats, labels)
-    scores = dict(enumerate(r))
-    return make_plan(stats, order, "lorp-paper", scores, rls=rls, clusters=clusters, details=details)
+    scores = dict(enumerate(cluster_redundancy(S, labels)))
+    details = {"removal_order": block_names(stats, order), "stage": {stats.blocks[b]: s for b, s in zip(order, stages)}}
+    return clustered_plan(stats, order, "lorp-paper", scores, rls=rls, k=k, n_clusters=n_clusters, labels=labels,
+                          details=details)
