@@ -102,6 +102,7 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
         record.update(_before_the_run(model))
         _reset_peak()
         record["run_start"] = time.perf_counter()
+        record["run_cpu_start"] = time.process_time()
         return model
 
     class MeasuredStopwatch(lorp_fx.pipeline.run.Stopwatch):
@@ -122,6 +123,7 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
     lorp_fx.pipeline.result.PruneResult.save = measured_save
     status = lorp_fx.cli.main(argv)
     record["run_wall_s"] = time.perf_counter() - record.pop("run_start")
+    record["run_cpu_s"] = time.process_time() - record.pop("run_cpu_start")
     record["run_peak_kb"] = max([_status_kb("VmHWM")] + [s["peak_kb"] for s in record["steps"].values()])
     record["status"] = status
     out.write_text(json.dumps(record))
@@ -136,17 +138,18 @@ def _before_the_run(model) -> dict:
 
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (4, 256), generator=torch.Generator().manual_seed(0))
     batch = with_model_defaults(model, {"input_ids": ids.to(model_device(model)), "attention_mask": torch.ones_like(ids).to(model_device(model))})
-    times = []
+    times, cpu = [], []
     rss = _status_kb("VmRSS")
     _reset_peak()
     with torch.no_grad():
         for _ in range(3):
             synchronize(model_device(model))
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             model(**batch)
             synchronize(model_device(model))
             times.append(time.perf_counter() - start)
-    return {"batch_activations_kb": _status_kb("VmHWM") - rss, "batch_forward_s": times}
+            cpu.append(time.process_time() - start_cpu)
+    return {"batch_activations_kb": _status_kb("VmHWM") - rss, "batch_forward_s": times, "batch_forward_cpu_s": cpu}
 
 
 class _nothing:
@@ -194,6 +197,7 @@ def run_one(name: str, args, workdir: Path) -> dict:
     record = json.loads(out.read_text())
     record["argv"] = argv
     record["report"] = json.loads((workdir / name / "report.json").read_text())
+    record["plan_details"] = json.loads((workdir / name / "plan.json").read_text()).get("details", {})
     record["stdout_tail"] = done.stdout.strip().splitlines()[-12:]
     log(f"{name}: {record['report']['timings_in_passes'].get('total')} passes, peak {(record['run_peak_kb'] - record['baseline_kb']) / 1024:.0f} MiB over baseline")
     return record
@@ -240,6 +244,8 @@ def _run_section(name: str, r: dict) -> list[str]:
         common.table(["step", "seconds", "passes", "peak RSS over baseline, MiB"], rows), "",
         f"- **whole run after loading: {wall_passes:.2f} passes** ({r['run_wall_s']:.0f} s wall, saving and printing included); "
         f"the report's steps sum to {passes.get('total', float('nan')):.2f} passes (target <= {TARGET_PASSES:g}).",
+        *_cpu_lines(r, wall_passes),
+        *_decision_lines(r),
         f"- pass unit: {unit:.1f} s ({report['pass_unit']['measured']}); cross-check before the run: median of 3 plain "
         f"forwards of one 4 x 256 batch, scaled: {cross:.1f} s ({cross / unit:.2f}x the run's unit).",
         f"- loading (excluded): {r['load_s']:.0f} s; peak RSS while loading {(r['load_peak_kb'] - base) / 1024:.0f} MiB over "
@@ -249,6 +255,37 @@ def _run_section(name: str, r: dict) -> list[str]:
         f"target {TARGET_WEIGHTS}x weights + one batch = {budget:.0f} MiB: {'met' if peak_mib <= budget else 'NOT met'}.",
         f"- baseline (torch, transformers, lorp_fx imported): {base / 1024:.0f} MiB.", "",
     ]
+
+
+def _cpu_lines(r: dict, wall_passes: float) -> list[str]:
+    """The run's cost in passes of processor time: the run's CPU seconds over those of a plain forward pass (the
+    median of the 3 before the run, scaled), which another process's load on the machine moves far less than
+    wall time (a second measurement of the same run, not a target's)."""
+    if "run_cpu_s" not in r or not r.get("batch_forward_cpu_s"):
+        return []
+    unit = statistics.median(r["batch_forward_cpu_s"]) * r["report"]["pass_unit"]["tokens"] / (4 * 256)
+    return [f"- the same run in processor time: {r['run_cpu_s'] / unit:.2f} passes ({r['run_cpu_s']:.0f} CPU s; a pass "
+            f"{unit:.1f} CPU s from the 3 plain forwards before the run), against {wall_passes:.2f} in wall time."]
+
+
+def _decision_lines(r: dict) -> list[str]:
+    """What the selection decided and by how much: each greedy step's winner and the runner-up's excess loss."""
+    details = r.get("plan_details") or {}
+    steps = details.get("steps") or []
+    if not steps:
+        return []
+    margins = []
+    for step in steps:
+        losses = sorted(v for v in (step.get("candidates") or {}).values() if v is not None)
+        margins.append(losses[1] - losses[0] if len(losses) > 1 else float("nan"))
+    order = ", ".join(s["removed"].rsplit(".", 1)[-1] for s in steps)
+    closest = min(range(len(margins)), key=lambda i: margins[i] if margins[i] == margins[i] else float("inf"))
+    free = details.get("free_sets") or {}
+    free_text = "; ".join(f"{k} {v.get('loss'):.4f}" if isinstance(v, dict) and v.get("loss") is not None else f"{k}"
+                          for k, v in free.items()) if isinstance(free, dict) else ""
+    return [f"- decisions: greedy order {order}; calibration loss {details.get('loss', float('nan')):.4f} "
+            f"(chosen from {details.get('chosen_from')}; free sets: {free_text or 'none'}); {details.get('evaluations')} "
+            f"measurements; the closest step (step {closest + 1}) was won by {margins[closest]:.2e} nats."]
 
 
 def main() -> None:
