@@ -99,3 +99,15 @@ def test_the_compensation_check_of_a_set_is_measured_once():
     assert again == first and judge.measurements == measured
     again["kept"].append("x")  # a caller's copy: the judge's answer stays
     assert judge.compensation_report(names("llama", [2, 3])) == first
+
+
+def test_the_guard_windows_dense_losses_come_with_the_caching_pass():
+    _, graph, batches = setup("llama")
+    sources = ["file"] * 8 + ["own"] * 4
+    judge = CandidateLoss(graph, batches, loss_windows=4, compensation="cosine", sources=sources, held_only=["own"],
+                          half_states=False)
+    assert len(judge.guard_batches) == 4
+    measured = judge.measurements
+    assert judge._guard_losses(frozenset(), {}) == judge._losses_on(judge.guard_batches, judge._guard_states,
+                                                                    frozenset(), {})
+    assert judge.measurements == measured

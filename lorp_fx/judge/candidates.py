@@ -299,8 +299,11 @@ class CandidateLoss(GapMaps):
             loss_states.append(self._kept(recorded))
         del recorded_states
         self._fit_states = []
-        self._guard_states = [self._kept(self.runner.run(batch, record=True, stop=final)[1])
-                              for batch in (self.guard_batches if self.compensation else [])]
+        self._guard_states, self._guard_dense = [], []  # the dense loss of a guard window: its head, now
+        for batch in self.guard_batches if self.compensation else []:
+            recorded = self.runner.run(batch, record=True, stop=final)[1]
+            self._guard_dense.append(head_loss(self.runner, batch, recorded[final]))
+            self._guard_states.append(self._kept(recorded))
         for i, batch in enumerate(self.fit_batches):
             if shared and i < len(loss_states):
                 self._fit_states.append(loss_states[i])

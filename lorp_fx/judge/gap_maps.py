@@ -137,6 +137,8 @@ class GapMaps:
         return copy.deepcopy(self._reports[units])
 
     def _guard_losses(self, units: frozenset[int], maps: dict) -> list[float]:
+        if not units and not maps:  # the dense model's: from the caching pass
+            return list(self._guard_dense)
         return self._losses_on(self.guard_batches, self._guard_states, units, maps)
 
     def _losses_with(self, units: frozenset[int], maps: dict) -> list[float]:
