@@ -86,6 +86,7 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
     import lorp_fx.cli
     import lorp_fx.cli.commands
     import lorp_fx.core.model
+    import lorp_fx.pipeline.calibrate
     import lorp_fx.pipeline.result
     import lorp_fx.pipeline.run
 
@@ -118,7 +119,19 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
             record["save_s"] = time.perf_counter() - start
         return path
 
+    original_sample = lorp_fx.pipeline.calibrate.self_calibration
+
+    def timed_sampling(*args, **kwargs):
+        start = time.perf_counter()
+        windows = original_sample(*args, **kwargs)
+        sampled = record.setdefault("sampling", {"seconds": 0.0, "tokens": 0, "windows": 0})
+        sampled["seconds"] += time.perf_counter() - start
+        sampled["tokens"] += int(windows.shape[0] * (windows.shape[1] - 1))  # the first token is given
+        sampled["windows"] += int(windows.shape[0])
+        return windows
+
     lorp_fx.cli.commands.load_placed = load_and_measure
+    lorp_fx.pipeline.calibrate.self_calibration = timed_sampling
     lorp_fx.pipeline.run.Stopwatch = MeasuredStopwatch
     lorp_fx.pipeline.result.PruneResult.save = measured_save
     status = lorp_fx.cli.main(argv)
@@ -245,6 +258,7 @@ def _run_section(name: str, r: dict) -> list[str]:
         f"- **whole run after loading: {wall_passes:.2f} passes** ({r['run_wall_s']:.0f} s wall, saving and printing included); "
         f"the report's steps sum to {passes.get('total', float('nan')):.2f} passes (target <= {TARGET_PASSES:g}).",
         *_cpu_lines(r, wall_passes),
+        *_sampling_lines(r, unit),
         *_decision_lines(r),
         f"- pass unit: {unit:.1f} s ({report['pass_unit']['measured']}); cross-check before the run: median of 3 plain "
         f"forwards of one 4 x 256 batch, scaled: {cross:.1f} s ({cross / unit:.2f}x the run's unit).",
@@ -264,8 +278,20 @@ def _cpu_lines(r: dict, wall_passes: float) -> list[str]:
     if "run_cpu_s" not in r or not r.get("batch_forward_cpu_s"):
         return []
     unit = statistics.median(r["batch_forward_cpu_s"]) * r["report"]["pass_unit"]["tokens"] / (4 * 256)
-    return [f"- the same run in processor time: {r['run_cpu_s'] / unit:.2f} passes ({r['run_cpu_s']:.0f} CPU s; a pass "
-            f"{unit:.1f} CPU s from the 3 plain forwards before the run), against {wall_passes:.2f} in wall time."]
+    line = (f"- the same run in processor time: {r['run_cpu_s'] / unit:.2f} passes ({r['run_cpu_s']:.0f} CPU s; a pass "
+            f"{unit:.1f} CPU s from the 3 plain forwards before the run), against {wall_passes:.2f} in wall time.")
+    return [line]
+
+
+def _sampling_lines(r: dict, unit: float) -> list[str]:
+    """Self-calibration's speed: the tokens the model sampled, in tokens per second and in passes."""
+    sampled = r.get("sampling")
+    if not sampled or not sampled["seconds"]:
+        return []
+    line = (f"- self-calibration: {sampled['tokens']:,} tokens sampled ({sampled['windows']} windows) in "
+            f"{sampled['seconds']:.1f} s: {sampled['tokens'] / sampled['seconds']:.1f} tokens/s, "
+            f"{sampled['seconds'] / unit:.2f} passes.")
+    return [line]
 
 
 def _decision_lines(r: dict) -> list[str]:
@@ -283,9 +309,10 @@ def _decision_lines(r: dict) -> list[str]:
     free = details.get("free_sets") or {}
     free_text = "; ".join(f"{k} {v.get('loss'):.4f}" if isinstance(v, dict) and v.get("loss") is not None else f"{k}"
                           for k, v in free.items()) if isinstance(free, dict) else ""
-    return [f"- decisions: greedy order {order}; calibration loss {details.get('loss', float('nan')):.4f} "
+    line = (f"- decisions: greedy order {order}; calibration loss {details.get('loss', float('nan')):.4f} "
             f"(chosen from {details.get('chosen_from')}; free sets: {free_text or 'none'}); {details.get('evaluations')} "
-            f"measurements; the closest step (step {closest + 1}) was won by {margins[closest]:.2e} nats."]
+            f"measurements; the closest step (step {closest + 1}) was won by {margins[closest]:.2e} nats.")
+    return [line]
 
 
 def main() -> None:
