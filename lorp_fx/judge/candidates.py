@@ -218,6 +218,10 @@ class CandidateLoss(GapMaps):
         maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
         losses, states = [], []
         final = len(self.runner.units)
+        # The model `_remember` would evict after this measurement goes now: one model fewer held while the new
+        # one's states are recorded (the cache ends the same).
+        if config not in self._cache:
+            self._evict(keep=(self._dense_key, next(reversed(self._cache))), room=1)
         for batch, cached in zip(self.loss_batches, source):
             resume = self._resume(cached, start)
             recorded = self.runner.run(batch, removed, maps, resume=resume, record=True, stop=final)[1]
@@ -260,8 +264,15 @@ class CandidateLoss(GapMaps):
     def _remember(self, config: tuple, states: list[dict]) -> None:
         self._cache[config] = states
         self._cache.move_to_end(config)
-        while len(self._cache) > self.cached_models + 1:
-            del self._cache[next(k for k in self._cache if k != self._dense_key)]
+        self._evict(keep=(self._dense_key,))
+
+    def _evict(self, keep: tuple, room: int = 0) -> None:
+        """Drop the least recently used models (never those in `keep`) until `room` more fit the cache."""
+        while len(self._cache) + room > self.cached_models + 1:
+            victim = next((k for k in self._cache if k not in keep), None)
+            if victim is None:
+                return
+            del self._cache[victim]
 
     @torch.no_grad()
     def _cache_dense(self, progress: bool) -> None:
@@ -273,31 +284,26 @@ class CandidateLoss(GapMaps):
                    desc="caching calibration states", disable=not progress)
         single_stream = len({u.stream for u in self.runner.units}) == 1
         self._statistics = StateStatistics(self.runner) if single_stream else None
-        clock = time.perf_counter()
-        recorded_states, window_losses = [], []
+        clock, checking = time.perf_counter(), 0.0
+        loss_states, window_losses = [], []
         for batch in self.loss_batches:
             recorded = self.runner.run(batch, record=True, stop=final)[1]
             window_losses.append(head_loss(self.runner, batch, recorded[final]))
-            recorded_states.append({u: s for u, s in recorded.items() if u in self.checkpoints})
+            kept = {u: state for u, state in recorded.items() if u in self.checkpoints}
+            if self._statistics is not None:
+                self._statistics.add(batch, kept)
+            if not loss_states:  # the first window decides the states' precision, before any is packed
+                check = time.perf_counter()
+                self._choose_precision([batch], [kept], window_losses)
+                checking = time.perf_counter() - check
+            loss_states.append(self._kept(kept))
             bar.update()
         if not self.loss_batches:  # this process holds no loss window: time one of its windows instead
-            self.runner.run((self.fit_batches or self.guard_batches)[0])
+            some = self.runner.run((self.fit_batches or self.guard_batches)[0], record=True)[1]
+            self._choose_precision([], [some], [])
         # A plain forward pass over every calibration window, timed on this process's first windows.
-        self.pass_seconds = (time.perf_counter() - clock) / max(1, len(self.loss_batches)) * self.calibration_batches
-        some = next(iter((recorded_states or [self.runner.run((self.fit_batches or self.guard_batches)[0], record=True,
-                                                               stop=0)[1]])[0].values()))
-        self.state_dtype = some.dtype
-        # the hidden width and where states live, for a gap this process holds no fit window of (its
-        # statistics are zeros that the other processes' sums fill in)
-        self.state_shape = (some.shape[-1], some.device)
-        self.half_states = self.half_states and half_precision_holds(
-            self.runner, self.loss_batches[:1], recorded_states[:1], window_losses[:1], self.reduce)
-        loss_states = []
-        for batch, recorded in zip(self.loss_batches, recorded_states):
-            if self._statistics is not None:
-                self._statistics.add(batch, recorded)
-            loss_states.append(self._kept(recorded))
-        del recorded_states
+        self.pass_seconds = ((time.perf_counter() - clock - checking) / max(1, len(self.loss_batches))
+                             * self.calibration_batches)
         self._fit_states = []
         self._guard_states, self._guard_dense = [], []  # the dense loss of a guard window: its head, now
         for batch in self.guard_batches if self.compensation else []:
@@ -319,6 +325,16 @@ class CandidateLoss(GapMaps):
         self.window_losses[(frozenset(), False)] = self.window_losses[(frozenset(), True)] = window_losses
         self._dense_key = tuple([KEPT] * final)
         self._cache[self._dense_key] = loss_states
+
+    def _choose_precision(self, batches: list[dict], states: list[dict], losses: list[float]) -> None:
+        """The states' dtype and width (from `states[0]`), and whether they are cached in float16
+        (`judge.states.half_precision_holds` on `batches`; every process takes part in its sum)."""
+        some = next(iter(states[0].values()))
+        self.state_dtype = some.dtype
+        # the hidden width and where states live, for a gap this process holds no fit window of (its
+        # statistics are zeros that the other processes' sums fill in)
+        self.state_shape = (some.shape[-1], some.device)
+        self.half_states = self.half_states and half_precision_holds(self.runner, batches, states, losses, self.reduce)
 
     # ------------------------------------------------------------------ statistics
 

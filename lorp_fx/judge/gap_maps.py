@@ -60,8 +60,9 @@ class GapMaps:
         if not self._foldable(first):
             return None
         units = self.runner.units
-        views = [(self._state(s, b, first - 1, removed, maps), self._state(s, b, first, removed, maps),
-                  self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches)]
+        # one window's states at a time (a generator): `fit_gap` sums them as they come
+        views = ((self._state(s, b, first - 1, removed, maps), self._state(s, b, first, removed, maps),
+                  self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches))
         masks = [b.get("attention_mask") for b in batches]
         names = [units[u].name for u in range(first, last + 1)]
         reject = self.reject if reject is None else reject
