@@ -86,9 +86,11 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
     import lorp_fx.cli
     import lorp_fx.cli.commands
     import lorp_fx.core.model
+    import lorp_fx.judge.candidates
     import lorp_fx.pipeline.calibrate
     import lorp_fx.pipeline.result
     import lorp_fx.pipeline.run
+    from lorp_fx.judge.states import packed_bytes
 
     record: dict = {"baseline_kb": _status_kb("VmRSS"), "steps": {}, "torch_threads": torch.get_num_threads()}
     original_load = lorp_fx.cli.commands.load_placed
@@ -130,7 +132,19 @@ def child(argv: list[str], out: Path, threads: int | None) -> None:
         sampled["windows"] += int(windows.shape[0])
         return windows
 
+    original_release = lorp_fx.judge.candidates.CandidateLoss.release
+
+    def measured_release(judge):
+        if not judge.released:  # what the judge held at the end of the selection, counted tensor by tensor
+            models = list(judge._cache.values())
+            record["judge"] = {"half_states": bool(judge.half_states),
+                               "dense_and_cached_models_bytes": packed_bytes([w for model in models for w in model]),
+                               "fit_and_guard_bytes": packed_bytes(judge._fit_states + judge._guard_states),
+                               "cached_models": len(models) - 1}
+        return original_release(judge)
+
     lorp_fx.cli.commands.load_placed = load_and_measure
+    lorp_fx.judge.candidates.CandidateLoss.release = measured_release
     lorp_fx.pipeline.calibrate.self_calibration = timed_sampling
     lorp_fx.pipeline.run.Stopwatch = MeasuredStopwatch
     lorp_fx.pipeline.result.PruneResult.save = measured_save
@@ -259,6 +273,7 @@ def _run_section(name: str, r: dict) -> list[str]:
         f"the report's steps sum to {passes.get('total', float('nan')):.2f} passes (target <= {TARGET_PASSES:g}).",
         *_cpu_lines(r, wall_passes),
         *_sampling_lines(r, unit),
+        *_judge_lines(r),
         *_decision_lines(r),
         f"- pass unit: {unit:.1f} s ({report['pass_unit']['measured']}); cross-check before the run: median of 3 plain "
         f"forwards of one 4 x 256 batch, scaled: {cross:.1f} s ({cross / unit:.2f}x the run's unit).",
@@ -291,6 +306,20 @@ def _sampling_lines(r: dict, unit: float) -> list[str]:
     line = (f"- self-calibration: {sampled['tokens']:,} tokens sampled ({sampled['windows']} windows) in "
             f"{sampled['seconds']:.1f} s: {sampled['tokens'] / sampled['seconds']:.1f} tokens/s, "
             f"{sampled['seconds'] / unit:.2f} passes.")
+    return [line]
+
+
+def _judge_lines(r: dict) -> list[str]:
+    """The compensating judge's cached states at the end of the selection, in MiB, and their precision."""
+    judge = r.get("judge")
+    if not judge:
+        return []
+    mib = 2**20
+    line = (f"- the judge's cached states at the end of the selection: "
+            f"{(judge['dense_and_cached_models_bytes'] + judge['fit_and_guard_bytes']) / mib:.0f} MiB in "
+            f"{'float16' if judge['half_states'] else 'float32'} (the loss windows' dense model and "
+            f"{judge['cached_models']} cached models: {judge['dense_and_cached_models_bytes'] / mib:.0f} MiB; the fitting "
+            f"and guard windows: {judge['fit_and_guard_bytes'] / mib:.0f} MiB).")
     return [line]
 
 
