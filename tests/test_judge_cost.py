@@ -111,3 +111,20 @@ def test_the_guard_windows_dense_losses_come_with_the_caching_pass():
     assert judge._guard_losses(frozenset(), {}) == judge._losses_on(judge.guard_batches, judge._guard_states,
                                                                     frozenset(), {})
     assert judge.measurements == measured
+
+
+def test_after_a_runners_first_chunk_every_chunk_is_sized_from_its_vocabulary(monkeypatch):
+    from lorp_fx.judge import head
+
+    _, graph, batches = setup("llama")
+    judge = CandidateLoss(graph, batches, loss_windows=2, half_states=False)
+    runner, final = judge.runner, len(judge.runner.units)
+    state = runner.run(batches[0], record=True, stop=final)[1][final]
+    assert head._VOCABULARY[runner] > 0  # the caching pass computed a head: the vocabulary is known
+    monkeypatch.setattr(head, "CHUNK_BYTES", 4 * head._VOCABULARY[runner] * 4 * 3)  # 3 positions of 4 rows
+    calls = []
+    original = runner.run
+    monkeypatch.setattr(runner, "run", lambda *a, **k: calls.append(a[0]["input_ids"].shape[1]) or original(*a, **k))
+    whole = float(next_token_cross_entropy(original(batches[0]), batches[0]))
+    assert abs(head_loss(runner, batches[0], state) - whole) <= LOSS_REL * abs(whole)
+    assert calls and max(calls) == 3

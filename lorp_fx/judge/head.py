@@ -14,6 +14,8 @@ output does not have a chunk's length), the whole tail runs at once, as before.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lorp_fx.core.errors import CalibrationError
@@ -23,7 +25,8 @@ from lorp_fx.judge.loss import as_loss, output_logits, token_ids
 # SmolLM2 (one thread, min of 4): the head of one window takes 0.209 s whole, 0.207 s in chunks of 128 positions,
 # 0.252 s in chunks of 64 and 0.294 s in chunks of 32 (smaller products run slower).
 CHUNK_BYTES = 24 * 2**20
-FIRST_CHUNK = 128  # positions of the first chunk, before the vocabulary's size is known
+FIRST_CHUNK = 128  # positions of a runner's first chunk ever, before its vocabulary's size is known
+_VOCABULARY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # runner -> the width of its logits
 
 
 def chunk_positions(vocabulary: int, rows: int = 1) -> int:
@@ -41,7 +44,8 @@ def _positions(batch: dict, start: int, end: int, length: int) -> dict:
 def head_loss(runner, batch: dict, final: torch.Tensor, chunk: int | None = None) -> float:
     """Mean next-token cross-entropy of `runner`'s graph whose final residual state (before the head) is
     `final` (batch, positions, width), padding excluded, NaN as +inf: `next_token_loss` of the full output.
-    `chunk` positions at a time (default: the first FIRST_CHUNK, then as many as CHUNK_BYTES of logits hold)."""
+    `chunk` positions at a time (default: as many as CHUNK_BYTES of logits hold; FIRST_CHUNK in the first chunk
+    `runner` ever computes, which tells the vocabulary's size)."""
     rows, length = final.shape[0], final.shape[1]
     ids, mask = token_ids(batch, (rows, length))
     targets = ids[:, 1:]
@@ -49,13 +53,15 @@ def head_loss(runner, batch: dict, final: torch.Tensor, chunk: int | None = None
     if not bool(keep.any()):
         raise CalibrationError("a calibration call has no two consecutive unpadded tokens, so no next-token loss")
     last = len(runner.units)
-    losses, start, step = [], 0, chunk
+    known = _VOCABULARY.get(runner)
+    losses, start, step = [], 0, chunk or (chunk_positions(known, rows) if known else None)
     while start < length - 1:
         end = min(length, start + (step or FIRST_CHUNK))
         logits = output_logits(runner.run(_positions(batch, start, end, length), resume=(last, final[:, start:end])))
         if logits is None or tuple(logits.shape[:2]) != (rows, end - start):  # not per position: the whole tail
             logits = output_logits(runner.run(batch, resume=(last, final)))
             return _mean(_token_losses(logits[:, :-1], targets), keep)
+        _VOCABULARY[runner] = logits.shape[-1]
         step = step or chunk_positions(logits.shape[-1], rows)
         upto = min(end, length - 1)  # the last position has no next token
         losses.append(_token_losses(logits[:, : upto - start], targets[:, start:upto]))
