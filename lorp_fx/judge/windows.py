@@ -31,12 +31,11 @@ class StateStatistics:
     def add(self, batch: dict, states: dict) -> None:
         if self.error is not None:
             return
-        try:
+        try:  # a window statistics refuse (NaN states, only padding) fails `result`, not the judge's other uses
             check_finite_states([states[p] for p in self.points], self.names)
+            self.accumulator.update([states[p] for p in self.points], batch.get("attention_mask"))
         except CalibrationError as error:
             self.error = error
-            return
-        self.accumulator.update([states[p] for p in self.points], batch.get("attention_mask"))
 
     def result(self, reduce=None) -> LayerStatistics:
         if self.error is not None:
