@@ -53,6 +53,18 @@ def test_the_partial_sort_nucleus_is_the_full_sort_nucleus(top_p):
         assert torch.equal(_nucleus(probs.clone(), top_p), _full_nucleus(probs.clone(), top_p))
 
 
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_every_tier_of_partial_sorts_gives_the_full_sort_nucleus(top_p):
+    """Rows whose nucleus lies in the first tier, in the second, and in neither (the full sort), mixed."""
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randn(3, 20000, generator=generator) * scale for scale in (5.0, 1.5, 0.05)]
+    probs = torch.softmax(torch.cat(rows), dim=-1)
+    widths = (_full_nucleus(probs.clone(), top_p) > 0).sum(-1).view(3, 3)
+    tiers = (int(widths[0].max()) + 1, int(widths[1].max()) + 1)  # each group of rows in its own tier
+    assert widths[1].min() > tiers[0] and widths[2].min() > tiers[1]
+    assert torch.equal(_nucleus(probs.clone(), top_p, tiers), _full_nucleus(probs.clone(), top_p))
+
+
 def test_windows_are_sampled_together_where_the_judge_will_hold_more_than_their_kv_cache():
     """The KV cache may grow to what the selection's judge caches anyway, not beyond: all
     windows in one round where the compensated judge keeps more states than their cache,

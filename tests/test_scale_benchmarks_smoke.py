@@ -18,7 +18,7 @@ def test_cost_runs_the_command_and_writes_passes_and_memory(tmp_path, monkeypatc
     cost.main()
     text = (tmp_path / "cost-tiny.md").read_text()
     for phrase in ("| calibration_text |", "| selection |", "| compensation |", "| save |", "whole run after loading",
-                   "peak RSS after loading", "pass unit", "8 x 16 tokens"):
+                   "peak RSS after loading", "pass unit", "8 x 16 tokens", "in processor time", "decisions: greedy order", "tokens/s", "cached states at the end"):
         assert phrase in text
 
 

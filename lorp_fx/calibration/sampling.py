@@ -167,22 +167,25 @@ def _PreallocatedLayer(capacity: int):
 _PREALLOCATED = None
 
 
-# Tokens the nucleus is first looked for among; rows whose nucleus is wider are sorted in full.
-_NUCLEUS_CANDIDATES = 256
+# Tokens the nucleus is looked for among, in turn (a partial sort of 256, then of 4,096: 1.4 and 4.8 ms for 8
+# rows of SmolLM2's 49,152 words, one thread, against 30 ms for a full sort); rows whose nucleus is wider still
+# are sorted in full.
+_NUCLEUS_CANDIDATES = (256, 4096)
 
 
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def _nucleus(probs: torch.Tensor, top_p: float, tiers: tuple[int, ...] = _NUCLEUS_CANDIDATES) -> torch.Tensor:
     """Zero all but the smallest set of most likely tokens whose mass reaches `top_p` (rows of `probs`).
 
-    The nucleus is found among the `_NUCLEUS_CANDIDATES` most likely tokens where it
-    lies there (a partial sort), and from a full sort otherwise; both give the mask
-    a full sort gives, because the running mass of the k most likely tokens is the
+    The nucleus is found among the `tiers[0]` most likely tokens where it lies there (a
+    partial sort), else among the next tier's, and from a full sort otherwise; each gives
+    the mask a full sort gives, because the running mass of the k most likely tokens is the
     first k entries of the full running mass.
     """
     if top_p >= 1:
         return probs
-    k = min(_NUCLEUS_CANDIDATES, probs.shape[-1])
-    top, order = probs.topk(k, dim=-1)
+    if not tiers or tiers[0] >= probs.shape[-1]:
+        return _full_nucleus(probs, top_p)
+    top, order = probs.topk(tiers[0], dim=-1)
     mass_before = top.cumsum(dim=-1) - top
     inside = mass_before[:, -1] >= top_p  # the k-th token is already outside the nucleus: it lies in the top k
     out = torch.zeros_like(probs)
@@ -190,7 +193,7 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
         kept = torch.where(mass_before[inside] >= top_p, 0.0, top[inside])  # the most likely token always has mass_before == 0
         out[inside] = out[inside].scatter(-1, order[inside], kept)
     if not bool(inside.all()):
-        out[~inside] = _full_nucleus(probs[~inside], top_p)
+        out[~inside] = _nucleus(probs[~inside], top_p, tiers[1:])
     return out
 
 

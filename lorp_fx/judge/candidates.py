@@ -45,29 +45,22 @@ import torch
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from lorp_fx.compensation.fit import GapFit
-from lorp_fx.compensation.gap_fit import fit_gap
 from lorp_fx.compensation.solver import CV_FOLDS, METHODS
 from lorp_fx.core.errors import CalibrationError, ConfigError
 from lorp_fx.core.model import release_memory
-from lorp_fx.core.stats import (
-    LayerStatistics,
-)
+from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.graph.runner import GraphRunner
+from lorp_fx.judge.gap_maps import GapMaps
+from lorp_fx.judge.head import head_loss
 from lorp_fx.judge.layout import Reduce, WindowLayout, local_windows, reduce_sums
-from lorp_fx.judge.source_guard import compensation_report
-from lorp_fx.judge.windows import (
-    next_token_loss,
-    statistics_of_states,
-    window_labels,
-    window_rows,
-)
+from lorp_fx.judge.states import half_precision_holds, pack, unpack
+from lorp_fx.judge.windows import StateStatistics, window_labels, window_rows
 
 KEPT = None
 REMOVED = "removed"
 
 
-class CandidateLoss:
+class CandidateLoss(GapMaps):
     """`loss_fn(removed_names) -> float` from cached states, memoised, optionally compensated."""
 
     def __init__(
@@ -87,6 +80,7 @@ class CandidateLoss:
         window_indices: list[int] | None = None,
         reduce: Reduce = None,
         progress: bool = False,
+        half_states: bool = True,
     ):
         if compensation is not None and compensation not in METHODS:
             raise ConfigError(f"unknown compensation method {compensation!r}; choose one of {', '.join(METHODS)} or None")
@@ -132,16 +126,14 @@ class CandidateLoss:
         self.seconds = 0.0
         self.measurements = 0
         self._fits: dict = {}
+        self._reports: dict = {}
         self._cache: OrderedDict = OrderedDict()
         self.device = windows[0]["input_ids"].device
         self._fit_keys = self.layout.part_keys([*self.layout.fit, *self.layout.guard], CV_FOLDS)
         self._every_keys = self.layout.part_keys(self.layout.every(), CV_FOLDS)
         self.checkpoints = frozenset([group[0] for group in self.runner.layer_units] + [len(self.runner.units)])
+        self.half_states = half_states
         self._cache_dense(progress)
-        # the hidden width and where states live, for a gap this process holds no fit window of (its
-        # statistics are zeros that the other processes' sums fill in)
-        some_state = next(iter((self._cache[self._dense_key] + self._fit_states + self._guard_states)[0].values()))
-        self.state_shape = (some_state.shape[-1], some_state.device)
         release_memory(self.device)
 
     # ------------------------------------------------------------------ the loss
@@ -161,7 +153,8 @@ class CandidateLoss:
             self.memo[key] = self.mean(self.window_losses[key])
             # A measurement frees a model's worth of states (the cache keeps a few); give the pages back
             # so that freed states do not stay resident under the next one (measured: -0.5 GiB on SmolLM2).
-            release_memory(self.device)
+            # They hold no reference cycles, so no garbage collection is needed for that.
+            release_memory(self.device, collect=False)
             self.seconds += time.perf_counter() - clock
             self.measurements += 1
         return self.memo[key]
@@ -224,10 +217,15 @@ class CandidateLoss:
         removed = frozenset(u for u, s in enumerate(config) if s == REMOVED)
         maps = {u: self._fits[s].transform.float() for u, s in enumerate(config) if isinstance(s, tuple)}
         losses, states = [], []
+        final = len(self.runner.units)
+        # The model `_remember` would evict after this measurement goes now: one model fewer held while the new
+        # one's states are recorded (the cache ends the same).
+        if config not in self._cache:
+            self._evict(keep=(self._dense_key, next(reversed(self._cache))), room=1)
         for batch, cached in zip(self.loss_batches, source):
-            resume = (start, cached[start]) if start else None
-            output, recorded = self.runner.run(batch, removed, maps, resume=resume, record=True)
-            losses.append(next_token_loss(output, batch))
+            resume = self._resume(cached, start)
+            recorded = self.runner.run(batch, removed, maps, resume=resume, record=True, stop=final)[1]
+            losses.append(head_loss(self.runner, batch, recorded[final]))
             states.append({**{u: cached[u] for u in cached if u < (start or 0)}, **self._kept(recorded)})
         self._remember(config, states)
         return losses
@@ -247,50 +245,79 @@ class CandidateLoss:
         return max((c for c in self.checkpoints if c <= unit), default=None)
 
     def _kept(self, recorded: dict) -> dict:
-        return {u: state for u, state in recorded.items() if u in self.checkpoints}
+        """The checkpoints of recorded states, as they are cached (`judge.states.pack`)."""
+        return {u: pack(state, self.half_states) for u, state in recorded.items() if u in self.checkpoints}
+
+    def _resume(self, states: dict, start: int | None) -> tuple[int, torch.Tensor] | None:
+        """`GraphRunner.run`'s resume point at checkpoint `start` of cached `states` (None: from the inputs)."""
+        return (start, unpack(states[start], self.state_dtype)) if start else None
 
     def _state(self, states: dict, batch: dict, unit: int, removed: frozenset[int] = frozenset(),
                maps: dict | None = None) -> torch.Tensor:
         """The state entering `unit` of the model (`removed`, `maps`) whose checkpoints `states` holds:
         kept, or recomputed from the checkpoint before it."""
         if unit in states:
-            return states[unit]
+            return unpack(states[unit], self.state_dtype)
         start = self._checkpoint(unit)
-        resume = (start, states[start]) if start is not None else None
-        return self.runner.run(batch, removed, maps, resume=resume, record=True, stop=unit)[1][unit]
+        return self.runner.run(batch, removed, maps, resume=self._resume(states, start), record=True, stop=unit)[1][unit]
 
     def _remember(self, config: tuple, states: list[dict]) -> None:
         self._cache[config] = states
         self._cache.move_to_end(config)
-        while len(self._cache) > self.cached_models + 1:
-            del self._cache[next(k for k in self._cache if k != self._dense_key)]
+        self._evict(keep=(self._dense_key,))
+
+    def _evict(self, keep: tuple, room: int = 0) -> None:
+        """Drop the least recently used models (never those in `keep`) until `room` more fit the cache."""
+        while len(self._cache) + room > self.cached_models + 1:
+            victim = next((k for k in self._cache if k not in keep), None)
+            if victim is None:
+                return
+            del self._cache[victim]
 
     @torch.no_grad()
     def _cache_dense(self, progress: bool) -> None:
-        """One pass: every layer's entry state on the loss and fit windows; the dense loss."""
+        """One pass: every layer's entry state on the loss and fit windows (and the guard windows'); the dense
+        loss; the layer statistics, from the states as computed."""
         final = len(self.runner.units)
         shared = self.fit_on == "all"
         bar = tqdm(total=len(self.loss_batches) + (0 if shared else len(self.fit_batches)), unit="window",
                    desc="caching calibration states", disable=not progress)
-        clock = time.perf_counter()
+        single_stream = len({u.stream for u in self.runner.units}) == 1
+        self._statistics = StateStatistics(self.runner) if single_stream else None
+        clock, checking = time.perf_counter(), 0.0
         loss_states, window_losses = [], []
         for batch in self.loss_batches:
-            output, recorded = self.runner.run(batch, record=True)
-            window_losses.append(next_token_loss(output, batch))
-            loss_states.append(self._kept(recorded))
+            recorded = self.runner.run(batch, record=True, stop=final)[1]
+            window_losses.append(head_loss(self.runner, batch, recorded[final]))
+            kept = {u: state for u, state in recorded.items() if u in self.checkpoints}
+            if self._statistics is not None:
+                self._statistics.add(batch, kept)
+            if not loss_states:  # the first window decides the states' precision, before any is packed
+                check = time.perf_counter()
+                self._choose_precision([batch], [kept], window_losses)
+                checking = time.perf_counter() - check
+            loss_states.append(self._kept(kept))
             bar.update()
         if not self.loss_batches:  # this process holds no loss window: time one of its windows instead
-            self.runner.run((self.fit_batches or self.guard_batches)[0])
+            some = self.runner.run((self.fit_batches or self.guard_batches)[0], record=True)[1]
+            self._choose_precision([], [some], [])
         # A plain forward pass over every calibration window, timed on this process's first windows.
-        self.pass_seconds = (time.perf_counter() - clock) / max(1, len(self.loss_batches)) * self.calibration_batches
+        self.pass_seconds = ((time.perf_counter() - clock - checking) / max(1, len(self.loss_batches))
+                             * self.calibration_batches)
         self._fit_states = []
-        self._guard_states = [self._kept(self.runner.run(batch, record=True, stop=final)[1])
-                              for batch in (self.guard_batches if self.compensation else [])]
+        self._guard_states, self._guard_dense = [], []  # the dense loss of a guard window: its head, now
+        for batch in self.guard_batches if self.compensation else []:
+            recorded = self.runner.run(batch, record=True, stop=final)[1]
+            self._guard_dense.append(head_loss(self.runner, batch, recorded[final]))
+            self._guard_states.append(self._kept(recorded))
         for i, batch in enumerate(self.fit_batches):
             if shared and i < len(loss_states):
                 self._fit_states.append(loss_states[i])
             else:
-                self._fit_states.append(self._kept(self.runner.run(batch, record=True, stop=final)[1]))
+                recorded = self.runner.run(batch, record=True, stop=final)[1]
+                if self._statistics is not None and self.fit_on == "others":
+                    self._statistics.add(batch, recorded)
+                self._fit_states.append(self._kept(recorded))
                 bar.update()
         bar.close()
         dense = self.mean(window_losses)
@@ -298,6 +325,16 @@ class CandidateLoss:
         self.window_losses[(frozenset(), False)] = self.window_losses[(frozenset(), True)] = window_losses
         self._dense_key = tuple([KEPT] * final)
         self._cache[self._dense_key] = loss_states
+
+    def _choose_precision(self, batches: list[dict], states: list[dict], losses: list[float]) -> None:
+        """The states' dtype and width (from `states[0]`), and whether they are cached in float16
+        (`judge.states.half_precision_holds` on `batches`; every process takes part in its sum)."""
+        some = next(iter(states[0].values()))
+        self.state_dtype = some.dtype
+        # the hidden width and where states live, for a gap this process holds no fit window of (its
+        # statistics are zeros that the other processes' sums fill in)
+        self.state_shape = (some.shape[-1], some.device)
+        self.half_states = self.half_states and half_precision_holds(self.runner, batches, states, losses, self.reduce)
 
     # ------------------------------------------------------------------ statistics
 
@@ -310,132 +347,7 @@ class CandidateLoss:
             raise CalibrationError("CandidateLoss.statistics supports single-stream (decoder-only) models")
         if self.fit_on != "others" and len(self.layout.fit) + len(self.layout.loss) < self.calibration_batches - len(self.layout.guard):
             raise CalibrationError("statistics need every calibration window cached: use fit_on='others'")
-        pairs = list(zip(self.loss_batches, self._cache[self._dense_key]))
-        if self.fit_on == "others":
-            pairs += list(zip(self.fit_batches, self._fit_states))
-        return statistics_of_states(self.runner, pairs, self.reduce)
-
-    # ------------------------------------------------------------------ compensation
-
-    def _foldable(self, first: int) -> bool:
-        """A gap starting at unit `first` can take a map: a compensable unit precedes it on its stream
-        (a full map does not pass a norm between the branch and its add)."""
-        units, before = self.runner.units, first - 1
-        if first == 0 or units[before].stream != units[first].stream or not self.runner.compensable(before):
-            return False
-        return self.form == "diagonal" or not self.runner.branch_normalised(before)
-
-    def _fit(self, first: int, last: int) -> GapFit | None:
-        """The map of gap first..last from the dense view (memoised); None where no map applies."""
-        key = (first, last)
-        if key not in self._fits:
-            self._check_not_released()
-            states, batches = self._fit_states + self._guard_states, self.fit_batches + self.guard_batches
-            self._fits[key] = self._solve(first, last, states, states, batches, [*self.fit_indices, *self.guard_indices],
-                                          self._fit_keys)
-        return self._fits[key]
-
-    def _solve(self, first: int, last: int, view: list[dict], dense: list[dict], batches: list[dict],
-               indices: list[int], parts: tuple[dict, list], removed: frozenset[int] = frozenset(),
-               maps: dict | None = None, reject: bool | None = None) -> GapFit | None:
-        """Fit gap first..last: the fold unit's input and output from `view` (the model without
-        `removed`, with `maps`), the target from `dense`, on this process's windows `indices` (global),
-        whose cross-validation parts `parts` gives (`layout.part_keys`: with several sources each one's
-        held-out error is checked, `gap_fit.fit_gap`); `reject` defaults to the judge's."""
-        if not self._foldable(first):
-            return None
-        units = self.runner.units
-        views = [(self._state(s, b, first - 1, removed, maps), self._state(s, b, first, removed, maps),
-                  self._state(d, b, last + 1)) for s, d, b in zip(view, dense, batches)]
-        masks = [b.get("attention_mask") for b in batches]
-        names = [units[u].name for u in range(first, last + 1)]
-        reject = self.reject if reject is None else reject
-        window_keys, keys = parts
-        return fit_gap(views, masks, self.compensation, self.ridge, names, units[first - 1].name, reject, self.form,
-                       [window_keys[i] for i in indices], keys, self.held_only, self.reduce, self.state_shape)
-
-    def fits(self, removed: Iterable[str]) -> list[GapFit]:
-        """The dense-view maps the compensated loss of `removed` uses (fitted on the fit windows)."""
-        units = self.runner.units_of(removed)
-        return [f for f in (self._fit(a, b) for a, b in self.gaps(units)) if f is not None]
-
-    def final_fits(self, removed: Iterable[str], *, sequential: bool = False,
-                   keep: Iterable[str] | None = None) -> list[GapFit]:
-        """Maps for the model to ship, fitted on *every* calibration window (as `compensate` does:
-        more tokens than the fit windows alone), from cached states: dense-view maps cost no
-        pass, sequential ones about one pass without the head. They close exactly the gaps that
-        the measured maps (`fits`, which `compensation_report` judged) close: a gap whose map was
-        dropped there stays open, and a kept one is not dropped by the refit's own cross-validation,
-        so what ships is what was checked, refitted on more tokens."""
-        self._check_not_released()
-        if self.fit_on == "all":
-            states, batches, indices = self._fit_states, self.fit_batches, self.fit_indices
-        else:
-            states, batches = self._cache[self._dense_key] + self._fit_states, self.loss_batches + self.fit_batches
-            indices = [*self.loss_indices, *self.fit_indices]
-        states, batches, indices = states + self._guard_states, batches + self.guard_batches, indices + self.guard_indices
-        checked = {gap for gap in self.gaps(self.runner.units_of(removed)) if self._fit(*gap) is not None}
-        if keep is not None:  # the gaps the guard across sources kept (`compensation_report`)
-            names = set(keep)
-            checked = {gap for gap in checked if self.runner.units[gap[0] - 1].name in names}
-        return self._fit_all(removed, states, batches, sequential, indices, self._every_keys, only=checked)
-
-    @torch.no_grad()
-    def sequential_fits(self, removed: Iterable[str]) -> list[GapFit]:
-        """Maps fitted gap after gap from the pruned model's view (earlier gaps compensated) on the
-        fit windows, as `compensate(..., sequential=True)`."""
-        return self._fit_all(removed, self._fit_states, self.fit_batches, True, self.fit_indices,
-                             self.layout.part_keys(self.layout.fit, CV_FOLDS))
-
-    @torch.no_grad()
-    def _fit_all(self, removed, dense: list[dict], batches: list[dict], sequential: bool, indices: list[int],
-                 parts: tuple[dict, list], only: set | None = None) -> list[GapFit]:
-        """The maps of `removed`'s gaps; with `only`, of those gaps alone, none of them rejected."""
-        self._check_not_released()
-        units = self.runner.units_of(removed)
-        fits, maps, view, resume_at = [], {}, dense, None
-        for first, last in self.gaps(units):
-            if only is not None and (first, last) not in only:
-                continue
-            if sequential and maps:  # the pruned model's states up to this gap, earlier maps folded in
-                start = self._checkpoint(resume_at)
-                view = [
-                    {**{u: s[u] for u in s if u < (start or 0)},
-                     **self._kept(self.runner.run(batch, units, maps, resume=(start, s[start]) if start else None,
-                                                  record=True, stop=first)[1])}
-                    for batch, s in zip(batches, view)
-                ]
-            fit = self._solve(first, last, view, dense, batches, indices, parts, units if sequential else frozenset(),
-                              maps if sequential else None, reject=False if only is not None else None)
-            if fit is not None:
-                fits.append(fit)
-                maps[first - 1] = fit.transform.float()
-                resume_at = first - 1
-        return fits
-
-    def compensation_report(self, removed: Iterable[str]) -> dict:
-        """Whether compensating `removed` is not harmful, on every calibration source
-        (`judge.source_guard.compensation_report`)."""
-        return compensation_report(self, removed)
-
-    def _guard_losses(self, units: frozenset[int], maps: dict) -> list[float]:
-        return self._losses_on(self.guard_batches, self._guard_states, units, maps)
-
-    def _losses_with(self, units: frozenset[int], maps: dict) -> list[float]:
-        """Each loss window's loss, then each guard window's, without `units`, with `maps` (unit -> T)."""
-        clock = time.perf_counter()
-        losses = self._losses_on(self.loss_batches, self._cache[self._dense_key], units, maps) + self._guard_losses(units, maps)
-        self.seconds += time.perf_counter() - clock
-        self.measurements += 1
-        return losses
-
-    @torch.no_grad()
-    def _losses_on(self, batches: list[dict], dense: list[dict], units: frozenset[int], maps: dict) -> list[float]:
-        """Each window's loss, resumed from its dense states at the checkpoint before the first change."""
-        self._check_not_released()
-        start = self._checkpoint(min([*units, *maps])) if units or maps else None
-        return [next_token_loss(self.runner.run(batch, units, maps, resume=(start, states[start]) if start else None), batch)
-                for batch, states in zip(batches, dense)]
+        return self._statistics.result(self.reduce)
 
     def _check_not_released(self) -> None:
         if self.released:
@@ -448,15 +360,3 @@ class CandidateLoss:
         self._fit_states, self._guard_states = [], []
         self.released = True
         release_memory(self.device)
-
-    def loss_with(self, removed: Iterable[str], fits: list[GapFit]) -> float:
-        """The calibration loss without `removed`, with the given maps (e.g. `sequential_fits`)."""
-        self._check_not_released()
-        units = self.runner.units_of(removed)
-        index = {unit.name: u for u, unit in enumerate(self.runner.units)}
-        maps = {index[f.fold_into]: f.transform.float() for f in fits}
-        clock = time.perf_counter()
-        losses = self._losses_on(self.loss_batches, self._cache[self._dense_key], units, maps)
-        self.seconds += time.perf_counter() - clock
-        self.measurements += 1
-        return self.mean(losses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lorp_fx.core.errors import ConfigError
+from lorp_fx.core.errors import CalibrationError, ConfigError
 from lorp_fx.core.stats import (
     LayerStatistics,
     SimilarityAccumulator,
@@ -14,23 +14,51 @@ from lorp_fx.core.stats import (
 from lorp_fx.judge.loss import as_loss, next_token_cross_entropy
 
 
+class StateStatistics:
+    """The layer statistics `observe.collect_statistics` computes, summed window by window from the states
+    entering each layer and the final state of `runner`'s single residual stream (as they are computed, in
+    the model's dtype, before the judge packs them); `result(reduce)` sums them over the processes once."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.points = [group[0] for group in runner.layer_units] + [len(runner.units)]
+        blocks = runner.layers
+        self.names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
+        self.accumulator = SimilarityAccumulator(len(self.points))
+        self.error: CalibrationError | None = None  # raised by `result`, where the statistics are asked for
+        self._result: LayerStatistics | None = None
+
+    def add(self, batch: dict, states: dict) -> None:
+        if self.error is not None:
+            return
+        try:  # a window statistics refuse (NaN states, only padding) fails `result`, not the judge's other uses
+            check_finite_states([states[p] for p in self.points], self.names)
+            self.accumulator.update([states[p] for p in self.points], batch.get("attention_mask"))
+        except CalibrationError as error:
+            self.error = error
+
+    def result(self, reduce=None) -> LayerStatistics:
+        if self.error is not None:
+            raise self.error
+        if self._result is None:
+            if reduce is not None:
+                self.accumulator.reduce(reduce)
+            blocks = self.runner.layers
+            self._result = self.accumulator.statistics(
+                self.names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
+                [b.kind for b in blocks], [b.removable for b in blocks],
+            )
+        return self._result
+
+
 def statistics_of_states(runner, pairs: list[tuple[dict, dict]], reduce=None) -> LayerStatistics:
     """The layer statistics `observe.collect_statistics` computes on the same windows, from (window, the states
     entering each layer and the final state) `pairs` of `runner`'s single residual stream; `reduce` sums them
     over the processes."""
-    points = [group[0] for group in runner.layer_units] + [len(runner.units)]
-    accumulator = SimilarityAccumulator(len(points))
-    blocks = runner.layers
-    names = [f"{blocks[0].name}:in"] + [f"{b.name}:out" for b in blocks]
+    statistics = StateStatistics(runner)
     for batch, states in pairs:
-        check_finite_states([states[p] for p in points], names)
-        accumulator.update([states[p] for p in points], batch.get("attention_mask"))
-    if reduce is not None:
-        accumulator.reduce(reduce)
-    return accumulator.statistics(
-        names, [b.name for b in blocks], [(i, i + 1) for i in range(len(blocks))],
-        [b.kind for b in blocks], [b.removable for b in blocks],
-    )
+        statistics.add(batch, states)
+    return statistics.result(reduce)
 
 
 def window_labels(sources: list[str] | None, windows: int) -> list[str]:
