@@ -91,11 +91,20 @@ def count_layers(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters, each tied or shared tensor counted once."""
+    """Number of parameters, each tied or shared tensor counted once.
+
+    An offloaded model's weights are meta tensors, and accelerate's hooks put new ones in each module after every
+    forward pass, so a tied head is a tensor of its own there: the tie targets the model declares are skipped."""
+    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or ())
     seen: set[tuple] = set()
     total = 0
-    for param in model.parameters():  # already drops repeated Parameter objects
-        key = (param.device.type, param.data_ptr(), param.shape) if param.device.type != "meta" else (id(param),)
+    for name, param in model.named_parameters():  # already drops repeated Parameter objects
+        if param.device.type == "meta":
+            if name in tied_targets:
+                continue
+            key: tuple = (id(param),)
+        else:
+            key = (param.device.type, param.data_ptr(), param.shape)
         if key not in seen:
             seen.add(key)
             total += param.numel()
