@@ -172,26 +172,35 @@ def single(tmp_path_factory) -> dict:
     return json.loads((out / "rank0.json").read_text())
 
 
-@pytest.mark.distributed
-def test_two_ddp_processes_give_the_single_process_statistics(tmp_path, single):
-    ddp = run_calibration(tmp_path, "ddp", 2)
+@pytest.fixture(scope="module")
+def lorp_on_two_ranks(tmp_path_factory) -> tuple[dict, list[dict], dict]:
+    """One process's plan of the default selector (16 sequences in batches of 4, 3 of 6 layers removed), run in this
+    process, and the plans of a 2-rank DDP launch of the same; shared by the two tests that compare them (one
+    launch instead of two: a launch is most of a DDP test's time)."""
+    sizes = (3, 16, 4)  # remove 3 of 6 layers, 16 sequences, batches of 4
+    one = tmp_path_factory.mktemp("one")
+    calibration_run.main(one, "auto", 1, "lorp", *sizes)
+    ddp = run_calibration(tmp_path_factory.mktemp("ddp"), "ddp", 2, "lorp", *sizes)
     ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)]
+    return json.loads((one / "rank0.json").read_text()), ranks, json.loads((ddp / "plan.json").read_text())
+
+
+@pytest.mark.distributed
+def test_two_ddp_processes_give_the_single_process_statistics(lorp_on_two_ranks):
+    single, ranks, written = lorp_on_two_ranks
     for plan in ranks:
         np.testing.assert_allclose(plan["statistics"]["similarity"], single["statistics"]["similarity"], atol=1e-5)
         assert plan["statistics"]["token_count"] == single["statistics"]["token_count"]
         assert plan["remove"] == single["remove"]
-    assert json.loads((ddp / "plan.json").read_text())["remove"] == single["remove"]
+    assert written["remove"] == single["remove"]
 
 
 @pytest.mark.distributed
-def test_ddp_measures_the_loss_on_the_single_process_windows_and_chooses_its_layers(tmp_path):
+def test_ddp_measures_the_loss_on_the_single_process_windows_and_chooses_its_layers(lorp_on_two_ranks):
     """Issue 26: 16 sequences in batches of 4 on 2 ranks; each rank used to measure candidates on its own first
     loss batches (other windows than one process's) and chose 1, 2, 4 against one process's 1, 3, 6."""
-    sizes = (3, 16, 4)  # remove 3 of 6 layers, 16 sequences, batches of 4
-    calibration_run.main(tmp_path, "auto", 1, "lorp", *sizes)  # one process, in this one
-    single = json.loads((tmp_path / "rank0.json").read_text())
-    ddp = run_calibration(tmp_path, "ddp", 2, "lorp", *sizes)
-    for rank in (json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)):
+    single, ranks, _ = lorp_on_two_ranks
+    for rank in ranks:
         assert rank["remove"] == single["remove"]
         steps, reference = rank["details"]["steps"], single["details"]["steps"]
         assert [s["removed"] for s in steps] == [s["removed"] for s in reference]

@@ -10,7 +10,12 @@ from tiny_models import VOCAB, tiny_model, trace_inputs
 import lorp_fx
 from lorp_fx.arch import families
 from lorp_fx.arch.surgery import count_parameters, remove_layers
-from lorp_fx.compensation.fit import apply_compensation, compensate, fit_compensation
+from lorp_fx.compensation.fit import (
+    Compensator,
+    apply_compensation,
+    compensate,
+    fit_compensation,
+)
 from lorp_fx.compensation.solver import (
     FALLBACK_RIDGE,
     RIDGE_GRID,
@@ -457,6 +462,20 @@ def test_auto_ridge_falls_back_with_a_single_sequence():
     model = build("llama")
     fit = fit_compensation(model, ["model.layers.2"], [batches("llama", n=1, batch=1)[0]])[0]
     assert fit.ridge == FALLBACK_RIDGE and fit.cv_errors == {}
+
+
+@pytest.mark.parametrize("folding", ["sequential", "inplace"])
+def test_fit_compensation_refuses_what_folds(folding):
+    with pytest.raises(LoRPError, match=f"takes no {folding}; use compensate"):
+        fit_compensation(build("llama"), ["model.layers.2"], batches("llama"), **{folding: True})
+
+
+def test_fit_compensation_gives_the_one_pass_compensator_fits():
+    model, plan, data = build("llama"), ["model.layers.2"], batches("llama", n=4)
+    fits = fit_compensation(model, plan, data, "cosine", ridge=0.1)
+    expected = Compensator(model, plan, data, "cosine", ridge=0.1).fits
+    assert [f.fold_into for f in fits] == [f.fold_into for f in expected]
+    assert all(torch.equal(a.transform, b.transform) for a, b in zip(fits, expected))
 
 
 @pytest.mark.parametrize("ridge", [-1.0, "big", None, True])

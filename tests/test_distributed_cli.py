@@ -38,17 +38,21 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "out"
-    one_process("--model", model_dir, *ARGS, "--out", out)
-    return out
-
-
-def test_two_processes_give_the_single_process_plan_statistics_and_weights(model_dir, single, tmp_path):
-    """Self-calibrated: each rank samples its own windows; the plan, S and the compensated weights agree."""
-    out = tmp_path / "out"
-    done = lorp_fx("--model", model_dir, *ARGS, "--devices", "2", "--out", out)
+def self_calibrated(model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
+    """The default run (self-calibrated, compensated judge, 3 of 6 layers) in one process, here, and under
+    --devices 2: the two outputs and the launch's stderr, shared by the two tests that compare them (one launch
+    instead of two: the launch is most of such a test's time)."""
+    args = [*ARGS[2:], "--remove", "3"]
+    one, two = tmp_path_factory.mktemp("one") / "out", tmp_path_factory.mktemp("two") / "out"
+    one_process("--model", model_dir, *args, "--out", one)
+    done = lorp_fx("--model", model_dir, *args, "--devices", "2", "--out", two)
     assert done.returncode == 0, done.stderr[-2000:]
+    return one, two, done.stderr
+
+
+def test_two_processes_give_the_single_process_plan_statistics_and_weights(self_calibrated):
+    """Self-calibrated: each rank samples its own windows; the plan, S and the compensated weights agree."""
+    single, out, _ = self_calibrated
     assert report(out)["removed"] == report(single)["removed"]
     assert report(out)["calibration"]["tokens"] == report(single)["calibration"]["tokens"] == 12 * 24
     assert np.abs(similarity(out) - similarity(single)).max() < 1e-5
@@ -114,16 +118,12 @@ def test_two_processes_heal_as_one_process_with_their_joint_batch(model_dir, tmp
     assert not (tmp_path / "two.healing").exists()
 
 
-def test_two_processes_judge_the_compensated_loss_as_one_process(model_dir, tmp_path):
+def test_two_processes_judge_the_compensated_loss_as_one_process(self_calibrated):
     """Issue 26: with compensation on (the default), --devices 2 runs the compensating judge on each rank's windows
     and sums over the ranks: the layers, the measured losses and the maps are one process's (the ranks used to
     judge the uncompensated loss and chose other layers: 3 of 6, 2..4 in one process, 1, 3, 4 in two)."""
-    args = [*ARGS[2:], "--remove", "3"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    one_process("--model", model_dir, *args, "--out", one)
-    done = lorp_fx("--model", model_dir, *args, "--devices", "2", "--out", two)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "uncompensated" not in done.stderr
+    one, two, stderr = self_calibrated
+    assert "uncompensated" not in stderr
     assert report(two)["removed"] == report(one)["removed"]
     ours, theirs = report(two)["compensation"], report(one)["compensation"]
     assert ours["calibration_loss"] == pytest.approx(theirs["calibration_loss"], rel=1e-5)

@@ -142,23 +142,19 @@ class _Setup:
         )
 
 
-def fit_compensation(
-    model: nn.Module,
-    plan: PruningPlan | list[str],
-    calibration_batches: Iterable,
-    method: str = DEFAULT_COMPENSATION,
-    *,
-    form: str | None = None,
-    ridge: float | str = DEFAULT_RIDGE,
-    verify: bool = True,
-    progress: bool = False,
-) -> list[GapFit]:
+def fit_compensation(model: nn.Module, plan: PruningPlan | list[str], calibration_batches: Iterable,
+                     method: str = DEFAULT_COMPENSATION, **options) -> list[GapFit]:
     """Fit one map per gap from the dense `model` in one calibration pass; nothing is folded.
 
-    The arguments are those of `compensate`. Returns one `GapFit` per gap in depth
-    order; `apply_compensation` folds them into the pruned model.
+    `Compensator(model, plan, calibration_batches, method, **options).fits`: the arguments are those of
+    `compensate` (`form`, `ridge`, `verify`, `progress`) but for `sequential` and `inplace`, which fold.
+    Returns one `GapFit` per gap in depth order; `apply_compensation` folds them into the pruned model.
     """
-    return _fit_one_pass(_Setup(model, plan, calibration_batches, method, form, ridge, verify), progress)
+    folding = sorted({"sequential", "inplace"} & set(options))
+    if folding:
+        raise CompensationError(f"fit_compensation fits without folding, so it takes no {', '.join(folding)}; "
+                                "use compensate (or Compensator(..., sequential=True).apply) to fold")
+    return Compensator(model, plan, calibration_batches, method, **options).fits
 
 
 def apply_compensation(pruned: Surgery, plan: PruningPlan | list[str], fits: list[GapFit]) -> nn.Module:
