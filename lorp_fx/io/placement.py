@@ -310,6 +310,48 @@ def check_offload_granularity(granularity: str) -> None:
                           "inside an offloaded layer's forward; drop --granularity sublayer or --device-map")
 
 
+def streamed_weights(model: nn.Module):
+    """`fetch(name) -> tensor`: the model's parameter or buffer `name` (a full name, as a traced graph's
+    attributes are named), read from accelerate's store where it is offloaded, on the execution device of
+    the hook that would load it. The store is read on every call and nothing is kept, so a graph run over
+    an offloaded model holds what its forward would (`graph.runner.GraphRunner(fetch=...)`)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+
+    def fetch(name: str) -> torch.Tensor:
+        path, _, attribute = name.rpartition(".")
+        module = model.get_submodule(path)
+        value = getattr(module, attribute)
+        if value.device.type != "meta":
+            return value
+        for owner_path in _ancestors(path):  # the hook that loads it: on its module, or above with place_submodules
+            owner = model.get_submodule(owner_path)
+            relative = name[len(owner_path) + 1:] if owner_path else name
+            for align in _alignment_hooks(owner):
+                store = getattr(align, "weights_map", None)
+                if store is None:
+                    continue
+                try:  # not `in`: a Mapping's __contains__ would read the tensor to answer
+                    return store[relative].to(align.execution_device)
+                except KeyError:
+                    continue
+        if name in tied:  # a tied head whose hook holds no copy of its own: the tensor it is tied to
+            return fetch(tied[name])
+        raise DeviceError(f"{name} is offloaded, and no accelerate hook of the model holds its value")
+
+    return fetch
+
+
+def _ancestors(path: str) -> list[str]:
+    """`path` and each module above it, the root ("") last."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _alignment_hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    return [h for h in getattr(hook, "hooks", [hook]) if h is not None]  # a SequentialHook holds several
+
+
 def make_resident(module: nn.Module) -> int:
     """Copy `module`'s offloaded weights in for good (so maps can be folded into them); the bytes made resident."""
 

@@ -31,6 +31,9 @@ computed faster (`lorp_fx.judge.loss.calibration_loss` is the reference it equal
   model needs no further pass; `sequential_fits(names)` fits gap after
   gap from the pruned model's view (as `compensate(..., sequential=True)`).
 
+`weights` gives the graph's weights where its own are not real: the meta-device skeleton of a model that
+accelerate offloads (`io.placement.streamed_weights` reads each from the offload store as a run needs it).
+
 Costs are counted: `seconds`, `measurements`, and `passes()`: time in units of one plain
 forward pass over all calibration windows, timed during the caching pass.
 """
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.fx import GraphModule
@@ -81,6 +84,7 @@ class CandidateLoss(GapMaps):
         reduce: Reduce = None,
         progress: bool = False,
         half_states: bool = True,
+        weights: Callable[[str], torch.Tensor] | None = None,
     ):
         if compensation is not None and compensation not in METHODS:
             raise ConfigError(f"unknown compensation method {compensation!r}; choose one of {', '.join(METHODS)} or None")
@@ -88,7 +92,7 @@ class CandidateLoss(GapMaps):
             raise ConfigError(f"fit_on must be 'others' or 'all', got {fit_on!r}")
         if form not in (None, "full", "diagonal"):
             raise ConfigError(f"unknown compensation form {form!r}; choose full, diagonal or None (chosen per model)")
-        self.runner = GraphRunner(graph)
+        self.runner = GraphRunner(graph, fetch=weights)
         self.compensation, self.ridge, self.reject = compensation, ridge, reject_unhelpful_maps
         normalised = any(self.runner.branch_normalised(u) for u in range(len(self.runner.units)))
         # As `compensation.default_form`: per channel where any branch is normalised before its add.

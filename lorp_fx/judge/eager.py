@@ -7,8 +7,11 @@ copies its weights in from the CPU or from disk, and puts meta tensors back afte
 * blocks are found on the graph of a meta-device copy (same class and config, no
   weights, nothing computed): the names are the real model's (`graph.trace.skeleton_graph`);
 * statistics are read by module hooks (`calibration/hook_observer.py`), as for any model;
-* candidate removals are judged on the eager model, the removed layers' outputs
-  replaced by their inputs (forward hooks): the graph's rewrite, done on the fly (here);
+* candidate removals are judged by `CandidateLoss` on the skeleton's graph, each weight read from
+  accelerate's store when a node needs it (`io.placement.streamed_weights`), compensated as in memory;
+  where that graph cannot run or computes another loss than the model (`pipeline.removal`), on the
+  eager model, uncompensated, the removed layers' outputs replaced by their inputs (forward hooks):
+  the graph's rewrite, done on the fly (here);
 * compensation folds its maps into the fold units' weights, which are first made
   resident (copied in from the offload store once, a few projections: `io.placement.make_resident`).
 

@@ -18,7 +18,11 @@ from torch import nn
 
 from lorp_fx.arch.anatomy import check_compensable, find_gaps, removed_units, stacks_of
 from lorp_fx.arch.surgery import count_layers, remove_layers
-from lorp_fx.calibration.batches import one_window_each, prepare_batches
+from lorp_fx.calibration.batches import (
+    one_window_each,
+    prepare_batches,
+    with_model_defaults,
+)
 from lorp_fx.compensation.fit import (
     Compensator,
     apply_compensation,
@@ -26,11 +30,11 @@ from lorp_fx.compensation.fit import (
     folded_on_trial,
 )
 from lorp_fx.compensation.guard import keep_harmless_maps, worst_excess
-from lorp_fx.core.errors import CalibrationError, CompensationError
+from lorp_fx.core.errors import CalibrationError, CompensationError, describe
 from lorp_fx.core.model import causal_lm, encoder_decoder, is_offloaded
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.graph.rewrite import prune as prune_graph
-from lorp_fx.io.placement import make_resident
+from lorp_fx.io.placement import make_resident, streamed_weights
 from lorp_fx.judge.candidates import CandidateLoss
 from lorp_fx.judge.loss import calibration_loss, next_token_loss
 from lorp_fx.pipeline.config import PruneConfig
@@ -67,17 +71,53 @@ def build_judge(model, graph, batches: list[dict], config: PruneConfig, progress
         return None
     if not causal_lm(model) or calibration_loss(graph, batches[:1]) is None:
         return None  # no next-token loss to judge by (an encoder-decoder, a masked LM)
+    if is_offloaded(model):
+        return _offloaded_judge(model, graph, batches, config, method, progress, text)
     try:
-        # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
-        # the default this way), then the whole set by the check in `_judged_compensation`; a method
-        # named explicitly maps every gap, as `compensate` does.
-        return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
-                             reject_unhelpful_maps=config.compensate == "auto", progress=progress,
-                             sources=None if text is None else text.sources,
-                             held_only=() if text is None else text.held_only,
-                             window_indices=window_indices, reduce=reduce)
+        return _judge(graph, batches, config, method, progress, text, window_indices, reduce)
     except CalibrationError:
         return None
+
+
+def _judge(graph, batches, config: PruneConfig, method, progress, text, window_indices=None, reduce=None, weights=None):
+    # "auto" drops a gap's map that does not beat no map on held-out sequences (research/ measured
+    # the default this way), then the whole set by the check in `_judged_compensation`; a method
+    # named explicitly maps every gap, as `compensate` does.
+    return CandidateLoss(graph, batches, loss_windows=config.loss_windows, compensation=method,
+                         reject_unhelpful_maps=config.compensate == "auto", progress=progress,
+                         sources=None if text is None else text.sources,
+                         held_only=() if text is None else text.held_only,
+                         window_indices=window_indices, reduce=reduce, weights=weights)
+
+
+# How far the offloaded judge's dense loss on its first window may be from the eager model's before the skeleton
+# graph is taken for another model: float32 roundings of the same computation are orders of magnitude smaller.
+SKELETON_AGREEMENT = 1e-3
+
+
+def _offloaded_judge(model, graph, batches: list[dict], config: PruneConfig, method, progress, text):
+    """The judge of a model accelerate offloads: its graph is a meta-device skeleton whose weights are read from
+    accelerate's store as the judge's runs need them (`io.placement.streamed_weights`), so candidates are judged
+    as with the model in memory, compensated too. Where the skeleton cannot run (a family whose meta-device
+    trace takes other kernels) or computes another loss than the eager model on the first loss window, None
+    with a note: the selection then measures the eager model's uncompensated loss."""
+    try:
+        judge = _judge(graph, batches, config, method, progress, text, weights=streamed_weights(model))
+    except CalibrationError:
+        return None
+    except Exception as error:  # noqa: BLE001 - any failure of the skeleton's kernels means: judge eagerly
+        print(f"lorp-fx: note: the offloaded model's graph does not run ({describe(error)}); judging eagerly",
+              file=sys.stderr)
+        return None
+    first = judge.loss_batches[0]
+    eager = next_token_loss(model, with_model_defaults(model, first))
+    traced = judge.window_losses[(frozenset(), False)][0]
+    if not abs(traced - eager) <= SKELETON_AGREEMENT * max(1.0, abs(eager)):
+        judge.release()
+        print(f"lorp-fx: note: the offloaded model's graph gives another loss than the model ({traced:.6f} against "
+              f"{eager:.6f} on the first window); judging eagerly", file=sys.stderr)
+        return None
+    return judge
 
 
 def judge_state_bytes(model: nn.Module, config: PruneConfig) -> int:
@@ -232,6 +272,8 @@ def _judged_compensation(model, graph, plan: PruningPlan, batches: list[dict], c
     _note_unhelpful(judge.compensation, check, fold)
     fits = eager_fits(model, fitted) if fitted else []  # names from the dense model
     judge.release()  # its states are the largest thing held; the surgery, self-check and save come next
+    if fits and is_offloaded(model):
+        _make_fold_units_resident(model, plan)
     surgery = remove_layers(model, plan, inplace=config.inplace)
     fx_difference = fx_agreement(graph, plan, surgery.model, batches[0])
     apply_compensation(surgery, plan.remove, fits)

@@ -143,13 +143,14 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
                                                                   config, progress)
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
-        if judge is None and not offloaded:
+        if judge is None:  # offloaded too: its judge reads the weights from accelerate's store as it runs
             judge = build_judge(model, graph, every_batch, config, progress, text)
-        if offloaded:
+        eager = offloaded and judge is None  # no judge could be built there: layers are skipped by hooks instead
+        if eager:
             note_uncompensated_selection(model, config, "the model is offloaded")
         # Offloaded weights are streamed in once per forward call: there, fewer calls beat smaller logits.
-        plan = select_blocks(stats, graph, loss_batches if offloaded else one_window_each(loss_batches),
-                             config, progress, judge=judge, eager_model=model if offloaded else None,
+        plan = select_blocks(stats, graph, loss_batches if eager else one_window_each(loss_batches),
+                             config, progress, judge=judge, eager_model=model if eager else None,
                              judged=causal_lm(model))
     with clock("calibration_text"):  # what the calibration text looks like to the model, before the judge lets go
         raw = {"file": text_head(calibration)} if "file" in text.sources else None
