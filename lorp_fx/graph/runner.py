@@ -160,7 +160,9 @@ class GraphRunner:
         if node.op == "placeholder":
             return batch.get(node.name)
         if node.op == "get_attr":
-            return self._fetch(node.target)
+            value = self._fetch(node.target)
+            # A spread model's weights lie on several devices: each comes to the inputs' device while it is used.
+            return value.to(self._device) if self._streamed and isinstance(value, torch.Tensor) else value
         if node.op == "output":
             return _load(node.args[0], env)
         args, kwargs = _load(node.args, env), _load(node.kwargs, env)
