@@ -312,9 +312,9 @@ def check_offload_granularity(granularity: str) -> None:
 
 def streamed_weights(model: nn.Module):
     """`fetch(name) -> tensor`: the model's parameter or buffer `name` (a full name, as a traced graph's
-    attributes are named), read from accelerate's store where it is offloaded, on the execution device of
-    the hook that would load it. The store is read on every call and nothing is kept, so a graph run over
-    an offloaded model holds what its forward would (`graph.runner.GraphRunner(fetch=...)`)."""
+    attributes are named), read from accelerate's store where it is offloaded, where the store holds it (the
+    runner brings it to its inputs' device). The store is read on every call and nothing is kept, so a graph
+    run over an offloaded model holds what its forward would (`graph.runner.GraphRunner(fetch=...)`)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
 
     def fetch(name: str) -> torch.Tensor:
@@ -331,7 +331,7 @@ def streamed_weights(model: nn.Module):
                 if store is None:
                     continue
                 try:  # not `in`: a Mapping's __contains__ would read the tensor to answer
-                    return store[relative].to(align.execution_device)
+                    return store[relative]
                 except KeyError:
                     continue
         if name in tied:  # a tied head whose hook holds no copy of its own: the tensor it is tied to
@@ -357,9 +357,7 @@ def make_resident(module: nn.Module) -> int:
 
     moved = 0
     for sub in module.modules():
-        hook = getattr(sub, "_hf_hook", None)
-        hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
-        for align in hooks:
+        for align in _alignment_hooks(sub):
             if not getattr(align, "offload", False):
                 continue
             for name, tensor in accelerate.utils.named_module_tensors(sub, include_buffers=align.offload_buffers, recurse=align.place_submodules):
