@@ -133,9 +133,9 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
         unit = plain_pass(model, batches)
     judge = None
     with clock("statistics"):
-        if not sampled and graph is not None and not offloaded:
+        if not sampled and graph is not None:
             # Text not sampled while watched: the judge's caching pass holds every window's layer states, the
-            # statistics' input.
+            # statistics' input (an offloaded model's too: one pass streaming its weights from the store, not two).
             judge = build_judge(model, graph, every_batch, config, progress, text)
             stats, statistics_source = statistics_of_judge(judge, config), "the selection's caching pass (no extra pass)"
         if judge is None or stats is None:
@@ -143,7 +143,8 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
                                                                   config, progress)
     with clock("selection"):
         loss_batches = batches[: loss_batch_count(config)]
-        if judge is None:  # offloaded too: its judge reads the weights from accelerate's store as it runs
+        # An offloaded model's judge was tried in the statistics step: a second try would repeat its work and note.
+        if judge is None and not (offloaded and not sampled):
             judge = build_judge(model, graph, every_batch, config, progress, text)
         eager = offloaded and judge is None  # no judge could be built there: layers are skipped by hooks instead
         if eager:
