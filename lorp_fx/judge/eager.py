@@ -6,7 +6,8 @@ copies its weights in from the CPU or from disk, and puts meta tensors back afte
 
 * blocks are found on the graph of a meta-device copy (same class and config, no
   weights, nothing computed): the names are the real model's (`graph.trace.skeleton_graph`);
-* statistics are read by module hooks (`calibration/hook_observer.py`), as for any model;
+* statistics are read from the judge's caching pass (below), as in memory, or by module hooks
+  (`calibration/hook_observer.py`) where no judge runs or the text is sampled while watched;
 * candidate removals are judged by `CandidateLoss` on the skeleton's graph, each weight read from
   accelerate's store when a node needs it (`io.placement.streamed_weights`), compensated as in memory;
   where that graph cannot run or computes another loss than the model (`pipeline.removal`), on the
