@@ -37,8 +37,7 @@ def main():
             fits = C.evaluator(maps, 32, "cosine").final_fits(C.layer_names(indices)) if maps and not known else None
             row = {"set": label, "layers": span(indices), "maps": maps or "none",
                    **{w: C.perplexity(indices, fits, w, tag) for w in EVALS}}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            C.emit(row, rows)
     lines = [
         "# Compensation maps across calibration sources (SmolLM2-135M, 9 of 30 layers)",
         "",

@@ -148,6 +148,12 @@ class Memo:
         tmp.replace(self.path)
 
 
+def emit(row: dict, rows: list) -> None:
+    """Print a measured row as a JSON line (so a long run shows its progress) and keep it for the report."""
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
 def set_key(indices) -> str:
     return ",".join(str(i) for i in sorted(indices))
 

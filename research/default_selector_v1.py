@@ -492,6 +492,13 @@ def setup(n_windows=8):
     return model, tok, stats, CachedLoss(runner, ids, states, n_windows=n_windows)
 
 
+def replay_setup():
+    """`setup(8)` with memoised losses, and the blocks every research command may remove (all but the ends)."""
+    model, tok, stats, loss = setup(8)
+    loss.use_memo = True
+    return model, tok, stats, loss, list(range(1, stats.n_blocks - 1))
+
+
 def log(record, name="log.jsonl"):
     with open(CACHE / name, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -542,9 +549,7 @@ def cmd_sleb(args):
 
 def cmd_pool(args):
     """Loss of the best sets of each statistics surrogate (research: how good are the pools?)."""
-    model, tok, stats, loss = setup(8)
-    loss.use_memo = True
-    eligible = list(range(1, stats.n_blocks - 1))
+    model, tok, stats, loss, eligible = replay_setup()
     for k in args.k:
         for kind in args.kinds:
             res = k_best_runs(stats, run_cost_fn(stats, kind), eligible, k, args.m)
@@ -585,9 +590,7 @@ def cmd_oracle(args):
 
 def cmd_sim(args):
     """Research: variants of the loss-judged swap search, replaying memoised losses."""
-    model, tok, stats, loss = setup(8)
-    loss.use_memo = True
-    eligible = list(range(1, stats.n_blocks - 1))
+    model, tok, stats, loss, eligible = replay_setup()
     budget = {3: 6, 6: 12, 9: 18}
     for kind in args.kinds:
         for tabu in (False, True):
@@ -604,9 +607,7 @@ def cmd_sim(args):
 
 def cmd_simg(args):
     """Research: lazy shortlisted greedy, replaying memoised losses."""
-    model, tok, stats, loss = setup(8)
-    loss.use_memo = True
-    eligible = list(range(1, stats.n_blocks - 1))
+    model, tok, stats, loss, eligible = replay_setup()
     for kind in args.kinds:
         for m0 in args.per_step:
             for k in args.k:

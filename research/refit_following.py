@@ -93,8 +93,7 @@ def main():
         gap_maps_only, refit, log = refit_following(model, indices, batches)
         row = {"removed": budget, "layers": span(indices), "gap maps": gap_maps_only, "refit": refit,
                "folded": sum(e["folded"] for e in log), "units": len(log), "seconds": time.perf_counter() - clock}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        C.emit(row, rows)
     lines = [
         "# Refitting the units after a gap (SmolLM2-135M, WikiText-2 calibration)",
         "",

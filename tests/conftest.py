@@ -28,6 +28,23 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def memoised_export():
+    """One torch.export per distinct module and inputs in each test process (tests/export_cache.py: the suite exports
+    the same tiny models over a hundred times, 2 to 3 s each). Off with LORP_FX_TEST_EXPORT_CACHE=0."""
+    import torch.export
+
+    import export_cache
+
+    original = torch.export.export
+    torch.export.export = export_cache.memoised(original)
+    yield export_cache.counts
+    torch.export.export = original
+    if os.environ.get("LORP_FX_TEST_EXPORT_CACHE_LOG"):  # how often the memo answered, one line a process
+        with open(os.environ["LORP_FX_TEST_EXPORT_CACHE_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {export_cache.counts}\n")
+
+
+@pytest.fixture(scope="session", autouse=True)
 def requested_cpu_capability():
     """Under ATEN_CPU_CAPABILITY (tests/numeric_kernels.py), fail loudly if torch ignored it: an unknown or unsupported
     value falls back to the best kernels silently, and the check would test nothing new."""

@@ -10,23 +10,12 @@ import numpy as np
 from lorp_fx.core.errors import BudgetError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
-from lorp_fx.selection.common import (
-    LossFn,
-    block_names,
-    eligible_for,
-    lowest,
-    make_plan,
-)
+from lorp_fx.selection.common import LossFn, Protected, block_names, eligible_for, lowest, make_plan
 from lorp_fx.selection.registry import register
 
 
 @register("shortgpt", summary="lowest Block Influence 1 - cos(h_l, h_l+1)", source="arXiv 2403.03853")
-def shortgpt(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-) -> PruningPlan:
+def shortgpt(stats: LayerStatistics, n_remove: int, *, protected: Protected = None) -> PruningPlan:
     """ShortGPT (arXiv 2403.03853): remove the blocks with the lowest Block Influence.
 
     BI_b = 1 - mean token cos(input of b, output of b); blocks need not be contiguous.
@@ -69,12 +58,7 @@ def _best_run_per_block(runs: dict[int, float], n_remove: int, sign: float = 1.0
 
 
 @register("uidl", summary="contiguous run with the smallest last-token angular distance", source="arXiv 2403.17887")
-def uidl(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-) -> PruningPlan:
+def uidl(stats: LayerStatistics, n_remove: int, *, protected: Protected = None) -> PruningPlan:
     """UIDL (arXiv 2403.17887): the contiguous run whose ends are closest in last-token angle.
 
     d = mean over sequences of arccos(cos(h_entry, h_exit)) / pi on each sequence's last
@@ -90,12 +74,7 @@ def uidl(
 
 
 @register("streamline", summary="contiguous run with the highest mean cosine between its ends", source="arXiv 2403.19135")
-def streamline(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-) -> PruningPlan:
+def streamline(stats: LayerStatistics, n_remove: int, *, protected: Protected = None) -> PruningPlan:
     """LLM-Streamline, training-free part (arXiv 2403.19135): the contiguous run whose
     ends have the highest mean token cosine. Scores: for each block, that cosine of the
     best admissible run containing it; `details["runs"]` has it per run start."""
@@ -108,13 +87,7 @@ def streamline(
 
 
 @register("sleb", summary="greedy on calibration loss, recomputed after each removal", source="arXiv 2402.09025")
-def sleb(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-    loss_fn: LossFn,
-) -> PruningPlan:
+def sleb(stats: LayerStatistics, n_remove: int, *, protected: Protected = None, loss_fn: LossFn) -> PruningPlan:
     """SLEB (arXiv 2402.09025): greedy, one block per step, by calibration loss.
 
     Each step calls `loss_fn(removed + [candidate])` (names in depth order) for every
@@ -143,12 +116,7 @@ def sleb(
 
 
 @register("last-n", summary="the deepest blocks (naive reference)")
-def last_n(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-) -> PruningPlan:
+def last_n(stats: LayerStatistics, n_remove: int, *, protected: Protected = None) -> PruningPlan:
     """The naive reference: the deepest n removable, unprotected blocks. Scores: depth."""
     eligible = eligible_for(stats, n_remove, protected)
     return make_plan(stats, eligible[-n_remove:], "last-n", {b: b for b in eligible})
@@ -172,12 +140,7 @@ def uniform_positions(m: int, n: int) -> list[int]:
 
 
 @register("uniform", summary="evenly spaced blocks (naive reference)")
-def uniform(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-) -> PruningPlan:
+def uniform(stats: LayerStatistics, n_remove: int, *, protected: Protected = None) -> PruningPlan:
     """Every k-th block: n blocks evenly spaced over the removable, unprotected blocks.
 
     Counting only eligible blocks, position i of n is round_half_down(i * (m-1) / (n-1))
@@ -190,13 +153,7 @@ def uniform(
 
 
 @register("random", summary="seeded random blocks (naive reference)")
-def random_blocks(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-    seed: int = 0,
-) -> PruningPlan:
+def random_blocks(stats: LayerStatistics, n_remove: int, *, protected: Protected = None, seed: int = 0) -> PruningPlan:
     """Random blocks, reproducible: each block gets a key from `numpy.random.default_rng(seed)`
     and the eligible blocks with the lowest keys are removed (so a larger budget extends a
     smaller one). Scores: the keys."""

@@ -11,6 +11,9 @@ from lorp_fx.core.errors import BudgetError, UnknownBlockError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 
+# The blocks a caller keeps, by name or index (None: the first and the last): every selector's `protected`.
+Protected = Sequence[str | int] | None
+
 LossFn = Callable[[list[str]], float]
 
 

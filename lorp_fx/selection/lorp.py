@@ -72,13 +72,7 @@ import numpy as np
 from lorp_fx.core.errors import BudgetError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
-from lorp_fx.selection.common import (
-    LossFn,
-    block_names,
-    eligible_for,
-    lowest,
-    make_plan,
-)
+from lorp_fx.selection.common import LossFn, Protected, block_names, eligible_for, lowest, make_plan
 from lorp_fx.selection.registry import SELECTORS, register
 
 #: the selectors whose sets the statistics propose at no cost (measured as candidates)
@@ -241,15 +235,8 @@ def _free_ratios(stats, L: _Measurements, cost, base: float) -> list[float]:
 
 
 @register("lorp", summary="guarded greedy on the calibration loss, never worse than the sets the statistics propose")
-def lorp(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-    loss_fn: LossFn | None = None,
-    width: int = WIDTH,
-    max_evaluations: int | None = None,
-) -> PruningPlan:
+def lorp(stats: LayerStatistics, n_remove: int, *, protected: Protected = None,
+         loss_fn: LossFn | None = None, width: int = WIDTH, max_evaluations: int | None = None) -> PruningPlan:
     """Default selector: the guarded greedy of the module doc on `loss_fn`; without it,
     the blocks with the lowest own cost 1 - cos(input, output).
 

@@ -17,6 +17,7 @@ from lorp_fx.core.errors import BudgetError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
+    Protected,
     block_names,
     cluster_members,
     clustered_plan,
@@ -116,13 +117,8 @@ def lorp_hier_order(
 
 
 @register("lorp-hier", summary="LoRP variant: hierarchical clusters of 1 - S, least Ward increment first")
-def lorp_hier(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-    n_clusters: int | None = None,
-) -> PruningPlan:
+def lorp_hier(stats: LayerStatistics, n_remove: int, *, protected: Protected = None,
+              n_clusters: int | None = None) -> PruningPlan:
     """Variant of LoRP: hierarchical clustering of 1 - S, Ward-increment removal.
 
     Not the published method (that is `lorp-paper`); the rule is `lorp_hier_order`.

@@ -11,6 +11,7 @@ from lorp_fx.core.errors import BudgetError
 from lorp_fx.core.plan import PruningPlan
 from lorp_fx.core.stats import LayerStatistics
 from lorp_fx.selection.common import (
+    Protected,
     block_names,
     cluster_members,
     clustered_plan,
@@ -107,13 +108,8 @@ def lorp_paper_order(
 
 
 @register("lorp-paper", summary="LoRP as published: RLS picks K, spectral clusters, coverage then density", source="arXiv 2605.27786")
-def lorp_paper(
-    stats: LayerStatistics,
-    n_remove: int,
-    *,
-    protected: Sequence[str | int] | None = None,
-    n_clusters: int | None = None,
-) -> PruningPlan:
+def lorp_paper(stats: LayerStatistics, n_remove: int, *, protected: Protected = None,
+               n_clusters: int | None = None) -> PruningPlan:
     """LoRP as published (arXiv 2605.27786), step for step.
 
     S = similarity of the blocks' inputs; RLS = -log2(mean_{i<j} S_ij); K = 2 / 3 / 4
