@@ -49,7 +49,7 @@ class HealConfig:
     """
 
     steps: int = 300
-    batch_size: int = 4
+    batch_size: int = 2
     seq_len: int = 256
     train: str = "gaps"
     lr: float | None = None
