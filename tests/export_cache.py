@@ -1,7 +1,7 @@
-"""A memo of `torch.export.export` for the test processes: the same module, the same inputs, one export.
+"""A memo of `torch.export.export` for the test processes: the same module tree and input shapes, one export.
 
 torch.export takes 2 to 3 s for a tiny transformers model (dynamic sizes, non-strict tracing), and the suite
-exports the same tiny models with the same inputs again and again: over a hundred exports in the two xdist
+exports the same tiny models with inputs of the same shapes again and again: over a hundred exports in the two xdist
 workers, a third of the suite's time. The library runs unchanged; only the tracer's answer is remembered.
 
 What makes two calls "the same" is everything an export can read:
@@ -18,7 +18,8 @@ never memoised.
 A hit hands back the remembered ExportedProgram with its state rebound to the *current* module's
 parameters and buffers (the same tensor objects, as a fresh export's are), so a graph still shares its
 weights with the model it was traced from. `tests/test_export_cache.py` checks both halves: a hit equals a
-fresh export, and anything that changes the module or its inputs misses.
+fresh export and computes with the current weights, and another tree, other input shapes, another fixed
+argument, a patched forward or a hook misses.
 
 Off with `LORP_FX_TEST_EXPORT_CACHE=0`.
 """
