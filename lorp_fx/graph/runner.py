@@ -37,6 +37,7 @@ from lorp_fx.graph.blocks import ResidualBlock, find_blocks
 from lorp_fx.graph.nodes import module_class
 
 _META = torch.device("meta")
+_HISTC = torch.ops.aten.histc.default
 # Ops a skip connection may pass through between a unit's entry and its residual add.
 _SKIP_OPS = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "dropout", "type_as", "float", "type"}
 
@@ -175,6 +176,8 @@ class GraphRunner:
             args = list(args)
             args[position] = args[position] @ maps[unit].to(args[position]).T  # its dtype and device
         if node.op == "call_function":
+            if self._streamed and node.target is _HISTC:
+                return _histogram(*args, **kwargs)
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
@@ -271,3 +274,14 @@ def _load(value, env: dict):
     if isinstance(value, slice):
         return slice(_load(value.start, env), _load(value.stop, env), _load(value.step, env))
     return value
+
+
+def _histogram(values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """`aten.histc` of a skeleton's graph. Code that picks kernels by device type traced a histogram of integers
+    on the meta device (transformers' MoE routing: integers on "other" devices, floats on the CPU), a kernel the CPU
+    lacks. Counted as floats, as the model's own forward does there, in the integer dtype the graph expects: exact,
+    since the values are small integers (expert indices) and counts stay far below 2**24."""
+    if values.is_floating_point():
+        return torch.histc(values, *args, **kwargs)
+    return torch.histc(values.float(), *args, **kwargs).to(values.dtype)
+

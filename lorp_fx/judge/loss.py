@@ -98,8 +98,10 @@ def calibration_loss(graph: GraphModule, batches: list[dict]) -> MemoLoss | None
 
 
 def next_token_loss(network: Callable, batch: dict) -> float:
-    """Mean next-token cross-entropy of a causal LM on a keyword `batch`, padding excluded (NaN counts as inf)."""
-    return as_loss(next_token_cross_entropy(network(**batch), batch))
+    """Mean next-token cross-entropy of a causal LM on a keyword `batch`, padding excluded (NaN counts as inf).
+    A number, not a training loss: no autograd graph is kept for it."""
+    with torch.no_grad():
+        return as_loss(next_token_cross_entropy(network(**batch), batch))
 
 
 def next_token_cross_entropy(output: Any, inputs: Mapping[str, Any]) -> torch.Tensor:
