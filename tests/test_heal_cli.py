@@ -70,6 +70,31 @@ def test_bad_heal_steps_are_one_line(tmp_path, capsys, text_file, steps, message
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flags", [["--heal-steps", "500"], ["--heal-train", "lora", "--heal-lr", "1e-4"]])
+def test_a_healing_flag_without_heal_is_one_line_not_ignored(tmp_path, capsys, text_file, flags):
+    """`--heal-steps 500` alone would otherwise prune without healing and exit 0."""
+    model_dir = save_tiny(tmp_path, "llama", layers=5)
+    args = [a for a in prune_args(model_dir, text_file, tmp_path / "o") if a != "--heal"]
+    args = args[: args.index("--heal-steps")] + flags
+    code, _, err = run(args, capsys)
+    assert_clean_failure(code, err, f"{flags[0]}")
+    assert "add --heal" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_healing_a_model_that_predicts_no_next_token_is_refused_before_pruning(tmp_path, capsys, text_file, family,
+                                                                                monkeypatch):
+    """An encoder-decoder or a masked LM cannot be distilled token by token: said once the weights are loaded,
+    not after the whole calibration and selection have run."""
+    import lorp_fx.cli.commands as commands
+
+    monkeypatch.setattr(commands, "prune_model", lambda *a, **k: pytest.fail("pruned before refusing"))
+    args = prune_args(save_tiny(tmp_path, family, layers=4), text_file, tmp_path / "o")
+    code, _, err = run(args, capsys)
+    assert_clean_failure(code, err, "does not model: heal causal language models")
+    assert not (tmp_path / "o").exists()
+
+
 def test_healing_text_too_short_for_one_batch_is_refused_before_the_weights_load(tmp_path, capsys, text_file, monkeypatch):
     monkeypatch.setattr(Distillation, "training_step", lambda *a: pytest.fail("trained"))
     model_dir, short = save_tiny(tmp_path, "llama", layers=5), tmp_path / "short.txt"

@@ -11,7 +11,7 @@ from lorp_fx.core.errors import ConfigError
 from lorp_fx.core.model import release_memory
 from lorp_fx.healing.options import (
     check_heal_options,
-    check_resume_model,
+    check_heal_model,
     heal_config_of,
     heal_text,
 )
@@ -47,7 +47,7 @@ def run_prune(args: argparse.Namespace) -> int:
     check_dtype(getattr(ready.source.config, "model_type", None), placement.dtype)
     gguf = None if args.no_gguf else gguf_source(ready.source)
     model = load_placed(ready.source, ready.tokenizer, placement, processes=args.devices is not None)
-    check_resume_model(heal, model)
+    check_heal_model(heal, model)
     release_memory(placement.device)  # what loading freed (a GGUF file's dequantisation buffers) goes back
     if args.devices is not None:
         # Imported here: Lightning's import costs about 2 s, paid only by runs in several processes.

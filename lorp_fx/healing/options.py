@@ -17,6 +17,7 @@ from lorp_fx.core.errors import ConfigError
 from lorp_fx.healing.config import PRECISIONS, TRAINABLE, HealConfig
 from lorp_fx.healing.data import check_enough, windows_needed
 from lorp_fx.healing.identity import check_resume, fingerprint, trained_parts
+from lorp_fx.healing.run import check_teacher
 from lorp_fx.healing.trainable import check_peft
 from lorp_fx.io.text import check_text_file, text_tokens
 
@@ -100,8 +101,9 @@ def check_heal_options(args, config: HealConfig | None, tokenizer, processes: in
     """Before the weights load: peft for LoRA, the healing text long enough for one batch, the checkpoint
     to resume a healing checkpoint that trained the same parts."""
     if config is None:
-        if getattr(args, "heal_resume", None) or getattr(args, "heal_file", None):
-            raise ConfigError("--heal-resume and --heal-file take effect with --heal; add --heal")
+        given = _healing_flags_given(args)
+        if given:  # a healing flag alone would otherwise be ignored without a word
+            raise ConfigError(f"{' and '.join(given)} take{'s' if len(given) == 1 else ''} effect with --heal; add --heal")
         return
     check_peft(config.train)
     files = heal_text(args)
@@ -113,16 +115,26 @@ def check_heal_options(args, config: HealConfig | None, tokenizer, processes: in
         check_resume(config.resume, trained_parts(config))
 
 
-def check_resume_model(config: HealConfig | None, model) -> None:
-    """Once the weights are loaded, before pruning: a checkpoint to resume belongs to this model."""
-    if config is not None and config.resume is not None:
+def _healing_flags_given(args) -> list[str]:
+    """The --heal-* flags (or recipe keys) set to something other than their defaults."""
+    return [f"--{name.replace('_', '-')}" for name, value in sorted(vars(args).items())
+            if name.startswith("heal_") and value is not None and value != getattr(DEFAULTS, name[len("heal_"):], None)]
+
+
+def check_heal_model(config: HealConfig | None, model) -> None:
+    """Once the weights are loaded, before pruning: the model is one healing can train (a causal LM), and a
+    checkpoint to resume belongs to it. Not after the pruning's calibration and selection have run."""
+    if config is None:
+        return
+    check_teacher(model)
+    if config.resume is not None:
         check_resume(config.resume, {"model": fingerprint(model)})
 
 
 __all__ = [
     "add_heal_arguments",
     "check_heal_options",
-    "check_resume_model",
+    "check_heal_model",
     "heal_config_of",
     "heal_text",
     "windows_needed",
