@@ -43,7 +43,7 @@ def test_heal_steps_is_the_short_form():
 
 @pytest.mark.parametrize("options, message", [
     ({"heal_steps": 3}, "pass apply=True"),
-    ({"heal_steps": -1, "apply": True}, "steps must be a whole number"),
+    ({"heal_steps": -1, "apply": True}, "heal_steps must be a whole number"),
     ({"heal_steps": 3, "heal": lorp_fx.HealConfig(), "apply": True}, "not both"),
 ])
 def test_bad_healing_options_are_refused_when_the_callback_is_made(options, message):

@@ -58,8 +58,8 @@ def check_token_ids(windows: torch.Tensor, vocabulary: int | None, what: str = "
         raise InputMismatchError(f"token id {int(windows.min())}{where} is negative: token ids are indices into the "
                                  f"model's {vocabulary} embeddings, 0 to {vocabulary - 1}")
     if int(windows.max()) >= vocabulary:
-        raise InputMismatchError(f"the tokenizer produces token id {int(windows.max())}{where} but the model has "
-                                 f"{vocabulary} embeddings: tokenizer and model do not match")
+        raise InputMismatchError(f"token id {int(windows.max())}{where} is past the model's {vocabulary} embeddings "
+                                 f"(0 to {vocabulary - 1}): the tokenizer or the token windows do not match the model")
 
 
 def check_vocabulary(model, windows: torch.Tensor) -> None:

@@ -29,7 +29,10 @@ class HealAfterPruning:
         if steps is not None and config is not None:
             raise ConfigError("give heal_steps or heal (a HealConfig), not both")
         if steps is not None:
-            config = HealConfig(steps=steps)  # validates steps
+            try:
+                config = HealConfig(steps=steps)  # validates steps
+            except ConfigError as error:  # "steps must be ...": named as the caller wrote it, heal_steps
+                raise ConfigError(f"heal_{error}" if str(error).startswith("steps ") else str(error)) from None
         if config is not None and not isinstance(config, HealConfig):
             raise ConfigError(f"heal must be a lorp_fx.HealConfig, got {type(config).__name__}")
         if config is not None and not apply:
