@@ -223,7 +223,7 @@ def run_cli(args) -> dict:
         "pass_seconds": round(report["pass_unit"]["seconds"], 2), "peak_rss_mib": peak_rss_mib(children=True),
         "wall_seconds": round(wall, 1), "timings": report["timings"], "tokens": healing["tokens"],
         "held_out": healing["held_out"], "teacher": healing["teacher"]["outputs"], "threads": args.threads,
-        "tag": args.tag,
+        "tag": args.tag, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -275,7 +275,7 @@ def run_dense(args) -> dict:
         "text": "wikitext2-valid", "loss": "next-token cross-entropy", "ppl": {str(k): v for k, v in sorted(record.items())},
         "seconds": round(seconds, 1), "passes": round(seconds / unit, 2), "pass_seconds": round(unit, 2),
         "peak_rss_mib": peak_rss_mib(), "tokens": args.steps * args.batch_size * args.seq_len, "threads": args.threads,
-        "tag": args.tag,
+        "tag": args.tag, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -348,6 +348,86 @@ def target_lines(rows: list[dict], passes: dict | None) -> list[str]:
     return lines or ["- no `cli` row yet"]
 
 
+PLOT = common.RESULTS / "heal-smollm2.png"
+GRID_STEPS = ("0", "100", "300", "1000")
+TEXT_NAMES = {"wikitext2-test": "WikiText-2 test", "wikitext2-valid-tail": "held-out WikiText",
+              "python-stdlib": "Python stdlib"}
+
+
+def grid_rows(rows: list[dict]) -> list[dict]:
+    """The curve runs (`--tag grid`: 1,000 steps measured at 0, 100 and 300 on the way), latest per configuration."""
+    latest = {(r["kind"], r["budget"], r["train"]): r for r in rows if r.get("tag") == "grid" and r["kind"] != "pass"}
+    return sorted(latest.values(), key=lambda r: (r["budget"] == 0, -r["budget"], r["train"]))
+
+
+def grid_label(row: dict) -> str:
+    return f"dense, {row['train']} (cross-entropy)" if row["kind"] == "dense" else f"{row['budget']} of 30, {row['train']}"
+
+
+def grid_lines(rows: list[dict]) -> list[str]:
+    """One table per text: perplexity at 0, 100, 300 and 1,000 steps for each configuration of the curve."""
+    grid = grid_rows(rows)
+    if not grid:
+        return ["No curve run yet (`heal.py row --steps 1000 --eval-at 100,300 --eval-zero --tag grid`)."]
+    lines = []
+    for text, name in TEXT_NAMES.items():
+        table = [[grid_label(r), *(common.fmt_ppl(r["ppl"].get(s, {}).get(text)) for s in GRID_STEPS),
+                  r["seconds"], r["passes"], r["peak_rss_mib"]] for r in grid]
+        lines += [f"### {name}", "", common.table(["run", *(f"step {s}" for s in GRID_STEPS), "seconds (1,000 steps)",
+                                                    "passes", "peak RSS MiB"], table), ""]
+    missing = [f"{b} of 30, {t}" for b in (9, 6) for t in ("gaps", "lora", "all")
+               if not any(r["kind"] == "row" and r["budget"] == b and r["train"] == t for r in grid)]
+    if not any(r["kind"] == "dense" for r in grid):
+        missing.append("the dense reference")
+    if missing:
+        lines += [f"Not measured yet: {', '.join(missing)}.", ""]
+    return lines
+
+
+def plot(rows: list[dict]) -> bytes | None:
+    """Perplexity against healing steps, one panel per text (log scales), from the curve runs."""
+    grid = grid_rows(rows)
+    if not grid:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    import io
+
+    fig, axes = plt.subplots(1, len(TEXT_NAMES), figsize=(15, 4.6), dpi=110)
+    for ax, (text, name) in zip(axes, TEXT_NAMES.items()):
+        for row in grid:
+            steps = [int(s) for s in GRID_STEPS if text in row["ppl"].get(s, {})]
+            values = [row["ppl"][str(s)][text] for s in steps]
+            # step 0 sits at x = 10 on the log axis, as a marker of "before healing"
+            ax.plot([max(s, 10) for s in steps], values, marker="o", ls="--" if row["kind"] == "dense" else "-",
+                    label=grid_label(row))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.set_xticks([10, 100, 300, 1000], ["0", "100", "300", "1000"])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("healing steps (2 x 256 tokens each)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(name)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct: healing after pruning (benchmarks/heal.py)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def render(rows: list[dict], info: dict) -> str:
     timing = [r for r in rows if r["kind"] == "pass"]
     passes = timing[-1]["seconds"] if timing else None
@@ -369,6 +449,16 @@ def render(rows: list[dict], info: dict) -> str:
                    f"1 torch thread, {passes['2']:.1f} s with 2 (medians of 5, alternated; load average before and after "
                    f"{timing[-1]['load_average']})."), ""]
     lines += [
+        "## The curve: 0, 100, 300 and 1,000 steps",
+        "",
+        ("Each configuration is one run of 1,000 steps (`heal.py row`/`dense --steps 1000 --eval-at 100,300 --eval-zero "
+         "--batch-size 2 --threads 2 --tag grid`), measured on the way: a point's learning rate follows the 1,000-step "
+         "schedule. Healing text: WikiText-2 validation without its last 40 x 512 tokens. The dense reference is the "
+         "dense model fine-tuned the same way (cross-entropy, `all`): how much of a gain on WikiText is domain "
+         "adaptation rather than repair. Time and peak RSS of the whole run; the machine was not idle for every run "
+         "(the rows in the jsonl give the load average at each run's end). ![curve](heal-smollm2.png)"),
+        "",
+        *grid_lines(rows),
         "## All rows",
         "",
         ("Perplexity on WikiText-2 test (40 x 512), held-out WikiText (the last 40 x 512 tokens of valid.txt, which no "
@@ -412,6 +502,9 @@ def main() -> None:
     if args.mode == "render":
         rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
         common.write_text(OUT, render(rows, common.machine("heal.py render")))
+        picture = plot(rows)
+        if picture is not None:
+            common.write_bytes(PLOT, picture)
         return
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     row = {"row": run_row, "cli": run_cli, "dense": run_dense, "pass": run_pass}[args.mode](args)
