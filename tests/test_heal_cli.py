@@ -81,6 +81,24 @@ def test_a_healing_flag_without_heal_is_one_line_not_ignored(tmp_path, capsys, t
     assert "add --heal" in err and not (tmp_path / "o").exists()
 
 
+def test_a_recipe_of_a_run_without_healing_reruns_whatever_its_healing_values(tmp_path, capsys, text_file):
+    """A recipe records every option, the healing ones at the defaults of the version that wrote it: with
+    `heal: false` they are inert (an older default must not turn into "add --heal"), and --heal turns them on."""
+    model_dir = save_tiny(tmp_path, "llama", layers=5)
+    args = [a for a in prune_args(model_dir, text_file, tmp_path / "a") if a != "--heal"]
+    args = args[: args.index("--heal-steps")]
+    assert run(args, capsys)[0] == 0
+    recipe = tmp_path / "a" / "recipe.yaml"
+    text = recipe.read_text().replace("heal_batch_size: 2", "heal_batch_size: 4").replace("heal_steps: 300", "heal_steps: 3")
+    assert "heal: false" in text and "heal_batch_size: 4" in text
+    recipe.write_text(text)
+    assert run(["prune", "--config", recipe, "--out", tmp_path / "b"], capsys)[0] == 0
+    code, _, err = run(["prune", "--config", recipe, "--out", tmp_path / "c", "--heal", "--heal-seq-len", 16,
+                        "--heal-held-out", 2], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["healing"]["steps"] == 3
+
+
 @pytest.mark.parametrize("family", ["t5", "bert"])
 def test_healing_a_model_that_predicts_no_next_token_is_refused_before_pruning(tmp_path, capsys, text_file, family,
                                                                                 monkeypatch):

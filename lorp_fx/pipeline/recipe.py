@@ -82,8 +82,11 @@ def merge_recipe(options: dict[str, Any], path: str | os.PathLike, given: set[st
     check_types(path, recipe, several_eval_files)
     folder = Path(path).expanduser().resolve().parent
     merged = dict(options)
+    # A recipe that says `heal: false` records every option of a run that did not heal, the healing ones included
+    # (at that version's defaults): those are inert, unless --heal on the command line turns healing on.
+    inert = recipe.get("heal") is False and "heal" not in given
     for key, value in recipe.items():
-        if key not in given:
+        if key not in given and not (inert and key.startswith("heal_")):
             merged[key] = _resolved(key, value, folder)
     for key in ("calib_file", "heal_file"):  # lists of paths, as their flags give them
         value = merged.get(key)
