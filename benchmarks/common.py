@@ -125,6 +125,19 @@ NOTES_HEADING = "## Notes"
 NOTES_MARKER = "<!-- notes: hand-written, kept when the script rewrites this file -->"
 
 
+def png_bytes(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes (for `write_bytes`), the figure closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def kept_notes(path: str | os.PathLike) -> str | None:
     """The hand-written notes section of an existing results file (from NOTES_MARKER on), if any."""
     path = Path(path)

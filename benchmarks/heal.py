@@ -398,10 +398,12 @@ def plot(rows: list[dict]) -> bytes | None:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    import io
-
     fig, axes = plt.subplots(1, len(TEXT_NAMES), figsize=(15, 4.6), dpi=110)
     for ax, (text, name) in zip(axes, TEXT_NAMES.items()):
+        ax.set_title(name)
+        if not any(text in point for row in grid for point in row["ppl"].values()):
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+            continue
         for row in grid:
             steps = [int(s) for s in GRID_STEPS if text in row["ppl"].get(s, {})]
             values = [row["ppl"][str(s)][text] for s in steps]
@@ -417,15 +419,10 @@ def plot(rows: list[dict]) -> bytes | None:
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("healing steps (2 x 256 tokens each)")
         ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct: healing after pruning (benchmarks/heal.py)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return common.png_bytes(fig)
 
 
 def render(rows: list[dict], info: dict) -> str:

@@ -663,8 +663,6 @@ def plot(results: dict, args) -> bytes | None:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return None
-    import io
-
     rows = [r for r in results["rows"] if "error" not in r]
     dense = next((r for r in rows if r["method"] == "dense"), None)
     has_mc = dense is not None and "acc" in dense
@@ -699,11 +697,7 @@ def plot(results: dict, args) -> bytes | None:
         ax.set_xticks([0, *results["protocol"]["budgets"]])
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return common.png_bytes(fig)
 
 
 if __name__ == "__main__":
