@@ -6,6 +6,7 @@ Imported by `benchmarks/quality.py` and `benchmarks/speed.py` (they put this fol
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -42,7 +43,8 @@ def git_commit() -> str:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=30
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=30
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+            check=False
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (not a git checkout)"
@@ -154,7 +156,7 @@ def kept_notes(path: str | os.PathLike) -> str | None:
 def fmt_ppl(value: float | None) -> str:
     if value is None:
         return ""
-    if value != value:  # NaN
+    if math.isnan(value):
         return "nan"
     if value >= 1e5:
         return f"{value:.2e}"
