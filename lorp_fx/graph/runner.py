@@ -284,4 +284,3 @@ def _histogram(values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if values.is_floating_point():
         return torch.histc(values, *args, **kwargs)
     return torch.histc(values.float(), *args, **kwargs).to(values.dtype)
-

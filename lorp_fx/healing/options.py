@@ -17,7 +17,7 @@ from lorp_fx.core.errors import ConfigError
 from lorp_fx.healing.config import PRECISIONS, TRAINABLE, HealConfig
 from lorp_fx.healing.data import check_enough, windows_needed
 from lorp_fx.healing.identity import check_resume, fingerprint, trained_parts
-from lorp_fx.healing.run import check_teacher
+from lorp_fx.healing.run import check_distillable
 from lorp_fx.healing.trainable import check_peft
 from lorp_fx.io.text import check_text_file, text_tokens
 
@@ -126,15 +126,15 @@ def check_heal_model(config: HealConfig | None, model) -> None:
     checkpoint to resume belongs to it. Not after the pruning's calibration and selection have run."""
     if config is None:
         return
-    check_teacher(model)
+    check_distillable(model)
     if config.resume is not None:
         check_resume(config.resume, {"model": fingerprint(model)})
 
 
 __all__ = [
     "add_heal_arguments",
-    "check_heal_options",
     "check_heal_model",
+    "check_heal_options",
     "heal_config_of",
     "heal_text",
     "windows_needed",

@@ -83,7 +83,7 @@ def heal(pruned, teacher: nn.Module, data: HealingData = None, config: HealConfi
     return healed
 
 
-def check_teacher(model: nn.Module, which: str = "model") -> None:
+def check_distillable(model: nn.Module, which: str = "model") -> None:
     """Healing distils next-token distributions: `model` must predict them."""
     if not causal_lm(model):
         raise ConfigError(f"healing matches next-token distributions, which the {which} ({type(model).__name__}) "
@@ -99,7 +99,7 @@ def check_models(student: nn.Module, teacher: nn.Module, plan: PruningPlan | Non
         raise ConfigError("the teacher must be the dense model the pruned one came from, not the pruned model itself; "
                           "prune a copy (PruneConfig(inplace=False), the default) and keep the original")
     for which, model in (("pruned model", student), ("teacher", teacher)):
-        check_teacher(model, which)
+        check_distillable(model, which)
     if model_device(student) != model_device(teacher):
         raise ConfigError(f"the pruned model is on {model_device(student)} and the teacher on {model_device(teacher)}; "
                           "put both on the same device")
