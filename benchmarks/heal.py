@@ -223,7 +223,7 @@ def run_cli(args) -> dict:
         "pass_seconds": round(report["pass_unit"]["seconds"], 2), "peak_rss_mib": peak_rss_mib(children=True),
         "wall_seconds": round(wall, 1), "timings": report["timings"], "tokens": healing["tokens"],
         "held_out": healing["held_out"], "teacher": healing["teacher"]["outputs"], "threads": args.threads,
-        "tag": args.tag, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "tag": args.tag,
     }
 
 
@@ -275,7 +275,7 @@ def run_dense(args) -> dict:
         "text": "wikitext2-valid", "loss": "next-token cross-entropy", "ppl": {str(k): v for k, v in sorted(record.items())},
         "seconds": round(seconds, 1), "passes": round(seconds / unit, 2), "pass_seconds": round(unit, 2),
         "peak_rss_mib": peak_rss_mib(), "tokens": args.steps * args.batch_size * args.seq_len, "threads": args.threads,
-        "tag": args.tag, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "tag": args.tag,
     }
 
 
@@ -460,7 +460,7 @@ def render(rows: list[dict], info: dict) -> str:
          "schedule. Healing text: WikiText-2 validation without its last 40 x 512 tokens. The dense reference is the "
          "dense model fine-tuned the same way (cross-entropy, `all`): how much of a gain on WikiText is domain "
          "adaptation rather than repair. Time and peak RSS of the whole run; the machine was not idle for every run "
-         "(the rows in the jsonl give the load average at each run's end). ![curve](heal-smollm2.png)"),
+         "(rows of the jsonl record the load average at the end of their run, where they have the field). ![curve](heal-smollm2.png)"),
         "",
         *grid_lines(rows),
         "## All rows",
@@ -513,6 +513,7 @@ def main() -> None:
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     row = {"row": run_row, "cli": run_cli, "dense": run_dense, "pass": run_pass}[args.mode](args)
     row["date"], row["commit"] = time.strftime("%Y-%m-%d %H:%M %Z"), common.git_commit()
+    row["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]  # every kind of row: was the machine idle?
     with args.rows.open("a", encoding="utf-8") as out:
         out.write(json.dumps(row) + "\n")
     log(json.dumps(row))
