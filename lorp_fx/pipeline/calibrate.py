@@ -20,7 +20,7 @@ from lorp_fx.arch.surgery import count_layers
 from lorp_fx.calibration.batches import accepts_argument, one_window_each
 from lorp_fx.calibration.graph_observer import collect_statistics
 from lorp_fx.calibration.hook_observer import HookObserver, collect_hook_statistics
-from lorp_fx.calibration.sampling import self_calibration
+from lorp_fx.calibration.sampling import OPENINGS_PHRASE, opening_ids, self_calibration
 from lorp_fx.core.errors import ConfigError, LoRPError
 from lorp_fx.core.model import (
     causal_lm,
@@ -38,12 +38,6 @@ from lorp_fx.pipeline.config import PruneConfig
 from lorp_fx.pipeline.removal import judge_state_bytes
 
 Calibration = torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike] | None
-
-
-
-
-
-
 
 
 def traced_blocks(model: nn.Module, config: PruneConfig, tokenizer, offloaded: bool, seq_len: int | None = None):
@@ -137,9 +131,10 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
         own += config.calib_samples - own - corpus.shape[0]  # the corpus is short of long windows: own text fills in
         parts = {"corpus": corpus}
         if own:
-            parts["own"] = _own_windows(model, tokenizer, own, config.seq_len, config, progress)[0]
+            parts["own"] = _own_windows(model, tokenizer, own, config.seq_len, config, progress, opened=True)[0]
         windows, sources = interleave(parts)
-        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config)} ({own} windows)" if own else "")
+        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config, True)} ({own} windows)"
+                                                                   if own else "")
         check_vocabulary(model, windows)
         return CalibrationText(windows, phrase, sources, frozenset())
     if isinstance(calibration, torch.Tensor):
@@ -152,8 +147,9 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
     sources = [label] * windows.shape[0]
     if not guard or not can_sample(model, tokenizer) or config.own_windows == 0:
         return CalibrationText(windows, phrase, sources, frozenset())
-    own = _own_windows(model, tokenizer, config.own_windows, windows.shape[1], config, progress)[0]
-    return CalibrationText(torch.cat([windows, own]), f"{phrase}; checked on {_own_phrase(config)} ({own.shape[0]} windows)",
+    own = _own_windows(model, tokenizer, config.own_windows, windows.shape[1], config, progress, opened=True)[0]
+    return CalibrationText(torch.cat([windows, own]),
+                           f"{phrase}; checked on {_own_phrase(config, True)} ({own.shape[0]} windows)",
                            sources + ["own"] * own.shape[0], frozenset({"own"}))
 
 
@@ -179,13 +175,16 @@ def interleave(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]
     return torch.stack([parts[name][i] for _, name, i in order]), [name for _, name, _ in order]
 
 
-def _own_phrase(config: PruneConfig) -> str:
-    return f"{OWN_SOURCE} (seed {config.seed}, temperature 1.0, top-p 0.95)"
+def _own_phrase(config: PruneConfig, opened: bool = False) -> str:
+    return f"{OWN_SOURCE} (seed {config.seed}, temperature 1.0, top-p 0.95{', ' + OPENINGS_PHRASE if opened else ''})"
 
 
 def _own_windows(model, tokenizer, n: int, seq_len: int, config: PruneConfig, progress: bool,
-                 observer: HookObserver | None = None) -> tuple[torch.Tensor, str]:
-    sampling = {"seed": config.seed, "progress": progress, "batch_size": sampling_batch_size(model, config)}
+                 observer: HookObserver | None = None, opened: bool = False) -> tuple[torch.Tensor, str]:
+    """`n` windows the model writes itself: from its start token alone where they are the whole calibration
+    (REFERENCE.md's self-calibration), or `opened` with `OPENINGS` where they stand beside other text."""
+    sampling = {"seed": config.seed, "progress": progress, "batch_size": sampling_batch_size(model, config),
+                "openings": opening_ids(tokenizer) if opened else ()}
     if observer is None:
         windows = self_calibration(model, tokenizer, n, seq_len, **sampling)
     else:
