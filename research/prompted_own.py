@@ -30,15 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import research.common as C  # noqa: E402
 from domains import kind_texts, spread_windows  # noqa: E402
 from lorp_fx.arch.surgery import remove_layers  # noqa: E402
-from lorp_fx.calibration.sampling import self_calibration  # noqa: E402
+from lorp_fx.calibration.sampling import opening_ids, self_calibration  # noqa: E402
 from lorp_fx.compensation.fit import Compensator  # noqa: E402
 from lorp_fx.io.corpus import corpus_windows  # noqa: E402
 from lorp_fx.judge.perplexity import perplexity  # noqa: E402
 from lorp_fx.pipeline.calibrate import interleave  # noqa: E402
 
 LAYERS = [4, 5, 6, 13, 14, 15, 16, 17, 18]
-OPENINGS = ("```python\n", "#include <", "<!DOCTYPE html>\n", "| Name | ", "Dear ", "1. ", "Question: ",
-            "Il était une fois")
+
 
 
 def log(message: str) -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     corpus = corpus_windows(tok, 24, 256)
     own = self_calibration(model, tok, 8, 256, seed=0, progress=False)
     opened = self_calibration(model, tok, 8, 256, seed=0, progress=False,
-                              openings=[tok(o, add_special_tokens=False)["input_ids"] for o in OPENINGS])
+                              openings=list(opening_ids(tok).values()))
     for row in opened:
         log("opened: " + repr(tok.decode(row[:40])))
     fits = {"default": {"corpus": corpus, "own": own}, "openings": {"corpus": corpus, "own": opened},

@@ -156,3 +156,27 @@ def test_a_text_the_model_finds_unpredictable_is_named():
     found = calibration_mismatch(windows, sources, None, {"file": 9.0, "own": 2.5})
     assert any("far less predictable" in w for w in found["warnings"])
     assert calibration_mismatch(windows, sources, None, {"file": 3.4, "own": 2.5})["warnings"] == []
+
+
+def test_the_default_and_the_guard_text_open_the_models_own_windows_with_the_openings_it_can_spell(monkeypatch):
+    """Issue 24: beside the corpus (no calibration given) and beside a user's text (the guard's check windows)
+    the model's own windows open with other kinds of text; alone (the paper's self-calibration) they do not."""
+    import lorp_fx.calibration.sampling as sampling
+    from lorp_fx.pipeline.calibrate import calibration_text
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    monkeypatch.setattr(sampling, "OPENINGS", {"first kind": "w5 w6", "second kind": "w7", "unspellable": "{x}"})
+    ids = [tokenizer("w5 w6", add_special_tokens=False)["input_ids"], tokenizer("w7", add_special_tokens=False)["input_ids"]]
+    config = PruneConfig(remove=1, calib_samples=8, seq_len=16, own_windows=4)
+    text = calibration_text(model, None, config, tokenizer, progress=False)
+    own = text.windows[[i for i, s in enumerate(text.sources) if s == "own"]]
+    assert [w[1 : 1 + len(ids[i % 2])].tolist() for i, w in enumerate(own)] == [ids[i % 2] for i in range(4)]
+    assert "opening with first kind or second kind" in text.source
+    given = torch.randint(10, 50, (6, 16))
+    checked = calibration_text(model, given, config, tokenizer, progress=False)
+    assert checked.held_only == {"own"} and [w[1 : 1 + len(ids[i % 2])].tolist()
+                                             for i, w in enumerate(checked.windows[6:])] == [ids[i % 2] for i in range(4)]
+    alone = calibration_text(model, None, PruneConfig(remove=1, calib_samples=4, seq_len=16, own_windows=4), tokenizer,
+                             progress=False)
+    assert torch.equal(alone.windows, sampling.self_calibration(model, tokenizer, 4, 16, progress=False))
+    assert "opening" not in alone.source

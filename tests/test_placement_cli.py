@@ -7,8 +7,7 @@ from saved_models import calibration_text, report, saved_tiny, similarity
 
 from lorp_fx.cli import main
 
-# `--compensate cosine`: folded whatever the guard would decide on a random model; these tests are about placement.
-ARGS = ["--remove", "2", "--calib-samples", "8", "--seq-len", "24", "--device", "cpu", "--compensate", "cosine"]
+ARGS = ["--remove", "2", "--calib-samples", "8", "--seq-len", "24", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")

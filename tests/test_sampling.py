@@ -80,3 +80,31 @@ def test_windows_are_sampled_together_where_the_judge_will_hold_more_than_their_
     assert judge_state_bytes(model, free) == 0 and judge_state_bytes(model, judged) >= cache
     assert sampling_batch_size(model, judged) == 64
     assert sampling_batch_size(model, free) < 64
+
+
+def test_opened_windows_begin_with_their_opening_and_draw_the_rest_as_the_plain_sampler_would():
+    """Window i continues its start token with opening i mod n; at the opening's positions the draws are made and
+    discarded, so the windows do not depend on the batch they were sampled in or on which share is asked."""
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    openings = [tokenizer("w5 w6 w7", add_special_tokens=False)["input_ids"], tokenizer("w9", add_special_tokens=False)["input_ids"]]
+    opened = self_calibration(model, tokenizer, 5, 12, openings=openings, progress=False)
+    for i, window in enumerate(opened):
+        opening = openings[i % 2]
+        assert window[0] == tokenizer.bos_token_id and window[1 : 1 + len(opening)].tolist() == opening
+    assert torch.equal(self_calibration(model, tokenizer, 5, 12, openings=openings, batch_size=2, progress=False), opened)
+    assert torch.equal(self_calibration(model, tokenizer, 5, 12, openings=openings, windows=[3, 0], progress=False),
+                       opened[[3, 0]])
+    plain = self_calibration(model, tokenizer, 5, 12, progress=False)
+    assert not torch.equal(opened, plain)
+    long = [list(range(5, 40))]  # longer than the window: the window is the opening, cut
+    assert self_calibration(model, tokenizer, 1, 12, openings=long, progress=False)[0, 1:].tolist() == long[0][:11]
+
+
+def test_openings_the_tokenizer_cannot_spell_are_left_out():
+    from lorp_fx.calibration.sampling import OPENINGS, opening_ids
+
+    tokenizer = tiny_tokenizer()  # a word-level vocabulary w0, w1, ...: none of the shipped openings
+    assert opening_ids(tokenizer) == {}
+    spelled = opening_ids(tokenizer, {"words": "w3 w4", "code": "```python\n", "mixed": "w3 {"})
+    assert spelled == {"words": tokenizer("w3 w4", add_special_tokens=False)["input_ids"]}
+    assert len(OPENINGS) == 8 and all(OPENINGS.values())

@@ -23,15 +23,21 @@ from lorp_fx.core.model import eval_mode, model_device
 # its start token alone a model writes mostly its favourite kind of prose, and maps fitted or checked on that
 # hurt kinds it never shows (SmolLM2 at 9 of 30: Python code +14%). Opened with these, its own windows cover
 # code, markup, tables, letters, lists, questions and another language, with no text shipped. Each is ordinary
-# text any tokenizer encodes; window i opens with OPENINGS[i % 8], then the model writes the rest.
-OPENINGS = ("```python\n", "#include <", "<!DOCTYPE html>\n", "| Name | ", "Dear ", "1. ", "Question: ",
-            "Il était une fois")
-OPENINGS_PHRASE = "opening with code, markup, a table, a letter, a list, a question or French"
+# text; window i opens with the (i mod n)-th opening the tokenizer can spell, then the model writes the rest.
+OPENINGS = {"Python code": "```python\n", "C code": "#include <", "HTML": "<!DOCTYPE html>\n", "a table": "| Name | ",
+            "a letter": "Dear ", "a list": "1. ", "a question": "Question: ", "French": "Il était une fois"}
 
 
-def opening_ids(tokenizer, openings: Sequence[str] = OPENINGS) -> list[list[int]]:
-    """The token ids of each opening (without special tokens), for `self_calibration(openings=...)`."""
-    return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in openings]
+def opening_ids(tokenizer, openings: dict[str, str] | None = None) -> dict[str, list[int]]:
+    """The token ids (without special tokens) of each opening the tokenizer spells without its unknown token:
+    an opening it cannot spell would give the model a run of unknown tokens, not a kind of text."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    out = {}
+    for kind, text in (OPENINGS if openings is None else openings).items():
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ids and (unknown is None or unknown not in ids):
+            out[kind] = ids
+    return out
 
 
 @torch.no_grad()
@@ -63,8 +69,8 @@ def self_calibration(
     float bits, which could flip a draw that lands on a boundary: rare, not
     impossible.) `windows` picks which of the n_samples windows to make (a rank's
     share, under several processes): window i is the same whoever makes it.
-    `openings` (token ids, see `opening_ids`): window i continues its start token
-    with `openings[i % len(openings)]` (cut to the window) before the model writes
+    `openings` (lists of token ids, see `opening_ids`): window i continues its start
+    token with `openings[i % len(openings)]` (cut to the window) before the model writes
     the rest; the draws at those positions are made and discarded, so the
     generator of a window advances the same way with or without an opening.
 

@@ -20,7 +20,7 @@ from lorp_fx.arch.surgery import count_layers
 from lorp_fx.calibration.batches import accepts_argument, one_window_each
 from lorp_fx.calibration.graph_observer import collect_statistics
 from lorp_fx.calibration.hook_observer import HookObserver, collect_hook_statistics
-from lorp_fx.calibration.sampling import OPENINGS_PHRASE, opening_ids, self_calibration
+from lorp_fx.calibration.sampling import opening_ids, self_calibration
 from lorp_fx.core.errors import ConfigError, LoRPError
 from lorp_fx.core.model import (
     causal_lm,
@@ -133,7 +133,7 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
         if own:
             parts["own"] = _own_windows(model, tokenizer, own, config.seq_len, config, progress, opened=True)[0]
         windows, sources = interleave(parts)
-        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config, True)} ({own} windows)"
+        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config, tokenizer)} ({own} windows)"
                                                                    if own else "")
         check_vocabulary(model, windows)
         return CalibrationText(windows, phrase, sources, frozenset())
@@ -149,7 +149,7 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
         return CalibrationText(windows, phrase, sources, frozenset())
     own = _own_windows(model, tokenizer, config.own_windows, windows.shape[1], config, progress, opened=True)[0]
     return CalibrationText(torch.cat([windows, own]),
-                           f"{phrase}; checked on {_own_phrase(config, True)} ({own.shape[0]} windows)",
+                           f"{phrase}; checked on {_own_phrase(config, tokenizer)} ({own.shape[0]} windows)",
                            sources + ["own"] * own.shape[0], frozenset({"own"}))
 
 
@@ -175,8 +175,12 @@ def interleave(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]
     return torch.stack([parts[name][i] for _, name, i in order]), [name for _, name, _ in order]
 
 
-def _own_phrase(config: PruneConfig, opened: bool = False) -> str:
-    return f"{OWN_SOURCE} (seed {config.seed}, temperature 1.0, top-p 0.95{', ' + OPENINGS_PHRASE if opened else ''})"
+def _own_phrase(config: PruneConfig, opened_for=None) -> str:
+    """How the model's own windows were written; `opened_for`: the tokenizer whose openings they begin with."""
+    kinds = list(opening_ids(opened_for)) if opened_for is not None else []
+    opened = f", opening with {', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else \
+        (f", opening with {kinds[0]}" if kinds else "")
+    return f"{OWN_SOURCE} (seed {config.seed}, temperature 1.0, top-p 0.95{opened})"
 
 
 def _own_windows(model, tokenizer, n: int, seq_len: int, config: PruneConfig, progress: bool,
@@ -184,7 +188,7 @@ def _own_windows(model, tokenizer, n: int, seq_len: int, config: PruneConfig, pr
     """`n` windows the model writes itself: from its start token alone where they are the whole calibration
     (REFERENCE.md's self-calibration), or `opened` with `OPENINGS` where they stand beside other text."""
     sampling = {"seed": config.seed, "progress": progress, "batch_size": sampling_batch_size(model, config),
-                "openings": opening_ids(tokenizer) if opened else ()}
+                "openings": list(opening_ids(tokenizer).values()) if opened else ()}
     if observer is None:
         windows = self_calibration(model, tokenizer, n, seq_len, **sampling)
     else:
