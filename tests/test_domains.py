@@ -161,7 +161,7 @@ def test_a_text_the_model_finds_unpredictable_is_named():
 def test_the_default_and_the_guard_text_open_the_models_own_windows_with_the_openings_it_can_spell(monkeypatch):
     """Issue 24: beside the corpus (no calibration given) and beside a user's text (the guard's check windows)
     the model's own windows open with other kinds of text; alone (the paper's self-calibration) they do not."""
-    import lorp_fx.calibration.sampling as sampling
+    from lorp_fx.calibration import sampling
     from lorp_fx.pipeline.calibrate import calibration_text
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
