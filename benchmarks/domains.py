@@ -177,6 +177,7 @@ def main(argv=None) -> None:
                     else:
                         mine.setdefault(field, value)
             store.setdefault("dense", on_disk.get("dense"))
+            store["commands"] = list(dict.fromkeys([*on_disk.get("commands", []), *store["commands"]]))
         store["complete"] = all(f"{s}:{b}" in store["runs"] and len(store["runs"][f"{s}:{b}"].get("ppl", {})) == len(CHOICES)
                                 for s in SOURCES for b in (6, 9))
         common.write_text(store_path, json.dumps(store, indent=1))
@@ -206,6 +207,8 @@ def main(argv=None) -> None:
             if "new" in choices and ("layers" not in run or "new" not in run["ppl"]):
                 clock = time.perf_counter()
                 result, config = select(model, tokenizer, source, budget, own, wikitext / "valid.txt")
+                here = common.machine()
+                run["measured"] = {k: here[k] for k in ("commit", "date", "command", "load_average_at_start")}
                 run.update(layers=sorted(layer_index(n) for n in result.plan.remove), seconds=time.perf_counter() - clock,
                            compensation=_brief(result.report["compensation"]),
                            calibration=result.report["calibration"]["source"],
@@ -279,8 +282,10 @@ def render(store: dict) -> str:
     if not store.get("complete"):
         out += ["**Run in progress: the tables below are partial.**", ""]
     out += ["Written by `benchmarks/domains.py`; do not edit the numbers by hand.", "",
-            common.machine_markdown(store["machine"]), "",
-            "Commands that filled this store (in parallel processes on the shared machine): "
+            "The store's first run:", "", common.machine_markdown(store["machine"]), "",
+            "Each source's line below the tables names the commit its selection ran at, where the store recorded it. "
+            "Commands that filled this store (in parallel processes on the shared machine; `--from-log` merged what "
+            "a process printed where another process's write overwrote it): "
             + "; ".join(f"`{c}`" for c in dict.fromkeys(store.get("commands", []))), "",
             "Layers chosen once per calibration source and budget by `prune_model` with the CLI's defaults; each "
             "compensation choice is applied to those layers. `none`: no map; `single`: maps fitted on the calibration "
@@ -320,7 +325,8 @@ def render(store: dict) -> str:
             dropped = ", ".join(d["gap"] for d in c.get("dropped") or []) or "none"
             notes.append(f"- `{source}`: {run.get('calibration')}; held-out loss per source {per}; "
                          f"maps dropped by the guard: {dropped}; selection and compensation "
-                         f"{run.get('seconds', 0):.0f} s, {run.get('passes') or 0:.2f} passes")
+                         f"{run.get('seconds', 0):.0f} s, {run.get('passes') or 0:.2f} passes"
+                         + (f"; selected at `{run['measured']['commit']}` on {run['measured']['date']}" if "measured" in run else ""))
         out += notes + [""]
     return "\n".join(out)
 
