@@ -172,6 +172,9 @@ def test_the_default_and_the_guard_text_open_the_models_own_windows_with_the_ope
     own = text.windows[[i for i, s in enumerate(text.sources) if s == "own"]]
     assert [w[1 : 1 + len(ids[i % 2])].tolist() for i, w in enumerate(own)] == [ids[i % 2] for i in range(4)]
     assert "opening with first kind or second kind" in text.source
+    one = calibration_text(model, None, PruneConfig(remove=1, calib_samples=8, seq_len=16, own_windows=1), tokenizer,
+                           progress=False)
+    assert "opening with first kind) (1 windows)" in one.source
     given = torch.randint(10, 50, (6, 16))
     checked = calibration_text(model, given, config, tokenizer, progress=False)
     assert checked.held_only == {"own"} and [w[1 : 1 + len(ids[i % 2])].tolist()

@@ -133,7 +133,7 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
         if own:
             parts["own"] = _own_windows(model, tokenizer, own, config.seq_len, config, progress, opened=True)[0]
         windows, sources = interleave(parts)
-        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config, tokenizer)} ({own} windows)"
+        phrase = f"{CORPUS_NAME} ({corpus.shape[0]} windows)" + (f" and {_own_phrase(config, tokenizer, own)} ({own} windows)"
                                                                    if own else "")
         check_vocabulary(model, windows)
         return CalibrationText(windows, phrase, sources, frozenset())
@@ -149,7 +149,7 @@ def calibration_text(model, calibration: Calibration, config: PruneConfig, token
         return CalibrationText(windows, phrase, sources, frozenset())
     own = _own_windows(model, tokenizer, config.own_windows, windows.shape[1], config, progress, opened=True)[0]
     return CalibrationText(torch.cat([windows, own]),
-                           f"{phrase}; checked on {_own_phrase(config, tokenizer)} ({own.shape[0]} windows)",
+                           f"{phrase}; checked on {_own_phrase(config, tokenizer, own.shape[0])} ({own.shape[0]} windows)",
                            sources + ["own"] * own.shape[0], frozenset({"own"}))
 
 
@@ -175,9 +175,10 @@ def interleave(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]
     return torch.stack([parts[name][i] for _, name, i in order]), [name for _, name, _ in order]
 
 
-def _own_phrase(config: PruneConfig, opened_for=None) -> str:
-    """How the model's own windows were written; `opened_for`: the tokenizer whose openings they begin with."""
-    kinds = list(opening_ids(opened_for)) if opened_for is not None else []
+def _own_phrase(config: PruneConfig, opened_for=None, windows: int = 0) -> str:
+    """How the model's own windows were written; `opened_for`: the tokenizer whose openings the first `windows`
+    windows begin with (the kinds named are those used)."""
+    kinds = list(opening_ids(opened_for))[:windows] if opened_for is not None else []
     opened = f", opening with {', '.join(kinds[:-1])} or {kinds[-1]}" if len(kinds) > 1 else \
         (f", opening with {kinds[0]}" if kinds else "")
     return f"{OWN_SOURCE} (seed {config.seed}, temperature 1.0, top-p 0.95{opened})"
