@@ -364,6 +364,13 @@ def grid_label(row: dict) -> str:
     return f"dense, {row['train']} (cross-entropy)" if row["kind"] == "dense" else f"{row['budget']} of 30, {row['train']}"
 
 
+def load_at_end(row: dict) -> str:
+    """The 1-minute load average when the run ended: above its own threads, other work shared the 2 cores and its
+    seconds and passes are high (rows written before the field existed have none)."""
+    load = row.get("load_average_at_end")
+    return f"{load[0]:.1f}" if load else ""
+
+
 def grid_lines(rows: list[dict]) -> list[str]:
     """One table per text: perplexity at 0, 100, 300 and 1,000 steps for each configuration of the curve."""
     grid = grid_rows(rows)
@@ -372,9 +379,9 @@ def grid_lines(rows: list[dict]) -> list[str]:
     lines = []
     for text, name in TEXT_NAMES.items():
         table = [[grid_label(r), *(common.fmt_ppl(r["ppl"].get(s, {}).get(text)) for s in GRID_STEPS),
-                  r["seconds"], r["passes"], r["peak_rss_mib"]] for r in grid]
+                  r["seconds"], r["passes"], r["threads"], load_at_end(r), r["peak_rss_mib"]] for r in grid]
         lines += [f"### {name}", "", common.table(["run", *(f"step {s}" for s in GRID_STEPS), "seconds (1,000 steps)",
-                                                    "passes", "peak RSS MiB"], table), ""]
+                                                    "passes", "threads", "load at end", "peak RSS MiB"], table), ""]
     for dense in (r for r in grid if r["kind"] == "dense"):
         last = str(dense["steps"])
         moved = "; ".join(f"{name} {dense['ppl']['0'][text]:.2f} -> {dense['ppl'][last][text]:.2f}"
@@ -456,11 +463,12 @@ def render(rows: list[dict], info: dict) -> str:
         "## The curve: 0, 100, 300 and 1,000 steps",
         "",
         ("Each configuration is one run of 1,000 steps (`heal.py row`/`dense --steps 1000 --eval-at 100,300 --eval-zero "
-         "--batch-size 2 --threads 2 --tag grid`), measured on the way: a point's learning rate follows the 1,000-step "
+         "--batch-size 2 --threads N --tag grid`; N in the tables), measured on the way: a point's learning rate follows the 1,000-step "
          "schedule. Healing text: WikiText-2 validation without its last 40 x 512 tokens. The dense reference is the "
          "dense model fine-tuned the same way (cross-entropy, `all`): how much of a gain on WikiText is domain "
-         "adaptation rather than repair. Time and peak RSS of the whole run; the machine was not idle for every run "
-         "(rows of the jsonl record the load average at the end of their run, where they have the field). ![curve](heal-smollm2.png)"),
+         "adaptation rather than repair. Time and peak RSS of the whole run. The machine was not idle for every run: "
+         "a load at the end above the run's own threads means other work shared the 2 cores, and its seconds and passes "
+         "are high (blank: a row from before the field). ![curve](heal-smollm2.png)"),
         "",
         *grid_lines(rows),
         "## All rows",
