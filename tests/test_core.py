@@ -1,6 +1,9 @@
 """trace -> find_blocks -> prune on every supported family (tiny random weights)."""
 
 import copy
+import ctypes
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,3 +232,37 @@ def test_example_inputs_that_do_not_fit_the_model():
         lorp_fx.trace(model, {"input_ids": torch.randn(2, 5, 3), "use_cache": False})
     with pytest.raises(lorp_fx.InputMismatchError):
         lorp_fx.trace(NoResidual(), (torch.randn(2, 7),))
+
+
+_HEAP_PROBE = """
+import ctypes, sys
+from lorp_fx.core.model import limit_heap_fragmentation
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+if sys.argv[1] == "limited":
+    assert limit_heap_fragmentation()
+del bytearray(16 * 2**20)[:]  # a 16 MiB block freed: glibc's dynamic threshold rises to it
+before = libc.mallinfo2().hblkhd
+block = bytearray(6 * 2**20)
+print(libc.mallinfo2().hblkhd - before >= 6 * 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_command_lines_process_gives_large_freed_blocks_back_at_once():
+    """After `limit_heap_fragmentation` a block of 4 MiB or more has pages of its own (given back when freed), even
+    after a larger block was freed; glibc's default would serve it from the heap, where freed holes stay resident."""
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("a C library without glibc's mallinfo2")
+
+    def mapped_on_its_own(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert mapped_on_its_own("limited") == "True"
+    assert mapped_on_its_own("default") == "False"  # the probe tells the two apart

@@ -128,3 +128,21 @@ def test_after_a_runners_first_chunk_every_chunk_is_sized_from_its_vocabulary(mo
     whole = float(next_token_cross_entropy(original(batches[0]), batches[0]))
     assert abs(head_loss(runner, batches[0], state) - whole) <= LOSS_REL * abs(whole)
     assert calls and max(calls) == 3
+
+
+def test_a_plain_judges_dense_losses_come_with_its_caching_pass(monkeypatch):
+    """The calibration-mismatch check (pipeline/mismatch.py) reads the dense loss per source from a judge without
+    maps too, instead of a forward with a batch's whole logits; it is the loss the model gives on those windows."""
+    from types import SimpleNamespace
+
+    from lorp_fx.pipeline import mismatch
+
+    model, graph, batches = setup("llama")
+    windows = torch.cat([b["input_ids"] for b in batches])
+    text = SimpleNamespace(windows=windows, sources=["file"] * len(windows))
+    judge = CandidateLoss(graph, batches, loss_windows=4, half_states=False, sources=text.sources)
+    measured = mismatch.dense_losses(model, None, text, per_source=4)["file"]  # the first 4 windows, measured
+    monkeypatch.setattr(mismatch, "next_token_loss", lambda *a, **k: pytest.fail("measured again"))
+    found = mismatch.dense_losses(model, judge, text)
+    assert set(found) == {"file"}
+    assert abs(found["file"] - measured) <= 1e-5 * abs(measured)

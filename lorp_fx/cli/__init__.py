@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorp_fx.cli.commands import run_analyze, run_eval, run_prune
 from lorp_fx.core.errors import LoRPError, describe
+from lorp_fx.core.model import limit_heap_fragmentation
 from lorp_fx.core.plan import GRANULARITIES
 from lorp_fx.healing.options import add_heal_arguments
 from lorp_fx.io.models import DEFAULT_MODEL
@@ -29,6 +30,7 @@ from lorp_fx.selection.registry import DEFAULT_SELECTOR, SELECTORS
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser().parse_args(argv)
+    limit_heap_fragmentation()  # this process is the command's own: freed activations go back to the system
     try:
         if getattr(args, "config", None) is not None:
             merged = merge_recipe(vars(args), args.config, given_on_command_line(argv), args.command == "eval")

@@ -76,12 +76,12 @@ def calibration_mismatch(windows: torch.Tensor, sources: list[str], tokenizer, l
 
 
 @torch.no_grad()
-def dense_losses(model, judge, text, batch_size: int, per_source: int = 4) -> dict[str, float] | None:
+def dense_losses(model, judge, text, per_source: int = 4) -> dict[str, float] | None:
     """The dense model's mean next-token loss per calibration source: from the judge's loss windows and its
     guard windows where it has them, else measured on up to `per_source` windows of each source; None for a
     model without a next-token loss."""
-    if judge is not None and judge.compensation and not judge.released:
-        values = judge.window_losses[(frozenset(), False)] + judge._guard_losses(frozenset(), {})
+    if judge is not None and not judge.released:  # a plain judge too: its caching pass measured the loss windows
+        values = judge.window_losses[(frozenset(), False)] + (judge._guard_losses(frozenset(), {}) if judge.compensation else [])
         found = by_source(judge, values)
         if set(found) == set(text.sources):
             return found
@@ -90,6 +90,7 @@ def dense_losses(model, judge, text, batch_size: int, per_source: int = 4) -> di
     found = {}
     for source in dict.fromkeys(text.sources):
         rows = text.windows[[i for i, s in enumerate(text.sources) if s == source][:per_source]]
-        calls = prepare_batches(model, on_device(token_batches(rows, batch_size), model_device(model)))
+        # One window per call: a call holds its logits and their log-softmax (SmolLM2: 100 MB a 256-token window).
+        calls = prepare_batches(model, on_device(token_batches(rows, 1), model_device(model)))
         found[source] = sum(next_token_loss(model, call) for call in calls) / len(calls)
     return found

@@ -156,7 +156,7 @@ def _prune(model: nn.Module, calibration: Calibration, config: PruneConfig, toke
     with clock("calibration_text"):  # what the calibration text looks like to the model, before the judge lets go
         raw = {"file": text_head(calibration)} if "file" in text.sources else None
         mismatch = calibration_mismatch(text.windows, text.sources, tokenizer,
-                                        dense_losses(model, judge, text, config.batch_size), raw)
+                                        dense_losses(model, judge, text), raw)
     for warning in mismatch["warnings"]:
         print(f"lorp-fx: note: {warning}; the compensation is checked on the model's own text too", file=sys.stderr)
     if gguf is not None:
