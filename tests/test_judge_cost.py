@@ -145,4 +145,6 @@ def test_a_plain_judges_dense_losses_come_with_its_caching_pass(monkeypatch):
     monkeypatch.setattr(mismatch, "next_token_loss", lambda *a, **k: pytest.fail("measured again"))
     found = mismatch.dense_losses(model, judge, text)
     assert set(found) == {"file"}
-    assert abs(found["file"] - measured) <= 1e-5 * abs(measured)
+    # The judge's head runs in chunks of positions, the model's whole: LOSS_REL (equal to the bit with either
+    # kernel set, ATEN_CPU_CAPABILITY=default and avx2, on this tiny Llama).
+    assert abs(found["file"] - measured) <= LOSS_REL * abs(measured)
