@@ -168,8 +168,9 @@ _MALLOC_TRIM = None
 # Allocations at least this large get pages of their own (glibc's mmap), given back the moment they are freed.
 # glibc's default threshold starts at 128 KiB and rises to the largest block freed so far (up to 32 MiB): after the
 # first freed batch of logits every later one comes from the heap, and the heap's free holes between long-lived
-# cached states stay resident. Measured on SmolLM2 (`benchmarks/cost.py`, `--calib-file` at 9 of 30): peak RSS
-# over the baseline 1,701 -> 1,511 MiB; the judge's measurement time unchanged within 2% (4.16 s against 4.24 s).
+# cached states stay resident. Measured on SmolLM2 (`benchmarks/results/cost-smollm2.md` against
+# `cost-smollm2-d9d52ab.md`, one machine): peak RSS over the baseline 1,648 -> 1,355 MiB with the defaults and
+# 1,641 -> 1,495 MiB with `--calib-file` at 9 of 30; a candidate's measurement 4.24 s against 4.16 s.
 # Below it (a 256-token state of a 576-wide model is 576 KiB) the heap serves as before: mapping and zeroing
 # fresh pages for every such state made the same run 50% slower at a 256 KiB threshold.
 OWN_PAGES_FROM = 4 * 2**20

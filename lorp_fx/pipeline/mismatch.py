@@ -81,7 +81,8 @@ def dense_losses(model, judge, text, per_source: int = 4) -> dict[str, float] | 
     guard windows where it has them, else measured on up to `per_source` windows of each source; None for a
     model without a next-token loss."""
     if judge is not None and not judge.released:  # a plain judge too: its caching pass measured the loss windows
-        values = judge.window_losses[(frozenset(), False)] + (judge._guard_losses(frozenset(), {}) if judge.compensation else [])
+        guarded = judge._guard_losses(frozenset(), {}) if judge.compensation else []
+        values = judge.window_losses[(frozenset(), False)] + guarded
         found = by_source(judge, values)
         if set(found) == set(text.sources):
             return found
