@@ -172,7 +172,7 @@ _MALLOC_TRIM = None
 # `cost-smollm2-d9d52ab.md`, one machine): peak RSS over the baseline 1,648 -> 1,355 MiB with the defaults and
 # 1,641 -> 1,495 MiB with `--calib-file` at 9 of 30; a candidate's measurement 4.24 s against 4.16 s.
 # Below it (a 256-token state of a 576-wide model is 576 KiB) the heap serves as before: mapping and zeroing
-# fresh pages for every such state made the same run 50% slower at a 256 KiB threshold.
+# fresh pages for every such state made the same run 42% slower at a 256 KiB threshold.
 OWN_PAGES_FROM = 4 * 2**20
 
 
