@@ -150,20 +150,25 @@ def release_memory(device: torch.device, collect: bool = True) -> None:
     _trim_c_heap()
 
 
-def _trim_c_heap() -> None:
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
+def _glibc_function(name: str):
+    """glibc's function `name`, looked up once; None where the C library is not glibc."""
+    if name not in _GLIBC:
         try:
-            import ctypes  # only here: glibc's malloc_trim, looked up once
+            import ctypes  # only here: glibc's allocator controls
 
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            _GLIBC[name] = getattr(ctypes.CDLL("libc.so.6"), name)
         except (OSError, AttributeError):  # not glibc
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+            _GLIBC[name] = None
+    return _GLIBC[name]
 
 
-_MALLOC_TRIM = None
+def _trim_c_heap() -> None:
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+_GLIBC: dict = {}
 
 # Allocations at least this large get pages of their own (glibc's mmap), given back the moment they are freed.
 # glibc's default threshold starts at 128 KiB and rises to the largest block freed so far (up to 32 MiB): after the
@@ -180,13 +185,8 @@ def limit_heap_fragmentation(threshold: int = OWN_PAGES_FROM) -> bool:
     """Fix glibc's mmap threshold at `threshold` bytes for this process (see OWN_PAGES_FROM); False where the C
     library is not glibc. A process-wide setting: the command line sets it for its own process, a library call
     leaves the caller's process as it is."""
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    mallopt = _glibc_function("mallopt")
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h

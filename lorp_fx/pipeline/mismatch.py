@@ -80,9 +80,8 @@ def dense_losses(model, judge, text, per_source: int = 4) -> dict[str, float] | 
     """The dense model's mean next-token loss per calibration source: from the judge's loss windows and its
     guard windows where it has them, else measured on up to `per_source` windows of each source; None for a
     model without a next-token loss."""
-    if judge is not None and not judge.released:  # a plain judge too: its caching pass measured the loss windows
-        guarded = judge._guard_losses(frozenset(), {}) if judge.compensation else []
-        values = judge.window_losses[(frozenset(), False)] + guarded
+    if judge is not None and not judge.released:  # a plain judge too (no guard windows): its caching pass has them
+        values = judge.window_losses[(frozenset(), False)] + judge._guard_losses(frozenset(), {})
         found = by_source(judge, values)
         if set(found) == set(text.sources):
             return found
